@@ -1,0 +1,383 @@
+//! Test support: real network-namespace topologies that clean up after themselves.
+//!
+//! Every resource is an RAII guard ([`Netns`], [`BpffsDir`], [`Node`]) removed on drop, so a
+//! panicking test leaves nothing behind. Names are unique per process and call, so tests can run
+//! next to each other. Nothing here touches the caller's own network namespace: a [`Node`] is a
+//! namespace of its own holding the bridge, and pods and external peers hang off it.
+
+use std::{
+    ffi::OsStr,
+    fs,
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use nix::sched::{CloneFlags, setns};
+
+/// iproute2, by full path: busybox images shadow `ip` with an applet.
+pub const IP: &str = "/usr/sbin/ip";
+
+/// Returns why a test that needs root and the built binaries cannot run here, if it cannot.
+/// The test prints the reason and returns: it never passes silently.
+pub fn skip_reason() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)".into());
+    }
+    if bulkhead_bin().is_none() {
+        return Some("BULKHEAD_BIN is not set; run the tests through `cargo xtask test`".into());
+    }
+    if !Path::new(IP).is_file() {
+        return Some(format!("{IP} (iproute2) is missing; `cargo xtask setup` installs it"));
+    }
+    None
+}
+
+/// Prints a skip line and returns true when the test cannot run here.
+#[must_use]
+pub fn skip(test: &str) -> bool {
+    match skip_reason() {
+        Some(reason) => {
+            eprintln!("SKIP {test}: {reason}");
+            true
+        }
+        None => false,
+    }
+}
+
+/// The `bulkhead` binary built by `cargo xtask build`.
+pub fn bulkhead_bin() -> Option<PathBuf> {
+    std::env::var_os("BULKHEAD_BIN").map(PathBuf::from).filter(|p| p.is_file())
+}
+
+/// A name unique to this process and call, at most 15 bytes (the interface name limit) for a
+/// prefix of up to 3 bytes.
+pub fn unique_name(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let name = format!("{prefix}{:x}x{n:x}", std::process::id());
+    assert!(name.len() <= 15, "name {name} is longer than IFNAMSIZ-1");
+    name
+}
+
+/// Runs a command and panics with its stderr when it fails.
+pub fn run_ok<S: AsRef<OsStr>>(program: &str, args: &[S]) -> String {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert_ok(program, args, &out);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn assert_ok<S: AsRef<OsStr>>(program: &str, args: &[S], out: &Output) {
+    if !out.status.success() {
+        let args: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
+        panic!(
+            "`{program} {}` failed ({}):\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop with every interface in it.
+///
+/// IPv6 is off inside, so router solicitations and MLD reports do not add packets that tests
+/// would have to account for.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Self {
+        let name = unique_name(prefix);
+        run_ok(IP, &["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
+        ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n NS ARGS`, panicking on failure.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        run_ok(IP, &full)
+    }
+
+    /// Writes a sysctl inside the namespace.
+    pub fn sysctl(&self, name: &str, value: &str) {
+        let path = format!("/proc/sys/{}", name.replace('.', "/"));
+        let value = value.to_owned();
+        self.run(move || fs::write(&path, value).unwrap_or_else(|e| panic!("set {path}: {e}")));
+    }
+
+    /// Runs `f` on a thread that has entered this namespace. Sockets it creates stay in the
+    /// namespace and can be used from any thread afterwards.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let file = fs::File::open(self.path()).unwrap_or_else(|e| panic!("open netns {}: {e}", self.name));
+        std::thread::spawn(move || {
+            setns(&file, CloneFlags::CLONE_NEWNET).expect("setns into the test namespace");
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    /// MAC address of `ifname` in this namespace.
+    pub fn mac(&self, ifname: &str) -> String {
+        let path = format!("/sys/class/net/{ifname}/address");
+        // /sys shows the namespace of whoever mounted it, so ask through the namespace instead.
+        let out = Command::new(IP)
+            .args(["netns", "exec", &self.name, "cat", &path])
+            .output()
+            .expect("run ip netns exec");
+        assert_ok(IP, &["netns", "exec", &self.name, "cat", &path], &out);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new(IP).args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// A private bpffs mount for one test's pins, unmounted and removed on drop.
+pub struct BpffsDir {
+    path: PathBuf,
+}
+
+impl BpffsDir {
+    pub fn new() -> Self {
+        let path = std::env::temp_dir().join(unique_name("bpf"));
+        fs::create_dir_all(&path).expect("create the bpffs mount point");
+        nix::mount::mount(Some("bpf"), &path, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .expect("mount bpffs for the test");
+        BpffsDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Names of the pinned objects left at the top of the directory (the kernel's own
+    /// `maps.debug`/`progs.debug` iterators excluded).
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut left: Vec<String> = fs::read_dir(&self.path)
+            .expect("list the pin directory")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".debug"))
+            .collect();
+        left.sort();
+        left
+    }
+}
+
+impl Default for BpffsDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for BpffsDir {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Self {
+        let path = std::env::temp_dir().join(unique_name(prefix));
+        fs::create_dir_all(&path).expect("create a temporary directory");
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A sandbox-like namespace plugged into the node's bridge through a veth pair.
+pub struct Pod {
+    pub ns: Netns,
+    pub addr: Ipv4Addr,
+    /// The host side of the veth, in the node's namespace.
+    pub host_if: String,
+}
+
+impl Pod {
+    /// Sends `count` datagrams of `payload` to `dst` from a socket bound in this pod.
+    pub fn send_udp(&self, dst: SocketAddrV4, payload: &[u8], count: usize) {
+        let payload = payload.to_vec();
+        self.ns.run(move || {
+            let sock = UdpSocket::bind("0.0.0.0:0").expect("bind a UDP socket");
+            for _ in 0..count {
+                sock.send_to(&payload, dst).expect("send a datagram");
+            }
+        });
+    }
+
+    /// A UDP socket bound in this pod, with a receive timeout.
+    pub fn udp_socket(&self, port: u16) -> UdpSocket {
+        self.ns.run(move || {
+            let sock = UdpSocket::bind(("0.0.0.0", port)).expect("bind a UDP socket");
+            sock.set_read_timeout(Some(Duration::from_secs(2))).expect("set a read timeout");
+            sock
+        })
+    }
+}
+
+/// Receives datagrams until `count` arrived or the timeout hits; returns how many arrived.
+pub fn recv_count(sock: &UdpSocket, count: usize) -> usize {
+    let mut buf = [0u8; 2048];
+    let mut got = 0;
+    while got < count && sock.recv_from(&mut buf).is_ok() {
+        got += 1;
+    }
+    got
+}
+
+/// A node: its own network namespace holding the Bulkhead bridge, with pods attached.
+///
+/// `bulkhead up` runs on creation and `bulkhead down` on drop; the namespaces go with it.
+pub struct Node {
+    pub ns: Netns,
+    pub bridge: String,
+    pub gateway: Ipv4Addr,
+    pub pods: Vec<Pod>,
+    bpffs: BpffsDir,
+    state: TempDir,
+    /// Extra environment for every `bulkhead` call (e.g. `BULKHEAD_TC_MODE`).
+    env: Vec<(String, String)>,
+}
+
+impl Node {
+    /// A node whose bridge is the gateway 198.18.0.1/24 of its pods.
+    pub fn new() -> Self {
+        Self::with_env(&[])
+    }
+
+    pub fn with_env(env: &[(&str, &str)]) -> Self {
+        let node = Node {
+            ns: Netns::new("bhn"),
+            bridge: unique_name("br"),
+            gateway: Ipv4Addr::new(198, 18, 0, 1),
+            pods: Vec::new(),
+            bpffs: BpffsDir::new(),
+            state: TempDir::new("bhs"),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        node.bulkhead_ok(&["up", "--bridge", &node.bridge, "--subnet", &format!("{}/24", node.gateway)]);
+        node
+    }
+
+    pub fn bpffs(&self) -> &BpffsDir {
+        &self.bpffs
+    }
+
+    /// Runs the `bulkhead` binary against this node.
+    pub fn bulkhead(&self, args: &[&str]) -> Output {
+        let bin = bulkhead_bin().expect("BULKHEAD_BIN names the built bulkhead");
+        Command::new(&bin)
+            .arg("--netns")
+            .arg(self.ns.path())
+            .arg("--bpffs")
+            .arg(self.bpffs.path())
+            .arg("--state-dir")
+            .arg(self.state.path())
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .expect("run bulkhead")
+    }
+
+    /// Runs `bulkhead ARGS`, panics unless it succeeds, returns its stdout.
+    pub fn bulkhead_ok(&self, args: &[&str]) -> String {
+        let out = self.bulkhead(args);
+        assert_ok("bulkhead", args, &out);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `bulkhead stats --json`, parsed.
+    pub fn stats(&self) -> serde_json::Value {
+        serde_json::from_str(&self.bulkhead_ok(&["stats", "--json"])).expect("stats --json is JSON")
+    }
+
+    /// Packets and bytes counted on `ifname` at `hook` ("ingress" or "egress").
+    pub fn counters(&self, ifname: &str, hook: &str) -> (u64, u64) {
+        let stats = self.stats();
+        stats["interfaces"]
+            .as_array()
+            .expect("interfaces is an array")
+            .iter()
+            .find(|s| s["ifname"] == ifname && s["direction"] == hook)
+            .map(|s| (s["packets"].as_u64().unwrap(), s["bytes"].as_u64().unwrap()))
+            .unwrap_or((0, 0))
+    }
+
+    /// Plugs a new pod with address 198.18.0.`host` into the bridge and attaches the datapath
+    /// to its veth (as `bulkhead run` will).
+    pub fn add_pod(&mut self, host: u8) -> &Pod {
+        let ns = Netns::new("bhp");
+        let host_if = unique_name("vh");
+        let addr = Ipv4Addr::new(198, 18, 0, host);
+        self.ns.ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
+        self.ns.ip(&["link", "set", &host_if, "master", &self.bridge, "up"]);
+        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["route", "add", "default", "via", &self.gateway.to_string()]);
+        self.bulkhead_ok(&["attach", &host_if]);
+        self.pods.push(Pod { ns, addr, host_if });
+        self.pods.last().expect("just pushed")
+    }
+
+    /// Permanent ARP entries between every pod and the gateway, so no ARP traffic mixes with
+    /// the packets a test counts.
+    pub fn pin_neighbors(&self) {
+        let gw_mac = self.ns.mac(&self.bridge);
+        for pod in &self.pods {
+            let mac = pod.ns.mac("eth0");
+            self.ns.ip(&["neigh", "replace", &pod.addr.to_string(), "lladdr", &mac, "dev", &self.bridge, "nud", "permanent"]);
+            pod.ns.ip(&["neigh", "replace", &self.gateway.to_string(), "lladdr", &gw_mac, "dev", "eth0", "nud", "permanent"]);
+            for other in self.pods.iter().filter(|o| o.addr != pod.addr) {
+                let other_mac = other.ns.mac("eth0");
+                pod.ns.ip(&["neigh", "replace", &other.addr.to_string(), "lladdr", &other_mac, "dev", "eth0", "nud", "permanent"]);
+            }
+        }
+    }
+}
+
+impl Default for Node {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.bulkhead(&["down"]);
+    }
+}

@@ -1,0 +1,137 @@
+//! Network interfaces: bridges, veth pairs, addresses, routes.
+//!
+//! Driven through iproute2's `ip`, found by full path because busybox images shadow `ip` with an
+//! applet that lacks JSON output. This module knows nothing about eBPF.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+/// Environment variable naming the `ip` binary to use.
+pub const IP_ENV: &str = "BULKHEAD_IP";
+const IP_CANDIDATES: [&str; 4] = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("iproute2 `ip` not found (looked in {IP_CANDIDATES:?}; set {IP_ENV}); install iproute2")]
+    NoIp,
+    #[error("cannot run {bin} {args}")]
+    Spawn {
+        bin: PathBuf,
+        args: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`ip {args}` failed: {stderr}")]
+    Failed { args: String, stderr: String },
+    #[error("cannot parse the output of `ip {args}`")]
+    Parse {
+        args: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// A handle on iproute2 acting in the caller's network namespace.
+#[derive(Clone, Debug)]
+pub struct Ip {
+    bin: PathBuf,
+}
+
+impl Ip {
+    /// Finds iproute2's `ip`: [`IP_ENV`] first, then the usual locations.
+    pub fn find() -> Result<Self, LinkError> {
+        if let Some(bin) = std::env::var_os(IP_ENV) {
+            return Ok(Ip { bin: bin.into() });
+        }
+        IP_CANDIDATES
+            .iter()
+            .map(Path::new)
+            .find(|p| p.is_file() && !is_busybox(p))
+            .map(|p| Ip { bin: p.to_owned() })
+            .ok_or(LinkError::NoIp)
+    }
+
+    /// Runs `ip ARGS` and returns its standard output.
+    pub fn run(&self, args: &[&str]) -> Result<String, LinkError> {
+        let joined = args.join(" ");
+        let out = Command::new(&self.bin).args(args).output().map_err(|source| LinkError::Spawn {
+            bin: self.bin.clone(),
+            args: joined.clone(),
+            source,
+        })?;
+        if !out.status.success() {
+            return Err(LinkError::Failed {
+                args: joined,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// True when an interface of that name exists in this namespace.
+    pub fn exists(ifname: &str) -> bool {
+        nix::net::if_::if_nametoindex(ifname).is_ok()
+    }
+
+    pub fn add_bridge(&self, name: &str) -> Result<(), LinkError> {
+        self.run(&["link", "add", name, "type", "bridge"]).map(drop)
+    }
+
+    pub fn add_veth(&self, name: &str, peer: &str) -> Result<(), LinkError> {
+        self.run(&["link", "add", name, "type", "veth", "peer", "name", peer]).map(drop)
+    }
+
+    pub fn set_master(&self, ifname: &str, bridge: &str) -> Result<(), LinkError> {
+        self.run(&["link", "set", ifname, "master", bridge]).map(drop)
+    }
+
+    pub fn set_up(&self, ifname: &str) -> Result<(), LinkError> {
+        self.run(&["link", "set", ifname, "up"]).map(drop)
+    }
+
+    /// Adds `cidr` (`ADDR/LEN`) to `ifname`; an address already there is fine.
+    pub fn add_addr(&self, ifname: &str, cidr: &str) -> Result<(), LinkError> {
+        match self.run(&["addr", "add", cidr, "dev", ifname]) {
+            Err(LinkError::Failed { stderr, .. }) if stderr.contains("File exists") || stderr.contains("already assigned") => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    pub fn delete(&self, ifname: &str) -> Result<(), LinkError> {
+        self.run(&["link", "del", ifname]).map(drop)
+    }
+
+    /// Names of the interfaces enslaved to `bridge`.
+    pub fn bridge_ports(&self, bridge: &str) -> Result<Vec<String>, LinkError> {
+        #[derive(serde::Deserialize)]
+        struct Link {
+            ifname: String,
+        }
+        let args = ["-j", "link", "show", "master", bridge];
+        let out = self.run(&args)?;
+        let links: Vec<Link> = if out.trim().is_empty() {
+            Vec::new()
+        } else {
+            serde_json::from_str(&out).map_err(|source| LinkError::Parse { args: args.join(" "), source })?
+        };
+        Ok(links.into_iter().map(|l| l.ifname).collect())
+    }
+}
+
+fn is_busybox(path: &Path) -> bool {
+    std::fs::canonicalize(path).is_ok_and(|p| p.file_name().is_some_and(|n| n == "busybox"))
+}
+
+/// The name of interface `ifindex` in this namespace, or the index itself when it has gone.
+pub fn ifname(ifindex: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname may write, NUL included.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return format!("#{ifindex}");
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
+}

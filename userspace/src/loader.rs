@@ -1,0 +1,357 @@
+//! Loading, pinning and attaching the tc datapath, and typed access to its maps.
+//!
+//! This is the only module that holds the eBPF object. It knows nothing about containers or
+//! bridges: callers give it interface names and a bpffs pin directory.
+//!
+//! Pin layout under the directory: one file per map (by its name), `progs/<program>`, and, with
+//! TCX, `links/<ingress|egress>/<ifname>`. bpffs refuses names with a dot (EPERM, see
+//! `bpf_lookup` in kernel/bpf/inode.c), so a dot in an interface name is stored as a colon, which
+//! interface names cannot contain. A TCX link lives as long as its pin, so attachments
+//! survive `bulkhead` exiting, and loading a new build swaps the program inside every pinned link
+//! atomically (`bpf_link_update`). With netlink `cls_bpf` (kernels before 6.6, no TCX) the filter
+//! itself persists in the kernel and is found again by program name.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Map, MapData, PerCpuArray, PerCpuHashMap},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{self, TcAttachOptions},
+    },
+    util::KernelVersion,
+};
+use dataplane_common::{Counters, IfaceKey, MAX_REASONS, Reason, map, program};
+
+/// The datapath object built by `cargo xtask build`, embedded 8-byte aligned as ELF parsing needs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("BULKHEAD_EBPF_OBJECT"));
+
+/// Environment variable forcing the attach mechanism: `tcx`, `netlink` or `auto` (the default).
+pub const TC_MODE_ENV: &str = "BULKHEAD_TC_MODE";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("this bulkhead was built without its eBPF object; build it with `cargo xtask build`")]
+    NoObject,
+    #[error("cannot load the eBPF object")]
+    Load(#[source] aya::EbpfError),
+    #[error("the eBPF object has no program {name}")]
+    MissingProgram { name: &'static str },
+    #[error("cannot {action} program {name}")]
+    Program {
+        action: &'static str,
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot take over the pinned tc link of {ifname}")]
+    Link {
+        ifname: String,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("cannot pin {path}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("cannot open pinned {path}; is the datapath up (`bulkhead up`)?")]
+    Pinned {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot add the clsact qdisc to {ifname}")]
+    Clsact {
+        ifname: String,
+        #[source]
+        source: tc::TcError,
+    },
+    #[error("cannot detach {name} from {ifname}")]
+    Detach {
+        ifname: String,
+        name: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("{value} is not a tc attach mode (expected tcx, netlink or auto) in {TC_MODE_ENV}")]
+    BadMode { value: String },
+}
+
+/// How programs are attached at tc.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcMode {
+    /// BPF links on the tcx hook (Linux 6.6+, commit e420bed02507).
+    Tcx,
+    /// `cls_bpf` filters on a `clsact` qdisc, in direct-action mode (Linux 4.5+).
+    Netlink,
+}
+
+impl TcMode {
+    /// TCX where the kernel has it, unless [`TC_MODE_ENV`] says otherwise.
+    pub fn detect() -> Result<Self, LoaderError> {
+        match std::env::var(TC_MODE_ENV).as_deref() {
+            Ok("tcx") => Ok(TcMode::Tcx),
+            Ok("netlink") => Ok(TcMode::Netlink),
+            Ok("auto") | Err(_) => Ok(Self::kernel_default()),
+            Ok(other) => Err(LoaderError::BadMode { value: other.to_owned() }),
+        }
+    }
+
+    /// The mechanism this kernel offers: TCX from 6.6 on.
+    pub fn kernel_default() -> Self {
+        if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
+            TcMode::Tcx
+        } else {
+            TcMode::Netlink
+        }
+    }
+}
+
+const HOOKS: [(TcAttachType, &str, &str); 2] = [
+    (TcAttachType::Ingress, program::INGRESS, "ingress"),
+    (TcAttachType::Egress, program::EGRESS, "egress"),
+];
+
+/// The loaded datapath: both classifiers, ready to attach.
+pub struct Datapath {
+    dir: PathBuf,
+    mode: TcMode,
+    ingress: SchedClassifier,
+    egress: SchedClassifier,
+}
+
+impl Datapath {
+    /// Loads the embedded object, reusing the maps already pinned in `dir` (so conntrack and
+    /// counters survive), pins the programs, and moves every pinned link onto the new programs.
+    pub fn load(dir: &Path) -> Result<Self, LoaderError> {
+        if OBJECT.is_empty() {
+            return Err(LoaderError::NoObject);
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(dir)
+            .load(OBJECT)
+            .map_err(LoaderError::Load)?;
+        let ingress = load_program(&mut ebpf, dir, program::INGRESS)?;
+        let egress = load_program(&mut ebpf, dir, program::EGRESS)?;
+        let mut datapath = Datapath { dir: dir.to_owned(), mode: TcMode::detect()?, ingress, egress };
+        datapath.replace_pinned_links()?;
+        Ok(datapath)
+    }
+
+    /// Opens the programs a previous `load` pinned in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, LoaderError> {
+        let open = |name: &'static str| {
+            let path = dir.join("progs").join(name);
+            SchedClassifier::from_pin(&path).map_err(|source| LoaderError::Program {
+                action: "open pinned",
+                name,
+                source,
+            })
+        };
+        Ok(Datapath {
+            dir: dir.to_owned(),
+            mode: TcMode::detect()?,
+            ingress: open(program::INGRESS)?,
+            egress: open(program::EGRESS)?,
+        })
+    }
+
+    pub fn mode(&self) -> TcMode {
+        self.mode
+    }
+
+    /// Attaches both classifiers to `ifname` (tc ingress and egress). Idempotent: an interface
+    /// that already has them gets the current programs swapped in instead of a second copy.
+    pub fn attach(&mut self, ifname: &str) -> Result<(), LoaderError> {
+        for (hook, name, suffix) in HOOKS {
+            let prog = match hook {
+                TcAttachType::Ingress => &mut self.ingress,
+                _ => &mut self.egress,
+            };
+            let attach_err = |source| LoaderError::Program { action: "attach", name, source };
+            match self.mode {
+                TcMode::Tcx => {
+                    let pin = link_pin(&self.dir, ifname, suffix);
+                    let id = match PinnedLink::from_pin(&pin) {
+                        Ok(old) => {
+                            let link = FdLink::from(old).try_into().map_err(|source| LoaderError::Link {
+                                ifname: ifname.to_owned(),
+                                source,
+                            })?;
+                            prog.attach_to_link(link).map_err(attach_err)?
+                        }
+                        Err(_) => prog
+                            .attach_with_options(
+                                ifname,
+                                hook,
+                                TcAttachOptions::TcxOrder(LinkOrder::default()),
+                            )
+                            .map_err(attach_err)?,
+                    };
+                    let link = prog.take_link(id).map_err(attach_err)?;
+                    let fd_link = FdLink::try_from(link)
+                        .map_err(|source| LoaderError::Link { ifname: ifname.to_owned(), source })?;
+                    // Replacing a pin: the old file still names the same link, so remove it first.
+                    let _ = fs::remove_file(&pin);
+                    fd_link
+                        .pin(&pin)
+                        .map_err(|source| LoaderError::Pin { path: pin.clone(), source })?;
+                }
+                TcMode::Netlink => {
+                    if let Err(source) = tc::qdisc_add_clsact(ifname) {
+                        if !is_exists(&source) {
+                            return Err(LoaderError::Clsact { ifname: ifname.to_owned(), source });
+                        }
+                    }
+                    // cls_bpf has no atomic swap by name: drop the old filter, then add the new.
+                    detach_netlink(ifname, hook, name)?;
+                    let id = prog.attach(ifname, hook).map_err(attach_err)?;
+                    let link = prog.take_link(id).map_err(attach_err)?;
+                    // The filter must outlive this process; dropping the link would remove it.
+                    std::mem::forget(link);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Points every pinned TCX link at the freshly loaded programs (hitless upgrade).
+    fn replace_pinned_links(&mut self) -> Result<(), LoaderError> {
+        for ifname in attached(&self.dir) {
+            self.attach(&ifname)?;
+        }
+        Ok(())
+    }
+}
+
+fn load_program(ebpf: &mut Ebpf, dir: &Path, name: &'static str) -> Result<SchedClassifier, LoaderError> {
+    let err = |source| LoaderError::Program { action: "load", name, source };
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or(LoaderError::MissingProgram { name })?
+        .try_into()
+        .map_err(err)?;
+    prog.load().map_err(err)?;
+    let pin = dir.join("progs").join(name);
+    let _ = fs::remove_file(&pin);
+    prog.pin(&pin).map_err(|source| LoaderError::Pin { path: pin.clone(), source })?;
+    // Reopen from the pin so the returned program does not borrow `ebpf`; the maps stay pinned.
+    SchedClassifier::from_pin(&pin).map_err(|source| LoaderError::Program { action: "reopen", name, source })
+}
+
+fn link_pin(dir: &Path, ifname: &str, hook: &str) -> PathBuf {
+    dir.join("links").join(hook).join(ifname.replace('.', ":"))
+}
+
+fn is_exists(err: &tc::TcError) -> bool {
+    std::error::Error::source(err)
+        .and_then(|e| e.downcast_ref::<io::Error>())
+        .is_some_and(|e| e.kind() == io::ErrorKind::AlreadyExists)
+        || err.to_string().contains("exists")
+}
+
+fn detach_netlink(ifname: &str, hook: TcAttachType, name: &'static str) -> Result<(), LoaderError> {
+    match tc::qdisc_detach_program(ifname, hook, name) {
+        Ok(()) => Ok(()),
+        Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(LoaderError::Detach {
+            ifname: ifname.to_owned(),
+            name,
+            source: io::Error::other(e),
+        }),
+    }
+}
+
+/// Interfaces with pinned TCX links in `dir`.
+pub fn attached(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir.join("links").join("ingress"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some(e.file_name().into_string().ok()?.replace(':', ".")))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Removes the datapath from `ifname`. A missing interface or attachment is not an error:
+/// the kernel drops attachments of deleted interfaces by itself.
+pub fn detach(dir: &Path, ifname: &str, mode: TcMode) -> Result<(), LoaderError> {
+    for (hook, name, suffix) in HOOKS {
+        let pin = link_pin(dir, ifname, suffix);
+        if let Ok(link) = PinnedLink::from_pin(&pin) {
+            // Unpinning drops the last reference once the returned fd closes: that detaches.
+            let _ = link.unpin();
+        }
+        if mode == TcMode::Netlink && nix::net::if_::if_nametoindex(ifname).is_ok() {
+            detach_netlink(ifname, hook, name)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes the pinned programs and maps from `dir` (links must be detached first).
+pub fn unpin_all(dir: &Path) {
+    for name in [program::INGRESS, program::EGRESS] {
+        let _ = fs::remove_file(dir.join("progs").join(name));
+    }
+    for name in [map::IFACE_STATS, map::REASONS] {
+        let _ = fs::remove_file(dir.join(name));
+    }
+    for sub in ["progs", "links/ingress", "links/egress", "links", ""] {
+        let _ = fs::remove_dir(dir.join(sub));
+    }
+}
+
+fn pinned_map(dir: &Path, name: &'static str) -> Result<MapData, LoaderError> {
+    let path = dir.join(name);
+    MapData::from_pin(&path).map_err(|source| LoaderError::Pinned {
+        path,
+        source: io::Error::other(source),
+    })
+}
+
+/// Packet and byte counters per (ifindex, direction), summed over CPUs.
+pub fn iface_counters(dir: &Path) -> Result<Vec<(IfaceKey, Counters)>, LoaderError> {
+    let err = |source| LoaderError::Map { name: map::IFACE_STATS, source };
+    let stats: PerCpuHashMap<_, IfaceKey, Counters> =
+        Map::PerCpuHashMap(pinned_map(dir, map::IFACE_STATS)?).try_into().map_err(err)?;
+    let mut out = Vec::new();
+    for entry in stats.iter() {
+        let (key, per_cpu) = entry.map_err(err)?;
+        let mut total = Counters::default();
+        per_cpu.iter().for_each(|c| total.add(c));
+        out.push((key, total));
+    }
+    out.sort_by_key(|(k, _)| (k.ifindex, k.direction));
+    Ok(out)
+}
+
+/// How often each non-pass [`Reason`] occurred, summed over CPUs.
+pub fn reason_counters(dir: &Path) -> Result<Vec<(Reason, u64)>, LoaderError> {
+    let err = |source| LoaderError::Map { name: map::REASONS, source };
+    let reasons: PerCpuArray<_, u64> =
+        Map::PerCpuArray(pinned_map(dir, map::REASONS)?).try_into().map_err(err)?;
+    debug_assert!(Reason::ALL.len() as u32 <= MAX_REASONS);
+    Reason::ALL
+        .iter()
+        .map(|&r| {
+            let per_cpu = reasons.get(&(r as u32), 0).map_err(err)?;
+            Ok((r, per_cpu.iter().sum()))
+        })
+        .collect()
+}

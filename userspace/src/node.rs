@@ -1,0 +1,196 @@
+//! The node: the bridge the datapath guards, and the record of what `bulkhead up` made.
+//!
+//! `up` creates the bridge (unless it exists), loads and pins the datapath, and attaches it to
+//! the bridge and to each of its ports; `down` undoes exactly what was recorded. The record is a
+//! JSON file in the state directory, so separate `bulkhead` invocations cooperate.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    bpffs::{self, BpffsError},
+    link::{Ip, LinkError},
+    loader::{self, Datapath, LoaderError, TcMode},
+};
+
+/// The default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/run/bulkhead";
+const RECORD: &str = "node.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("the node is not up (no {path}); run `bulkhead up` first")]
+    NotUp { path: PathBuf },
+    #[error("cannot {action} the node record {path}")]
+    Record {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot {action} {ifname}")]
+    Link {
+        action: &'static str,
+        ifname: String,
+        #[source]
+        source: LinkError,
+    },
+    #[error("interface {ifname} does not exist")]
+    NoInterface { ifname: String },
+    #[error("cannot set {path}")]
+    Sysctl {
+        path: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot prepare the bpffs pin directory")]
+    Bpffs(#[from] BpffsError),
+    #[error("datapath")]
+    Loader(#[from] LoaderError),
+}
+
+/// Where a node keeps its pins and its record.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    /// Pin directory on a bpffs.
+    pub bpffs: PathBuf,
+    /// Directory for the node record (and, later, sandbox state).
+    pub state_dir: PathBuf,
+}
+
+impl Paths {
+    fn record(&self) -> PathBuf {
+        self.state_dir.join(RECORD)
+    }
+}
+
+/// What `up` made, so `down` removes exactly that.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub bridge: String,
+    /// Gateway address on the bridge, `ADDR/LEN`.
+    pub subnet: Option<String>,
+    /// True when `up` created the bridge (then `down` deletes it).
+    pub created_bridge: bool,
+    pub mode: TcMode,
+    /// Interfaces the datapath is attached to, the bridge first.
+    pub attached: Vec<String>,
+}
+
+impl NodeRecord {
+    pub fn load(paths: &Paths) -> Result<Self, NodeError> {
+        let path = paths.record();
+        let text = fs::read_to_string(&path).map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => NodeError::NotUp { path: path.clone() },
+            _ => NodeError::Record { action: "read", path: path.clone(), source },
+        })?;
+        serde_json::from_str(&text).map_err(|e| NodeError::Record {
+            action: "parse",
+            path,
+            source: e.into(),
+        })
+    }
+
+    fn save(&self, paths: &Paths) -> Result<(), NodeError> {
+        let path = paths.record();
+        let err = |action, source| NodeError::Record { action, path: path.clone(), source };
+        fs::create_dir_all(&paths.state_dir).map_err(|e| err("create the directory of", e))?;
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(self).expect("a node record always serializes");
+        fs::write(&tmp, text).map_err(|e| err("write", e))?;
+        fs::rename(&tmp, &path).map_err(|e| err("replace", e))
+    }
+}
+
+/// Brings the node up: bridge, bpffs, datapath loaded and attached to the bridge and its ports.
+/// Running it again reloads the datapath in place (pinned maps and links are kept).
+pub fn up(paths: &Paths, bridge: &str, subnet: Option<&str>) -> Result<NodeRecord, NodeError> {
+    let ip = Ip::find().map_err(|source| NodeError::Link { action: "find iproute2 for", ifname: bridge.into(), source })?;
+    let previous = NodeRecord::load(paths).ok();
+    let created_bridge = match &previous {
+        Some(p) if p.bridge == bridge => p.created_bridge,
+        _ if Ip::exists(bridge) => false,
+        _ => {
+            let err = |source| NodeError::Link { action: "create bridge", ifname: bridge.into(), source };
+            ip.add_bridge(bridge).map_err(err)?;
+            true
+        }
+    };
+    if let Some(cidr) = subnet {
+        ip.add_addr(bridge, cidr)
+            .map_err(|source| NodeError::Link { action: "address", ifname: bridge.into(), source })?;
+    }
+    ip.set_up(bridge)
+        .map_err(|source| NodeError::Link { action: "bring up", ifname: bridge.into(), source })?;
+    // Routing between the bridge and the uplink, and DNAT to local backends, need forwarding on.
+    fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+        .map_err(|source| NodeError::Sysctl { path: "/proc/sys/net/ipv4/ip_forward", source })?;
+
+    bpffs::ensure_dir(&paths.bpffs)?;
+    let mut datapath = Datapath::load(&paths.bpffs)?;
+    let mut record = NodeRecord {
+        bridge: bridge.to_owned(),
+        subnet: subnet.map(str::to_owned).or(previous.as_ref().and_then(|p| p.subnet.clone())),
+        created_bridge,
+        mode: datapath.mode(),
+        attached: previous.map(|p| p.attached).unwrap_or_default(),
+    };
+    let ports = ip
+        .bridge_ports(bridge)
+        .map_err(|source| NodeError::Link { action: "list the ports of", ifname: bridge.into(), source })?;
+    for ifname in std::iter::once(bridge.to_owned()).chain(ports) {
+        datapath.attach(&ifname)?;
+        if !record.attached.contains(&ifname) {
+            record.attached.push(ifname);
+        }
+    }
+    record.save(paths)?;
+    Ok(record)
+}
+
+/// Attaches the datapath to one more interface (a veth plugged into the bridge later).
+pub fn attach(paths: &Paths, ifname: &str) -> Result<(), NodeError> {
+    let mut record = NodeRecord::load(paths)?;
+    if !Ip::exists(ifname) {
+        return Err(NodeError::NoInterface { ifname: ifname.to_owned() });
+    }
+    Datapath::open(&paths.bpffs)?.attach(ifname)?;
+    if !record.attached.iter().any(|a| a == ifname) {
+        record.attached.push(ifname.to_owned());
+    }
+    record.save(paths)
+}
+
+/// Detaches the datapath from one interface.
+pub fn detach(paths: &Paths, ifname: &str) -> Result<(), NodeError> {
+    let mut record = NodeRecord::load(paths)?;
+    loader::detach(&paths.bpffs, ifname, record.mode)?;
+    record.attached.retain(|a| a != ifname);
+    record.save(paths)
+}
+
+/// Removes everything `up` made: attachments, pins, the bridge if it created it, the record.
+pub fn down(paths: &Paths) -> Result<NodeRecord, NodeError> {
+    let record = NodeRecord::load(paths)?;
+    for ifname in &record.attached {
+        loader::detach(&paths.bpffs, ifname, record.mode)?;
+    }
+    loader::unpin_all(&paths.bpffs);
+    if record.created_bridge && Ip::exists(&record.bridge) {
+        let ip = Ip::find().map_err(|source| NodeError::Link { action: "find iproute2 for", ifname: record.bridge.clone(), source })?;
+        ip.delete(&record.bridge)
+            .map_err(|source| NodeError::Link { action: "delete bridge", ifname: record.bridge.clone(), source })?;
+    }
+    let path = paths.record();
+    fs::remove_file(&path).map_err(|source| NodeError::Record { action: "remove", path, source })?;
+    Ok(record)
+}
+
+/// True when `dir` holds a pinned datapath.
+pub fn is_loaded(dir: &Path) -> bool {
+    dir.join("progs").join(dataplane_common::program::INGRESS).exists()
+}
