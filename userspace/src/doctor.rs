@@ -137,12 +137,7 @@ pub fn cgroup_layout() -> (&'static str, String) {
         let ctrl = fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
         return ("v2", format!("controllers: {}", ctrl.trim()));
     }
-    let v1: Vec<String> = fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains(" - cgroup "))
-        .filter_map(|l| l.split(' ').nth(4).and_then(|m| m.rsplit('/').next()).map(str::to_owned))
-        .collect();
+    let v1 = v1_controllers(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
     let unified = root.join("unified");
     if fs_type == TMPFS_MAGIC && statfs(&unified).is_ok_and(|s| s.filesystem_type() == CGROUP2_SUPER_MAGIC) {
         let ctrl = fs::read_to_string(unified.join("cgroup.controllers")).unwrap_or_default();
@@ -150,6 +145,25 @@ pub fn cgroup_layout() -> (&'static str, String) {
         return ("hybrid", format!("v1 controllers: {}; v2 at {} with controllers: {v2}", v1.join(","), unified.display()));
     }
     ("v1", format!("v1 controllers: {}", v1.join(",")))
+}
+
+/// Controller names of cgroup v1 (Documentation/admin-guide/cgroup-v1/).
+const V1_CONTROLLERS: [&str; 14] = [
+    "cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "net_cls", "net_prio", "blkio",
+    "perf_event", "hugetlb", "pids", "rdma", "misc",
+];
+
+/// Controllers of the cgroup v1 hierarchies in a mountinfo text, from each mount's superblock
+/// options (`rw,cpu,cpuacct`); mount flags and named hierarchies (`name=systemd`) are skipped.
+fn v1_controllers(mountinfo: &str) -> Vec<String> {
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split_once(" - cgroup "))
+        .filter_map(|(_, rest)| rest.split(' ').nth(1))
+        .flat_map(|opts| opts.split(','))
+        .filter(|o| V1_CONTROLLERS.contains(o))
+        .map(str::to_owned)
+        .collect()
 }
 
 fn cgroups() -> Check {
@@ -201,5 +215,16 @@ mod tests {
         check("6.1.0-28-amd64", (6, 1));
         check("5.10", (5, 10));
         check("garbage", (0, 0));
+    }
+
+    #[test]
+    fn v1_controllers_come_from_superblock_options() {
+        let mountinfo = "\
+35 25 0:30 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid - cgroup cgroup rw,cpu,cpuacct
+36 25 0:31 / /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory
+37 25 0:32 / /sys/fs/cgroup/systemd rw,nosuid - cgroup cgroup rw,xattr,name=systemd
+38 25 0:33 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw,nsdelegate
+";
+        assert_eq!(super::v1_controllers(mountinfo), ["cpu", "cpuacct", "memory"]);
     }
 }

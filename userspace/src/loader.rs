@@ -22,7 +22,7 @@ use aya::{
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
-        tc::{self, TcAttachOptions},
+        tc::{self, NlOptions, TcAttachOptions},
     },
     util::KernelVersion,
 };
@@ -219,7 +219,9 @@ impl Datapath {
                     }
                     // cls_bpf has no atomic swap by name: drop the old filter, then add the new.
                     detach_netlink(ifname, hook, name)?;
-                    let id = prog.attach(ifname, hook).map_err(attach_err)?;
+                    let id = prog
+                        .attach_with_options(ifname, hook, TcAttachOptions::Netlink(NlOptions::default()))
+                        .map_err(attach_err)?;
                     let link = prog.take_link(id).map_err(attach_err)?;
                     // The filter must outlive this process; dropping the link would remove it.
                     std::mem::forget(link);

@@ -1,0 +1,7 @@
+//! Integration tests: each scenario builds its own node namespace, loads the real datapath into
+//! the real kernel, sends real packets and asserts on what arrives and what was counted.
+//! Tests that cannot run here print `SKIP <test>: <reason>` and return.
+
+mod counters;
+mod doctor;
+mod node;
