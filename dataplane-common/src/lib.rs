@@ -26,6 +26,52 @@ pub mod map {
     ///
     /// [`Reason`]: crate::Reason
     pub const REASONS: &str = "REASONS";
+    /// Services by virtual address: [`ServiceKey`] -> [`Service`].
+    ///
+    /// [`ServiceKey`]: crate::ServiceKey
+    /// [`Service`]: crate::Service
+    pub const SERVICES: &str = "SERVICES";
+    /// Backend selection tables: [`SlotKey`] -> backend id. A service's table is the list a
+    /// scheduler indexes into (weighted sequence, or a Maglev lookup table).
+    ///
+    /// [`SlotKey`]: crate::SlotKey
+    pub const SLOTS: &str = "SLOTS";
+    /// Backends by id: `u32` -> [`Backend`].
+    ///
+    /// [`Backend`]: crate::Backend
+    pub const BACKENDS: &str = "BACKENDS";
+    /// Connection tracking (LRU): [`FlowKey`] -> [`Flow`], one entry per direction.
+    ///
+    /// [`FlowKey`]: crate::FlowKey
+    /// [`Flow`]: crate::Flow
+    pub const CONNTRACK: &str = "CONNTRACK";
+    /// Session affinity (LRU): [`AffinityKey`] -> [`Affinity`].
+    ///
+    /// [`AffinityKey`]: crate::AffinityKey
+    /// [`Affinity`]: crate::Affinity
+    pub const AFFINITY: &str = "AFFINITY";
+    /// Per-CPU counters per service id: [`ServiceCounters`].
+    ///
+    /// [`ServiceCounters`]: crate::ServiceCounters
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    /// Per-CPU counters per backend id: [`ServiceCounters`].
+    ///
+    /// [`ServiceCounters`]: crate::ServiceCounters
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    /// Open connections per backend id (`u64`, shared by all CPUs), for `lc`.
+    pub const BACKEND_CONNS: &str = "BACKEND_CONNS";
+    /// Per-CPU round-robin cursors per service id (`u32`).
+    pub const RR_CURSORS: &str = "RR_CURSORS";
+    /// Node configuration, one [`NodeConfig`] at index 0.
+    ///
+    /// [`NodeConfig`]: crate::NodeConfig
+    pub const CONFIG: &str = "CONFIG";
+
+    /// Every map, for unpinning and listing.
+    pub const ALL: [&str; 12] = [
+        IFACE_STATS, REASONS, SERVICES, SLOTS, BACKENDS, BACKEND_CONNS, CONNTRACK, AFFINITY, SERVICE_STATS,
+        BACKEND_STATS, RR_CURSORS, CONFIG,
+    ];
 }
 
 /// Capacity of [`map::IFACE_STATS`]: interfaces one node can have attached at once.
@@ -78,23 +124,325 @@ pub enum Reason {
     Truncated = 0,
     /// Not IPv4 (ARP, IPv6, ...): passed unchanged.
     NotIpv4 = 1,
+    /// IPv4 but neither TCP nor UDP: passed unchanged.
+    OtherProtocol = 2,
+    /// A fragment (not translated yet): passed unchanged.
+    Fragment = 3,
+    /// A new flow to a service with no usable backend: dropped.
+    NoBackend = 4,
+    /// The selection table pointed at a backend that does not exist: dropped.
+    StaleBackend = 5,
+    /// Rewriting the packet failed: dropped.
+    RewriteFailed = 6,
+    /// The conntrack table refused the new flow: forwarded without an entry.
+    ConntrackFull = 7,
 }
 
 impl Reason {
     /// Every reason, in discriminant order, for user space to label the counters.
-    pub const ALL: [Reason; 2] = [Reason::Truncated, Reason::NotIpv4];
+    pub const ALL: [Reason; 8] = [
+        Reason::Truncated,
+        Reason::NotIpv4,
+        Reason::OtherProtocol,
+        Reason::Fragment,
+        Reason::NoBackend,
+        Reason::StaleBackend,
+        Reason::RewriteFailed,
+        Reason::ConntrackFull,
+    ];
 
     /// The stable name shown by `bulkhead stats` and in JSON output.
     pub const fn name(self) -> &'static str {
         match self {
             Reason::Truncated => "truncated",
             Reason::NotIpv4 => "not-ipv4",
+            Reason::OtherProtocol => "other-protocol",
+            Reason::Fragment => "fragment",
+            Reason::NoBackend => "no-backend",
+            Reason::StaleBackend => "stale-backend",
+            Reason::RewriteFailed => "rewrite-failed",
+            Reason::ConntrackFull => "conntrack-full",
         }
     }
 }
 
 /// Size of [`map::REASONS`]; larger than [`Reason::ALL`] so new reasons need no map resize.
 pub const MAX_REASONS: u32 = 64;
+
+/// Most services the datapath holds; service ids are below this.
+pub const MAX_SERVICES: u32 = 131_072;
+/// Most backends one service can have.
+pub const MAX_BACKENDS_PER_SERVICE: u32 = 1024;
+/// Most backends in all; backend ids are below this.
+pub const MAX_BACKENDS: u32 = 262_144;
+/// Capacity of [`map::SLOTS`] (entries are allocated on demand).
+pub const MAX_SLOTS: u32 = 1_048_576;
+/// Longest selection table of one service.
+pub const MAX_TABLE: u32 = 65_521;
+/// Capacity of [`map::CONNTRACK`] (two entries per connection).
+pub const CONNTRACK_SIZE: u32 = 524_288;
+/// Capacity of [`map::AFFINITY`].
+pub const AFFINITY_SIZE: u32 = 65_536;
+
+/// IP protocol numbers as they appear in the IPv4 header.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}
+
+/// Backend schedulers, as stored in [`Service::scheduler`] (IPVS names where IPVS has one).
+pub mod scheduler {
+    /// Hash of the 5-tuple (the default): stateless, spreads flows evenly.
+    pub const HASH: u8 = 0;
+    /// A random slot per new flow.
+    pub const RANDOM: u8 = 1;
+    /// Maglev consistent hashing of the 5-tuple over a prime-sized table.
+    pub const MAGLEV: u8 = 2;
+    /// Round robin (weighted by slot repetition), with a per-CPU cursor.
+    pub const RR: u8 = 3;
+    /// Least connections: the backend with the fewest live flows per unit of weight.
+    pub const LC: u8 = 4;
+    /// Source hashing: the client address alone picks the slot.
+    pub const SH: u8 = 5;
+    /// Destination hashing: the destination address alone picks the slot.
+    pub const DH: u8 = 6;
+}
+
+/// Key of [`map::SERVICES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// Virtual IPv4 address, network order. Zero for a NodePort entry, which matches any of the
+    /// node's own addresses.
+    pub addr: u32,
+    /// Virtual port, network order.
+    pub port: u16,
+    /// A [`proto`] number.
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+
+/// Service flags in [`Service::flags`].
+pub mod service_flags {
+    /// This entry is the NodePort face of a service (key address zero).
+    pub const NODEPORT: u8 = 1;
+}
+
+/// Value of [`map::SERVICES`].
+///
+/// Replaced whole on every change, so a packet sees either the old or the new selection table
+/// (tables are keyed by `generation`, and the old one is removed after the switch).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Index into the per-service counters and key of its selection table.
+    pub id: u32,
+    /// Length of the current selection table; zero when the service has no usable backend.
+    pub table_len: u32,
+    /// Which of the two tables is current (0 or 1).
+    pub generation: u32,
+    /// Session affinity timeout in seconds; zero disables affinity.
+    pub affinity_secs: u32,
+    /// A [`scheduler`] constant.
+    pub scheduler: u8,
+    /// [`service_flags`].
+    pub flags: u8,
+    /// Number of backends in the current table (for `lc`, which scans them).
+    pub backend_count: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Service>() == 24);
+
+/// Key of [`map::SLOTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SlotKey {
+    pub service_id: u32,
+    /// [`Service::generation`] of the table this slot belongs to.
+    pub generation: u32,
+    pub slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<SlotKey>() == 12);
+
+/// Backend states in [`Backend::state`].
+pub mod backend_state {
+    /// Takes new flows.
+    pub const ACTIVE: u8 = 0;
+    /// Out of the selection table; established flows continue.
+    pub const DRAINING: u8 = 1;
+}
+
+/// Value of [`map::BACKENDS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// IPv4 address, network order.
+    pub addr: u32,
+    /// Port, network order.
+    pub port: u16,
+    /// Relative weight (IPVS semantics: 0 takes no new flows).
+    pub weight: u16,
+    /// The service this backend belongs to.
+    pub service_id: u32,
+    /// A [`backend_state`] constant.
+    pub state: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 16);
+
+/// Directions of a tracked flow, in [`FlowKey::dir`].
+pub mod flow_dir {
+    /// Client to service: key is (client, virtual address); value holds the backend.
+    pub const ORIGINAL: u8 = 0;
+    /// Backend to client: key is (backend, client); value holds the virtual address.
+    pub const REPLY: u8 = 1;
+}
+
+/// Key of [`map::CONNTRACK`]: the packet's own addresses and ports as it arrives, before any
+/// translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Network order.
+    pub saddr: u32,
+    /// Network order.
+    pub daddr: u32,
+    /// Network order.
+    pub sport: u16,
+    /// Network order.
+    pub dport: u16,
+    pub proto: u8,
+    /// A [`flow_dir`] constant.
+    pub dir: u8,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+
+/// Kinds of translation a flow entry applies, in [`Flow::kind`].
+pub mod flow_kind {
+    /// Service DNAT: original packets get the backend as destination, replies the VIP as source.
+    pub const SERVICE: u8 = 0;
+}
+
+/// TCP states tracked in [`Flow::state`], enough to choose a timeout.
+pub mod tcp_state {
+    pub const SYN_SENT: u8 = 0;
+    pub const ESTABLISHED: u8 = 1;
+    pub const CLOSING: u8 = 2;
+    pub const CLOSED: u8 = 3;
+}
+
+/// Value of [`map::CONNTRACK`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// The address to write: the backend (original direction) or the VIP (reply), network order.
+    pub nat_addr: u32,
+    /// The port to write, network order.
+    pub nat_port: u16,
+    /// A [`flow_kind`] constant.
+    pub kind: u8,
+    /// A [`tcp_state`] constant (TCP only).
+    pub state: u8,
+    pub service_id: u32,
+    pub backend_id: u32,
+    /// `bpf_ktime_get_ns` when a packet of the flow was last seen in this direction.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<Flow>() == 24);
+
+/// Key of [`map::AFFINITY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    /// Client address, network order.
+    pub client: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);
+
+/// Value of [`map::AFFINITY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Affinity {
+    pub backend_id: u32,
+    pub _pad: u32,
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<Affinity>() == 16);
+
+/// Per-CPU counters of a service or a backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Flows for which this service/backend was chosen.
+    pub new_flows: u64,
+}
+const _: () = assert!(core::mem::size_of::<ServiceCounters>() == 24);
+
+impl ServiceCounters {
+    pub fn add(&mut self, other: &ServiceCounters) {
+        self.packets = self.packets.wrapping_add(other.packets);
+        self.bytes = self.bytes.wrapping_add(other.bytes);
+        self.new_flows = self.new_flows.wrapping_add(other.new_flows);
+    }
+}
+
+/// Node-wide settings, written by `bulkhead up`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Conntrack timeouts in seconds.
+    pub tcp_syn_timeout: u32,
+    pub tcp_established_timeout: u32,
+    pub tcp_closing_timeout: u32,
+    pub udp_timeout: u32,
+}
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 16);
+
+impl NodeConfig {
+    /// All timeouts zero: a config map nobody has written yet.
+    pub const fn zeroed() -> Self {
+        NodeConfig { tcp_syn_timeout: 0, tcp_established_timeout: 0, tcp_closing_timeout: 0, udp_timeout: 0 }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        // The same order of magnitude as Linux's nf_conntrack and Cilium's defaults.
+        NodeConfig {
+            tcp_syn_timeout: 60,
+            tcp_established_timeout: 6 * 3600,
+            tcp_closing_timeout: 10,
+            udp_timeout: 60,
+        }
+    }
+}
+
+/// 32-bit mixing hash (the finalizer of MurmurHash3), shared by both sides so user space can
+/// predict which slot a flow takes.
+#[inline(always)]
+pub const fn mix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+/// Hash of a flow's 5-tuple, as the `hash` and `maglev` schedulers use it.
+#[inline(always)]
+pub const fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+    let mut h = mix32(saddr ^ 0x9e37_79b9);
+    h = mix32(h ^ daddr);
+    h = mix32(h ^ ((sport as u32) << 16 | dport as u32));
+    mix32(h ^ proto as u32)
+}
 
 #[cfg(feature = "user")]
 mod pod {
@@ -103,4 +451,24 @@ mod pod {
     unsafe impl aya::Pod for super::IfaceKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Counters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Service {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SlotKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Flow {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Affinity {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ServiceCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NodeConfig {}
 }

@@ -1,19 +1,71 @@
 //! Every map of the datapath, declared once and named from `dataplane_common::map`.
 //!
 //! Maps are pinned by name, so a reload finds the maps of the previous program in the bpffs
-//! directory the loader names, and established state survives restarts.
+//! directory the loader names, and established state survives restarts. Maps that user space
+//! rewrites while packets flow (services, tables, backends) are not preallocated: a replaced
+//! element is freed only after an RCU grace period, so a reader never sees it half-reused.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
-use dataplane_common::{Counters, IfaceKey, MAX_IFACES, MAX_REASONS};
+use dataplane_common::{
+    AFFINITY_SIZE, Affinity, AffinityKey, Backend, CONNTRACK_SIZE, Counters, Flow, FlowKey, IfaceKey,
+    MAX_BACKENDS, MAX_IFACES, MAX_REASONS, MAX_SERVICES, MAX_SLOTS, NodeConfig, Service, ServiceCounters,
+    ServiceKey, SlotKey,
+};
 
 /// See [`dataplane_common::map::IFACE_STATS`].
 #[map(name = "IFACE_STATS")]
-pub static IFACE_STATS: PerCpuHashMap<IfaceKey, Counters> =
-    PerCpuHashMap::pinned(MAX_IFACES * 2, 0);
+pub static IFACE_STATS: PerCpuHashMap<IfaceKey, Counters> = PerCpuHashMap::pinned(MAX_IFACES * 2, 0);
 
 /// See [`dataplane_common::map::REASONS`].
 #[map(name = "REASONS")]
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(MAX_REASONS, 0);
+
+/// See [`dataplane_common::map::SERVICES`].
+#[map(name = "SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(MAX_SERVICES * 2, BPF_F_NO_PREALLOC);
+
+/// See [`dataplane_common::map::SLOTS`].
+#[map(name = "SLOTS")]
+pub static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS, BPF_F_NO_PREALLOC);
+
+/// See [`dataplane_common::map::BACKENDS`].
+#[map(name = "BACKENDS")]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+/// Open connections per backend id, for `lc`; shared by all CPUs and updated atomically.
+#[map(name = "BACKEND_CONNS")]
+pub static BACKEND_CONNS: Array<u64> = Array::pinned(MAX_BACKENDS, 0);
+
+/// See [`dataplane_common::map::CONNTRACK`].
+#[map(name = "CONNTRACK")]
+pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_SIZE, 0);
+
+/// See [`dataplane_common::map::AFFINITY`].
+#[map(name = "AFFINITY")]
+pub static AFFINITY: LruHashMap<AffinityKey, Affinity> = LruHashMap::pinned(AFFINITY_SIZE, 0);
+
+// Per-CPU counters are hashes, not arrays: a per-CPU array preallocates every element on every
+// CPU at load time (a quarter of a second for 256k elements on two CPUs). User space inserts
+// the entry when it creates the service or backend; the datapath only ever updates it.
+
+/// See [`dataplane_common::map::SERVICE_STATS`].
+#[map(name = "SERVICE_STATS")]
+pub static SERVICE_STATS: PerCpuHashMap<u32, ServiceCounters> =
+    PerCpuHashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// See [`dataplane_common::map::BACKEND_STATS`].
+#[map(name = "BACKEND_STATS")]
+pub static BACKEND_STATS: PerCpuHashMap<u32, ServiceCounters> =
+    PerCpuHashMap::pinned(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+/// See [`dataplane_common::map::RR_CURSORS`].
+#[map(name = "RR_CURSORS")]
+pub static RR_CURSORS: PerCpuHashMap<u32, u32> = PerCpuHashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// See [`dataplane_common::map::CONFIG`].
+#[map(name = "CONFIG")]
+pub static CONFIG: Array<NodeConfig> = Array::pinned(1, 0);

@@ -8,10 +8,15 @@
 use std::{
     ffi::OsStr,
     fs,
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    io::{BufRead, BufReader, ErrorKind, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::{Command, Output},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    thread::JoinHandle,
     time::Duration,
 };
 
@@ -250,6 +255,126 @@ impl Pod {
     }
 }
 
+impl Pod {
+    /// A TCP server on `port` answering each line it reads with `ADDR:PORT\n` of itself.
+    pub fn serve_tcp(&self, port: u16) -> Server {
+        let me = SocketAddrV4::new(self.addr, port);
+        let listener = self.ns.run(move || TcpListener::bind(me).expect("bind the test TCP server"));
+        listener.set_nonblocking(true).expect("make the listener non-blocking");
+        Server::spawn(move |stop| {
+            let mut handlers = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let stop = stop.clone();
+                        handlers.push(std::thread::spawn(move || answer_lines(conn, me, &stop)));
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+                    Err(e) => panic!("accept on {me}: {e}"),
+                }
+            }
+            handlers.into_iter().for_each(|h| drop(h.join()));
+        })
+    }
+
+    /// A UDP server on `port` answering every datagram with `ADDR:PORT` of itself.
+    pub fn serve_udp(&self, port: u16) -> Server {
+        let me = SocketAddrV4::new(self.addr, port);
+        let sock = self.ns.run(move || UdpSocket::bind(me).expect("bind the test UDP server"));
+        sock.set_read_timeout(Some(Duration::from_millis(20))).expect("set a read timeout");
+        Server::spawn(move |stop| {
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(me.to_string().as_bytes(), from);
+                }
+            }
+        })
+    }
+
+    /// Opens a TCP connection from this pod.
+    pub fn tcp_connect(&self, dst: SocketAddrV4) -> TcpStream {
+        let stream = self
+            .ns
+            .run(move || TcpStream::connect_timeout(&dst.into(), Duration::from_secs(3)))
+            .unwrap_or_else(|e| panic!("connect to {dst}: {e}"));
+        stream.set_read_timeout(Some(Duration::from_secs(3))).expect("set a read timeout");
+        stream
+    }
+
+    /// One request on a fresh connection: which backend answered.
+    pub fn tcp_request(&self, dst: SocketAddrV4) -> String {
+        ask(&mut self.tcp_connect(dst))
+    }
+
+    /// A UDP socket of this pod bound to an ephemeral port.
+    pub fn udp_client(&self) -> UdpSocket {
+        let sock = self.ns.run(|| UdpSocket::bind("0.0.0.0:0").expect("bind a UDP client"));
+        sock.set_read_timeout(Some(Duration::from_secs(2))).expect("set a read timeout");
+        sock
+    }
+}
+
+/// Sends a line on `stream` and returns the server's answer (its address).
+pub fn ask(stream: &mut TcpStream) -> String {
+    stream.write_all(b"?\n").expect("send a request");
+    let mut line = String::new();
+    BufReader::new(stream.try_clone().expect("clone the stream")).read_line(&mut line).expect("read the answer");
+    line.trim().to_owned()
+}
+
+/// Sends one datagram to `dst` and returns (answer, where the answer came from).
+pub fn udp_ask(sock: &UdpSocket, dst: SocketAddrV4) -> (String, SocketAddr) {
+    sock.send_to(b"?", dst).expect("send a datagram");
+    let mut buf = [0u8; 2048];
+    let (n, from) = sock.recv_from(&mut buf).unwrap_or_else(|e| panic!("no answer from {dst}: {e}"));
+    (String::from_utf8_lossy(&buf[..n]).into_owned(), from)
+}
+
+fn answer_lines(conn: TcpStream, me: SocketAddrV4, stop: &AtomicBool) {
+    conn.set_nonblocking(false).expect("make the connection blocking");
+    conn.set_read_timeout(Some(Duration::from_millis(50))).expect("set a read timeout");
+    let mut writer = conn.try_clone().expect("clone the connection");
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        match reader.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if writer.write_all(format!("{me}\n").as_bytes()).is_err() {
+                    return;
+                }
+                line.clear();
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// A server thread that stops (and is joined) when dropped.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    fn spawn(body: impl FnOnce(Arc<AtomicBool>) + Send + 'static) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        Server { stop, thread: Some(std::thread::spawn(move || body(flag))) }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Receives datagrams until `count` arrived or the timeout hits; returns how many arrived.
 pub fn recv_count(sock: &UdpSocket, count: usize) -> usize {
     let mut buf = [0u8; 2048];
@@ -296,6 +421,10 @@ impl Node {
 
     pub fn bpffs(&self) -> &BpffsDir {
         &self.bpffs
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
     }
 
     /// Runs the `bulkhead` binary against this node.

@@ -15,6 +15,7 @@ use crate::{
     loader,
     netns,
     node::{self, Paths},
+    service_table::{BackendSpec, BackendState, ServiceSpec, ServiceTable, VirtualAddr},
 };
 
 #[derive(Debug, Parser)]
@@ -59,6 +60,74 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Virtual services (ipvsadm -A/-D/-L/-S/-R).
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Backends of a service (ipvsadm -a/-e/-d).
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// Tracked flows.
+    #[command(subcommand)]
+    Conntrack(ConntrackCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Add a service: `bulkhead service add 198.19.0.10:80/tcp --backend 198.18.0.2:8080@2 ...`.
+    Add {
+        /// Virtual address, `ADDR:PORT[/tcp|/udp]`.
+        service: String,
+        /// A backend `ADDR:PORT[@WEIGHT]`; repeat for each.
+        #[arg(long = "backend", short = 'b')]
+        backends: Vec<String>,
+        /// hash (default), random, maglev|mh, rr|wrr, lc|wlc, sh, dh.
+        #[arg(long, short = 's', default_value = "hash")]
+        scheduler: String,
+        /// Session affinity by client address, with this timeout in seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+        affinity: u32,
+    },
+    /// Delete a service, its backends and its tracked flows.
+    Del { service: String },
+    /// The service table with counters.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the table in ipvsadm --save format.
+    Save,
+    /// Read ipvsadm --save lines from stdin and add them all, or nothing.
+    Restore,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackendCommand {
+    /// Add a backend, or change the weight of an existing one (and reactivate it).
+    Add { service: String, backend: String },
+    /// Remove a backend; established flows continue unless --force.
+    Del {
+        service: String,
+        backend: String,
+        /// Also drop the backend's established flows.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Stop sending new flows to a backend; established flows continue.
+    Drain { service: String, backend: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConntrackCommand {
+    /// Live translated flows.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget tracked flows (all, or one service's).
+    Flush {
+        #[arg(long)]
+        service: Option<String>,
+    },
 }
 
 /// Entry point of the binary.
@@ -87,7 +156,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         netns::enter(&path).with_context(|| format!("enter network namespace {ns}"))?;
     }
     let paths = Paths { bpffs: cli.bpffs, state_dir: cli.state_dir };
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     match cli.command {
         Command::Doctor { json } => {
             let checks = doctor::run();
@@ -102,6 +171,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
+            out.flush().context("write to stdout")?;
             let failed = checks.iter().any(|c| c.status == doctor::Status::Missing);
             return Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS });
         }
@@ -126,8 +196,121 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             node::detach(&paths, &ifname).with_context(|| format!("detach the datapath from {ifname}"))?;
         }
         Command::Stats { json } => print_stats(&paths, json, &mut out)?,
+        Command::Service(cmd) => service(&paths, cmd, &mut out)?,
+        Command::Backend(cmd) => backend(&paths, cmd)?,
+        Command::Conntrack(cmd) => conntrack(&paths, cmd, &mut out)?,
     }
+    out.flush().context("write to stdout")?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn table(paths: &Paths) -> anyhow::Result<ServiceTable> {
+    ServiceTable::open(&paths.bpffs).context("open the service table (is the node up? `bulkhead up`)")
+}
+
+fn service(paths: &Paths, cmd: ServiceCommand, out: &mut impl Write) -> anyhow::Result<()> {
+    match cmd {
+        ServiceCommand::Add { service, backends, scheduler, affinity } => {
+            let spec = ServiceSpec {
+                vaddr: service.parse()?,
+                scheduler: scheduler.parse()?,
+                affinity_secs: affinity,
+                backends: backends.iter().map(|b| b.parse()).collect::<Result<_, _>>()?,
+            };
+            table(paths)?.add(&spec).with_context(|| format!("add service {}", spec.vaddr))?;
+        }
+        ServiceCommand::Del { service } => {
+            let vaddr: VirtualAddr = service.parse()?;
+            table(paths)?.delete(&vaddr).with_context(|| format!("delete service {vaddr}"))?;
+        }
+        ServiceCommand::List { json } => {
+            let services = table(paths)?.list();
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&services)?)?;
+                return Ok(());
+            }
+            writeln!(out, "{:<28}{:<10}{:>10}{:>12}{:>14}", "SERVICE / BACKEND", "SCHED", "FLOWS", "PACKETS", "BYTES")?;
+            for s in &services {
+                let sched = match s.affinity_secs {
+                    0 => s.scheduler.name().to_owned(),
+                    t => format!("{} +{t}s", s.scheduler.name()),
+                };
+                writeln!(out, "{:<28}{:<10}{:>10}{:>12}{:>14}", s.service.to_string(), sched, s.new_flows, s.packets, s.bytes)?;
+                for b in &s.backends {
+                    let state = match b.state {
+                        BackendState::Active => format!("w={}", b.weight),
+                        BackendState::Draining => "draining".to_owned(),
+                    };
+                    writeln!(out, "  -> {:<24}{:<10}{:>10}{:>12}{:>14}", b.addr.to_string(), state, b.new_flows, b.packets, b.bytes)?;
+                }
+            }
+        }
+        ServiceCommand::Save => write!(out, "{}", table(paths)?.save())?,
+        ServiceCommand::Restore => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("read stdin")?;
+            let n = table(paths)?.restore(&text).context("restore services")?;
+            writeln!(out, "restored {n} services")?;
+        }
+    }
+    Ok(())
+}
+
+fn backend(paths: &Paths, cmd: BackendCommand) -> anyhow::Result<()> {
+    let mut table = table(paths)?;
+    match cmd {
+        BackendCommand::Add { service, backend } => {
+            let (vaddr, spec): (VirtualAddr, BackendSpec) = (service.parse()?, backend.parse()?);
+            table.add_backend(&vaddr, &spec).with_context(|| format!("add backend {} to {vaddr}", spec.addr))?;
+        }
+        BackendCommand::Del { service, backend, force } => {
+            let (vaddr, spec): (VirtualAddr, BackendSpec) = (service.parse()?, backend.parse()?);
+            table.delete_backend(&vaddr, spec.addr, force).with_context(|| format!("delete backend {} of {vaddr}", spec.addr))?;
+        }
+        BackendCommand::Drain { service, backend } => {
+            let (vaddr, spec): (VirtualAddr, BackendSpec) = (service.parse()?, backend.parse()?);
+            table.drain_backend(&vaddr, spec.addr).with_context(|| format!("drain backend {} of {vaddr}", spec.addr))?;
+        }
+    }
+    Ok(())
+}
+
+fn conntrack(paths: &Paths, cmd: ConntrackCommand, out: &mut impl Write) -> anyhow::Result<()> {
+    let mut table = table(paths)?;
+    match cmd {
+        ConntrackCommand::List { json } => {
+            let flows = table.flows();
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&flows)?)?;
+                return Ok(());
+            }
+            writeln!(out, "{:<6}{:<24}{:<24}{:<24}{:<13}{:>8}", "PROTO", "CLIENT", "SERVICE", "BACKEND", "STATE", "EXPIRES")?;
+            for f in flows {
+                writeln!(
+                    out,
+                    "{:<6}{:<24}{:<24}{:<24}{:<13}{:>7}s",
+                    f.proto.to_string(),
+                    f.client.to_string(),
+                    f.service.to_string(),
+                    f.backend.to_string(),
+                    f.state,
+                    f.expires_in_secs
+                )?;
+            }
+        }
+        ConntrackCommand::Flush { service } => {
+            let n = match service {
+                None => table.flush_flows(|_| true),
+                Some(s) => {
+                    let vaddr: VirtualAddr = s.parse()?;
+                    let id = table.service_id(&vaddr).with_context(|| format!("flush flows of {vaddr}"))?;
+                    table.flush_flows(|f| f.service_id == id)
+                }
+            };
+            writeln!(out, "flushed {n} flows")?;
+        }
+    }
+    Ok(())
 }
 
 #[derive(serde::Serialize)]

@@ -10,3 +10,4 @@ pub mod link;
 pub mod loader;
 pub mod netns;
 pub mod node;
+pub mod service_table;

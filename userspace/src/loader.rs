@@ -18,7 +18,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Map, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -26,7 +26,10 @@ use aya::{
     },
     util::KernelVersion,
 };
-use dataplane_common::{Counters, IfaceKey, MAX_REASONS, Reason, map, program};
+use dataplane_common::{
+    Affinity, AffinityKey, Backend, Counters, Flow, FlowKey, IfaceKey, MAX_REASONS, NodeConfig, Reason, Service,
+    ServiceCounters, ServiceKey, SlotKey, map, program,
+};
 
 /// The datapath object built by `cargo xtask build`, embedded 8-byte aligned as ELF parsing needs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("BULKHEAD_EBPF_OBJECT"));
@@ -311,7 +314,7 @@ pub fn unpin_all(dir: &Path) {
     for name in [program::INGRESS, program::EGRESS] {
         let _ = fs::remove_file(dir.join("progs").join(name));
     }
-    for name in [map::IFACE_STATS, map::REASONS] {
+    for name in map::ALL {
         let _ = fs::remove_file(dir.join(name));
     }
     for sub in ["progs", "links/ingress", "links/egress", "links", ""] {
@@ -325,6 +328,59 @@ fn pinned_map(dir: &Path, name: &'static str) -> Result<MapData, LoaderError> {
         path,
         source: io::Error::other(source),
     })
+}
+
+/// Opens the pinned map `name` as the typed handle `T`.
+fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(dir: &Path, name: &'static str) -> Result<T, LoaderError> {
+    let err = |source| LoaderError::Map { name, source };
+    Map::from_map_data(pinned_map(dir, name)?).map_err(err)?.try_into().map_err(err)
+}
+
+/// Typed handles on the service-related maps, for `service_table` to read and write.
+pub struct ServiceMaps {
+    pub services: HashMap<MapData, ServiceKey, Service>,
+    pub slots: HashMap<MapData, SlotKey, u32>,
+    pub backends: HashMap<MapData, u32, Backend>,
+    pub backend_conns: Array<MapData, u64>,
+    pub conntrack: HashMap<MapData, FlowKey, Flow>,
+    pub affinity: HashMap<MapData, AffinityKey, Affinity>,
+    pub service_stats: PerCpuHashMap<MapData, u32, ServiceCounters>,
+    pub backend_stats: PerCpuHashMap<MapData, u32, ServiceCounters>,
+    pub rr_cursors: PerCpuHashMap<MapData, u32, u32>,
+    pub config: Array<MapData, NodeConfig>,
+}
+
+impl ServiceMaps {
+    /// Opens the maps pinned in `dir` by `Datapath::load`.
+    pub fn open(dir: &Path) -> Result<Self, LoaderError> {
+        Ok(ServiceMaps {
+            services: typed(dir, map::SERVICES)?,
+            slots: typed(dir, map::SLOTS)?,
+            backends: typed(dir, map::BACKENDS)?,
+            backend_conns: typed(dir, map::BACKEND_CONNS)?,
+            conntrack: typed(dir, map::CONNTRACK)?,
+            affinity: typed(dir, map::AFFINITY)?,
+            service_stats: typed(dir, map::SERVICE_STATS)?,
+            backend_stats: typed(dir, map::BACKEND_STATS)?,
+            rr_cursors: typed(dir, map::RR_CURSORS)?,
+            config: typed(dir, map::CONFIG)?,
+        })
+    }
+}
+
+/// Writes the default conntrack timeouts unless the (pinned) config already holds some.
+pub fn init_config(dir: &Path) -> Result<(), LoaderError> {
+    let err = |source| LoaderError::Map { name: map::CONFIG, source };
+    let mut config: Array<MapData, NodeConfig> = typed(dir, map::CONFIG)?;
+    if config.get(&0, 0).map_err(err)? == NodeConfig::zeroed() {
+        config.set(0, NodeConfig::default(), 0).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Number of possible CPUs: the length of every per-CPU value.
+pub fn nr_cpus() -> usize {
+    aya::util::nr_cpus().map(|n| n.max(1)).unwrap_or(1)
 }
 
 /// Packet and byte counters per (ifindex, direction), summed over CPUs.

@@ -126,12 +126,22 @@ pub fn up(paths: &Paths, bridge: &str, subnet: Option<&str>) -> Result<NodeRecor
     }
     ip.set_up(bridge)
         .map_err(|source| NodeError::Link { action: "bring up", ifname: bridge.into(), source })?;
-    // Routing between the bridge and the uplink, and DNAT to local backends, need forwarding on.
-    fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-        .map_err(|source| NodeError::Sysctl { path: "/proc/sys/net/ipv4/ip_forward", source })?;
+    // Routing between the bridge and the uplink, and DNAT to local backends, need forwarding
+    // on. After DNAT a packet from a pod is routed back out of the bridge it came in on; the
+    // kernel would answer that with ICMP redirects to the client, which must not happen.
+    for (path, value) in [
+        ("/proc/sys/net/ipv4/ip_forward", "1"),
+        ("/proc/sys/net/ipv4/conf/all/send_redirects", "0"),
+        ("/proc/sys/net/ipv4/conf/default/send_redirects", "0"),
+    ] {
+        fs::write(path, value).map_err(|source| NodeError::Sysctl { path, source })?;
+    }
+    let redirects = format!("/proc/sys/net/ipv4/conf/{bridge}/send_redirects");
+    let _ = fs::write(redirects, "0");
 
     bpffs::ensure_dir(&paths.bpffs)?;
     let mut datapath = Datapath::load(&paths.bpffs)?;
+    loader::init_config(&paths.bpffs)?;
     let mut record = NodeRecord {
         bridge: bridge.to_owned(),
         subnet: subnet.map(str::to_owned).or(previous.as_ref().and_then(|p| p.subnet.clone())),

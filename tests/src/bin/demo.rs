@@ -1,55 +1,71 @@
-//! The `cargo xtask build-and-run` demo: a node with a bridge and two pods, the datapath
-//! attached, real traffic between the pods, and the counters read back through `bulkhead`.
+//! The `cargo xtask build-and-run` demo: a node with a bridge, a client pod and three backend
+//! pods running real TCP servers, a service VIP balanced across them by the eBPF datapath, and
+//! the spread and counters read back through `bulkhead`.
 //!
-//! Everything lives in namespaces this program creates and removes; it exits non-zero when
-//! the counters do not match the traffic it sent.
+//! Everything lives in namespaces this program creates and removes; it exits non-zero when the
+//! spread or the counters do not match the traffic it sent.
 
-use std::{net::SocketAddrV4, process::ExitCode};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    process::ExitCode,
+};
 
-use tests::{Node, recv_count};
+use tests::Node;
 
-const PAYLOAD: &[u8] = &[0x42; 100];
-/// Ethernet + IPv4 + UDP headers in front of the payload, as tc counts bytes.
-const OVERHEAD: u64 = 14 + 20 + 8;
+const CONNECTIONS: usize = 60;
 
 fn main() -> ExitCode {
     if let Some(reason) = tests::skip_reason() {
         eprintln!("demo: cannot run: {reason}");
         return ExitCode::FAILURE;
     }
-    let (a_to_b, b_to_a) = (100, 40);
     let mut node = Node::new();
     node.add_pod(2);
-    node.add_pod(3);
-    node.pin_neighbors();
-    let (a, b) = (&node.pods[0], &node.pods[1]);
-    println!("demo: node netns {}, bridge {}", node.ns.name(), node.bridge);
-    println!("demo: pod A {} (host side {}), pod B {} (host side {})", a.addr, a.host_if, b.addr, b.host_if);
+    let mut servers = Vec::new();
+    for host in 3..=5 {
+        servers.push(node.add_pod(host).serve_tcp(8080));
+    }
+    let vip = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 10), 80);
+    let backends: Vec<String> = node.pods[1..].iter().map(|p| format!("{}:8080", p.addr)).collect();
+    println!("demo: node netns {}, bridge {} ({})", node.ns.name(), node.bridge, node.gateway);
+    println!("demo: client {}, backends {}", node.pods[0].addr, backends.join(", "));
 
-    let sink_b = b.udp_socket(7000);
-    let sink_a = a.udp_socket(7001);
-    a.send_udp(SocketAddrV4::new(b.addr, 7000), PAYLOAD, a_to_b);
-    b.send_udp(SocketAddrV4::new(a.addr, 7001), PAYLOAD, b_to_a);
-    let (got_b, got_a) = (recv_count(&sink_b, a_to_b), recv_count(&sink_a, b_to_a));
-    println!("demo: sent {a_to_b} datagrams A->B ({got_b} arrived), {b_to_a} B->A ({got_a} arrived)\n");
+    let mut add = vec!["service".to_owned(), "add".to_owned(), format!("{vip}/tcp")];
+    for b in &backends {
+        add.extend(["--backend".to_owned(), b.clone()]);
+    }
+    let add: Vec<&str> = add.iter().map(String::as_str).collect();
+    println!("$ bulkhead {}", add.join(" "));
+    node.bulkhead_ok(&add);
+
+    let mut spread: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..CONNECTIONS {
+        *spread.entry(node.pods[0].tcp_request(vip)).or_insert(0) += 1;
+    }
+    println!("\ndemo: {CONNECTIONS} connections from the client to {vip}, answered by:");
+    for (backend, n) in &spread {
+        println!("  {backend:<20} {n:>3}  {}", "#".repeat(*n));
+    }
+    println!("\n$ bulkhead service list");
+    print!("{}", node.bulkhead_ok(&["service", "list"]));
+    println!("\n$ bulkhead stats");
     print!("{}", node.bulkhead_ok(&["stats"]));
 
-    let frame = PAYLOAD.len() as u64 + OVERHEAD;
-    let expect = [
-        (&a.host_if, "ingress", a_to_b),
-        (&b.host_if, "egress", a_to_b),
-        (&b.host_if, "ingress", b_to_a),
-        (&a.host_if, "egress", b_to_a),
-    ];
-    let mut ok = got_a == b_to_a && got_b == a_to_b;
-    for (ifname, hook, n) in expect {
-        let got = node.counters(ifname, hook);
-        let want = (n as u64, n as u64 * frame);
-        if got != want {
-            eprintln!("demo: {ifname} {hook}: counted {got:?}, sent {want:?}");
-            ok = false;
-        }
+    let list: serde_json::Value = serde_json::from_str(&node.bulkhead_ok(&["service", "list", "--json"])).unwrap();
+    let counted: BTreeMap<String, usize> = list[0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["addr"].as_str().unwrap().to_owned(), b["new_flows"].as_u64().unwrap() as usize))
+        .collect();
+    drop(servers);
+    let ok = spread.len() == backends.len() && counted == spread;
+    if ok {
+        println!("\ndemo: every backend answered, and the datapath's counters match the connections made");
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("\ndemo: MISMATCH: answered {spread:?}, counted {counted:?}");
+        ExitCode::FAILURE
     }
-    println!("\ndemo: {}", if ok { "counters match the traffic sent" } else { "MISMATCH" });
-    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }

@@ -5,3 +5,4 @@
 mod counters;
 mod doctor;
 mod node;
+mod services;

@@ -1,0 +1,134 @@
+//! Connection tracking: one LRU entry per direction of each translated flow.
+//!
+//! The original-direction entry (client -> VIP) holds the chosen backend; the reply-direction
+//! entry (backend -> client) holds the VIP to restore. Entries expire by protocol state using the
+//! timeouts in the node config; the LRU evicts the coldest when full.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use dataplane_common::{Flow, FlowKey, NodeConfig, flow_dir, proto, tcp_state};
+
+use crate::{
+    maps::{CONFIG, CONNTRACK},
+    parse::{Packet, tcp_flags},
+};
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+/// `last_seen_ns` is refreshed at most this often, so busy flows do not bounce the cache line
+/// between CPUs on every packet.
+const TOUCH_NS: u64 = NS_PER_SEC;
+
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: a helper without arguments, allowed for tc programs.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// The key of `pkt` as seen in direction `dir`.
+#[inline(always)]
+pub fn key(pkt: &Packet, dir: u8) -> FlowKey {
+    FlowKey {
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        dir,
+        _pad: 0,
+    }
+}
+
+/// The reply-direction key of a flow whose original packet was `pkt`, translated to
+/// `backend`/`port`.
+#[inline(always)]
+pub fn reply_key(pkt: &Packet, backend: u32, port: u16) -> FlowKey {
+    FlowKey {
+        saddr: backend,
+        daddr: pkt.saddr,
+        sport: port,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        dir: flow_dir::REPLY,
+        _pad: 0,
+    }
+}
+
+/// The node's timeouts; a field left at zero (config never written) takes its default.
+#[inline(always)]
+fn timeout_ns(flow: &Flow, protocol: u8) -> u64 {
+    let defaults = NodeConfig::default();
+    let cfg = match CONFIG.get(0) {
+        Some(c) => *c,
+        None => defaults,
+    };
+    let pick = |set: u32, default: u32| if set == 0 { default } else { set };
+    let secs = if protocol == proto::TCP {
+        match flow.state {
+            tcp_state::SYN_SENT => pick(cfg.tcp_syn_timeout, defaults.tcp_syn_timeout),
+            tcp_state::ESTABLISHED => pick(cfg.tcp_established_timeout, defaults.tcp_established_timeout),
+            _ => pick(cfg.tcp_closing_timeout, defaults.tcp_closing_timeout),
+        }
+    } else {
+        pick(cfg.udp_timeout, defaults.udp_timeout)
+    };
+    u64::from(secs) * NS_PER_SEC
+}
+
+/// Looks up a live entry for `key`; an expired one counts as absent.
+#[inline(always)]
+pub fn lookup(key: &FlowKey, now: u64) -> Option<*mut Flow> {
+    let flow = CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: a pointer from a successful lookup stays valid for this program run.
+    let f = unsafe { &*flow };
+    if now.saturating_sub(f.last_seen_ns) > timeout_ns(f, key.proto) {
+        return None;
+    }
+    Some(flow)
+}
+
+/// Refreshes the entry's timestamp and TCP state after seeing `pkt`.
+#[inline(always)]
+pub fn touch(flow: *mut Flow, pkt: &Packet, now: u64) {
+    // SAFETY: `flow` came from `lookup` in this program run. Concurrent updates from other CPUs
+    // race benignly: each writes a timestamp and a state that are both valid.
+    let f = unsafe { &mut *flow };
+    if now.saturating_sub(f.last_seen_ns) > TOUCH_NS {
+        f.last_seen_ns = now;
+    }
+    if pkt.proto == proto::TCP {
+        let next = next_tcp_state(f.state, pkt.tcp_flags);
+        if next != f.state {
+            f.state = next;
+            f.last_seen_ns = now;
+        }
+    }
+}
+
+/// The state after a packet with `flags`, enough to pick the right timeout.
+#[inline(always)]
+pub fn next_tcp_state(state: u8, flags: u8) -> u8 {
+    if flags & (tcp_flags::RST | tcp_flags::FIN) != 0 {
+        tcp_state::CLOSING
+    } else if state == tcp_state::SYN_SENT && flags & tcp_flags::ACK != 0 {
+        tcp_state::ESTABLISHED
+    } else {
+        state
+    }
+}
+
+/// The state a new flow starts in.
+#[inline(always)]
+pub fn initial_state(pkt: &Packet) -> u8 {
+    if pkt.proto == proto::TCP && pkt.tcp_flags & tcp_flags::SYN == 0 {
+        // A flow picked up mid-stream (say, after the table was flushed) is already open.
+        next_tcp_state(tcp_state::ESTABLISHED, pkt.tcp_flags)
+    } else {
+        tcp_state::SYN_SENT
+    }
+}
+
+/// Inserts both entries of a new flow; fails when the map refuses them.
+#[inline(always)]
+pub fn create(orig: &FlowKey, orig_flow: &Flow, reply: &FlowKey, reply_flow: &Flow) -> Result<(), i32> {
+    CONNTRACK.insert(reply, reply_flow, 0)?;
+    CONNTRACK.insert(orig, orig_flow, 0)
+}

@@ -1,0 +1,179 @@
+//! Service lookup and backend selection.
+//!
+//! A service's selection table (`SLOTS`, keyed by service id and table generation) lists
+//! backend ids; each scheduler turns a new flow into an index into that table. Lookup cost is
+//! one hash lookup for the service and two for the backend, whatever the number of services.
+
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use dataplane_common::{
+    Affinity, AffinityKey, Backend, Reason, Service, ServiceKey, SlotKey, backend_state, flow_hash, mix32,
+    scheduler,
+};
+
+use crate::{
+    maps::{AFFINITY, BACKEND_CONNS, BACKENDS, RR_CURSORS, SERVICES, SLOTS},
+    parse::Packet,
+};
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// The service `pkt` is addressed to, if any.
+#[inline(always)]
+pub fn service(pkt: &Packet) -> Option<Service> {
+    let key = ServiceKey { addr: pkt.daddr, port: pkt.dport, proto: pkt.proto, _pad: 0 };
+    // SAFETY: the pointer from a successful lookup is valid for this run; copying the value out
+    // keeps later reads consistent even if user space replaces the element meanwhile.
+    SERVICES.get_ptr(&key).map(|p| unsafe { *p })
+}
+
+/// Picks the backend for a new flow of `svc`.
+#[inline(always)]
+pub fn select(svc: &Service, pkt: &Packet, now: u64) -> Result<(u32, Backend), Reason> {
+    if svc.table_len == 0 {
+        return Err(Reason::NoBackend);
+    }
+    if svc.affinity_secs != 0 {
+        if let Some(found) = sticky_backend(svc, pkt, now) {
+            return Ok(found);
+        }
+    }
+    if svc.scheduler == scheduler::LC {
+        let found = least_connections(svc)?;
+        remember(svc, pkt, found.0, now);
+        return Ok(found);
+    }
+    let index = match svc.scheduler {
+        scheduler::RANDOM => random(),
+        scheduler::RR => round_robin(svc.id),
+        scheduler::SH => mix32(pkt.saddr),
+        scheduler::DH => mix32(pkt.daddr),
+        // HASH and MAGLEV both hash the 5-tuple; they differ in the table user space builds.
+        _ => flow_hash(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto),
+    } % svc.table_len;
+    let id = slot(svc, index)?;
+    let backend = backend(id)?;
+    remember(svc, pkt, id, now);
+    Ok((id, backend))
+}
+
+/// Records the client's backend for session affinity.
+#[inline(always)]
+fn remember(svc: &Service, pkt: &Packet, id: u32, now: u64) {
+    if svc.affinity_secs != 0 {
+        let key = AffinityKey { service_id: svc.id, client: pkt.saddr };
+        let _ = AFFINITY.insert(&key, &Affinity { backend_id: id, _pad: 0, last_seen_ns: now }, 0);
+    }
+}
+
+/// Longest table `lc` scans (its table lists each active backend once).
+pub const LC_SCAN: u32 = 128;
+
+/// The backend with the fewest open connections per unit of weight (IPVS `wlc` order:
+/// `conns_a * weight_b < conns_b * weight_a`).
+#[inline(always)]
+fn least_connections(svc: &Service) -> Result<(u32, Backend), Reason> {
+    let mut best: Option<(u32, Backend, u64)> = None;
+    let len = if svc.table_len < LC_SCAN { svc.table_len } else { LC_SCAN };
+    for i in 0..LC_SCAN {
+        if i >= len {
+            break;
+        }
+        let Ok(id) = slot(svc, i) else { continue };
+        let Ok(b) = backend(id) else { continue };
+        let conns = open_connections(id);
+        let better = match &best {
+            None => true,
+            Some((_, bb, bc)) => conns * u64::from(bb.weight) < *bc * u64::from(b.weight),
+        };
+        if better {
+            best = Some((id, b, conns));
+        }
+    }
+    match best {
+        Some((id, b, _)) => Ok((id, b)),
+        None => Err(Reason::NoBackend),
+    }
+}
+
+#[inline(always)]
+fn open_connections(id: u32) -> u64 {
+    // SAFETY: array lookup result valid for this run; a torn read of a counter only skews the
+    // choice for this one flow.
+    match BACKEND_CONNS.get(id) {
+        Some(n) => *n,
+        None => 0,
+    }
+}
+
+/// Adjusts the live connection count of backend `id` (atomically: all CPUs share it).
+#[inline(always)]
+pub fn count_connection(id: u32, opened: bool) {
+    use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
+    if let Some(p) = BACKEND_CONNS.get_ptr_mut(id) {
+        // Adding the two's complement of 1 decrements; the result is unused, so this compiles to
+        // a plain BPF atomic add (`lock xadd`), which every kernel with BPF atomics accepts.
+        let delta = if opened { 1u64 } else { u64::MAX };
+        // SAFETY: `p` points to an 8-byte aligned u64 slot of an array map, valid for this run;
+        // the atomic add is safe against other CPUs doing the same.
+        unsafe { atomic_xadd::<u64, u64, { Relaxed }>(p, delta) };
+    }
+}
+
+/// The backend id at `index` of the service's current table.
+#[inline(always)]
+fn slot(svc: &Service, index: u32) -> Result<u32, Reason> {
+    let key = SlotKey { service_id: svc.id, generation: svc.generation, slot: index };
+    // SAFETY: lookup result valid for this run; u32 copy.
+    if let Some(id) = unsafe { SLOTS.get(&key) } {
+        return Ok(*id);
+    }
+    // User space switched tables between our service lookup and now and already removed the
+    // old one; it keeps old tables long enough that this does not happen in practice.
+    Err(Reason::StaleBackend)
+}
+
+#[inline(always)]
+pub fn backend(id: u32) -> Result<Backend, Reason> {
+    // SAFETY: lookup result valid for this run; copied out.
+    match unsafe { BACKENDS.get(&id) } {
+        Some(b) => Ok(*b),
+        None => Err(Reason::StaleBackend),
+    }
+}
+
+#[inline(always)]
+fn sticky_backend(svc: &Service, pkt: &Packet, now: u64) -> Option<(u32, Backend)> {
+    let key = AffinityKey { service_id: svc.id, client: pkt.saddr };
+    let entry = AFFINITY.get_ptr_mut(&key)?;
+    // SAFETY: valid for this run; racing writers store whole valid values.
+    let a = unsafe { &mut *entry };
+    if now.saturating_sub(a.last_seen_ns) > u64::from(svc.affinity_secs) * NS_PER_SEC {
+        return None;
+    }
+    let b = backend(a.backend_id).ok()?;
+    if b.state != backend_state::ACTIVE || b.service_id != svc.id || b.weight == 0 {
+        return None;
+    }
+    a.last_seen_ns = now;
+    Some((a.backend_id, b))
+}
+
+#[inline(always)]
+fn random() -> u32 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_get_prandom_u32() }
+}
+
+#[inline(always)]
+fn round_robin(service_id: u32) -> u32 {
+    match RR_CURSORS.get_ptr_mut(&service_id) {
+        Some(c) => {
+            // SAFETY: this CPU's value in a per-CPU map, valid for this run.
+            let cursor = unsafe { &mut *c };
+            let v = *cursor;
+            *cursor = v.wrapping_add(1);
+            v
+        }
+        None => 0,
+    }
+}

@@ -1,0 +1,47 @@
+//! Rewriting addresses and ports, with the IPv4 and L4 checksums kept correct.
+//!
+//! All writes go through the kernel helpers (`bpf_skb_store_bytes`, `bpf_l3_csum_replace`,
+//! `bpf_l4_csum_replace`): they handle CHECKSUM_PARTIAL packets from local sockets, where the
+//! L4 checksum field holds only the pseudo-header sum. Types live in `dataplane-common`.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
+
+use crate::parse::{IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Packet};
+
+/// Which end of the packet to rewrite.
+#[derive(Clone, Copy)]
+pub enum End {
+    Source,
+    Destination,
+}
+
+/// Replaces the source or destination address and port of `pkt` (all in network order).
+#[inline(always)]
+pub fn rewrite(ctx: &TcContext, pkt: &Packet, end: End, addr: u32, port: u16) -> Result<(), i64> {
+    let (old_addr, old_port, addr_off, port_off) = match end {
+        End::Source => (pkt.saddr, pkt.sport, IP_SRC_OFF, pkt.l4_off),
+        End::Destination => (pkt.daddr, pkt.dport, IP_DST_OFF, pkt.l4_off + 2),
+    };
+    // A UDP checksum of zero means "none" and must stay zero; MANGLED_0 also turns a computed
+    // zero into 0xffff, as RFC 768 requires.
+    let mangled = if pkt.udp_no_csum { 0 } else { u64::from(BPF_F_MARK_MANGLED_0) };
+    let l4 = !pkt.udp_no_csum;
+    if addr != old_addr {
+        if l4 {
+            let flags = u64::from(BPF_F_PSEUDO_HDR) | mangled | 4;
+            ctx.l4_csum_replace(pkt.l4_csum_off, u64::from(old_addr), u64::from(addr), flags)?;
+        }
+        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_addr), u64::from(addr), 4)?;
+        ctx.store(addr_off, &addr, 0)?;
+    }
+    if port != old_port {
+        if l4 {
+            ctx.l4_csum_replace(pkt.l4_csum_off, u64::from(old_port), u64::from(port), mangled | 2)?;
+        }
+        ctx.store(port_off, &port, 0)?;
+    }
+    Ok(())
+}

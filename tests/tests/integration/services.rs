@@ -1,0 +1,378 @@
+//! Service load balancing through the real datapath: clients in one pod, real TCP and UDP
+//! servers in backend pods, a virtual address that exists nowhere but in the BPF maps.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use tests::{Node, Server, ask, skip, udp_ask};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const TCP_PORT: u16 = 8080;
+const UDP_PORT: u16 = 5353;
+
+/// A node with a client pod (198.18.0.2) and `n` backend pods (198.18.0.3 ...), each running a
+/// TCP and a UDP server that answer with their own address.
+struct Cluster {
+    // Servers stop before the namespaces go.
+    _servers: Vec<Server>,
+    node: Node,
+}
+
+impl Cluster {
+    fn new(n: u8) -> Self {
+        let mut node = Node::new();
+        node.add_pod(2);
+        let mut servers = Vec::new();
+        for i in 0..n {
+            let pod = node.add_pod(3 + i);
+            servers.push(pod.serve_tcp(TCP_PORT));
+            servers.push(pod.serve_udp(UDP_PORT));
+        }
+        Cluster { _servers: servers, node }
+    }
+
+    fn client(&self) -> &tests::Pod {
+        &self.node.pods[0]
+    }
+
+    fn backend(&self, i: usize, port: u16) -> String {
+        SocketAddrV4::new(self.node.pods[1 + i].addr, port).to_string()
+    }
+
+    fn backends(&self, port: u16) -> Vec<String> {
+        (0..self.node.pods.len() - 1).map(|i| self.backend(i, port)).collect()
+    }
+
+    /// `bulkhead service add VIP:vport/proto --backend ... ARGS`.
+    fn add_service(&self, vport: u16, proto: &str, extra: &[&str]) -> SocketAddrV4 {
+        let port = if proto == "udp" { UDP_PORT } else { TCP_PORT };
+        let service = format!("{VIP}:{vport}/{proto}");
+        let mut args = vec!["service".to_owned(), "add".to_owned(), service];
+        for b in self.backends(port) {
+            args.extend(["--backend".to_owned(), b]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.node.bulkhead_ok(&args);
+        SocketAddrV4::new(VIP, vport)
+    }
+
+    /// Answers of `n` fresh TCP connections to `vip`, counted per backend.
+    fn spread(&self, vip: SocketAddrV4, n: usize) -> BTreeMap<String, usize> {
+        let mut seen = BTreeMap::new();
+        for _ in 0..n {
+            *seen.entry(self.client().tcp_request(vip)).or_insert(0) += 1;
+        }
+        seen
+    }
+
+    fn list(&self) -> serde_json::Value {
+        serde_json::from_str(&self.node.bulkhead_ok(&["service", "list", "--json"])).unwrap()
+    }
+
+    /// Flows per backend address of the service at `vip`, as `service list` counts them.
+    fn counted_flows(&self, vip: &str) -> BTreeMap<String, usize> {
+        let list = self.list();
+        let svc = list.as_array().unwrap().iter().find(|s| s["service"] == vip).expect("service listed");
+        svc["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["new_flows"].as_u64().unwrap() > 0)
+            .map(|b| (b["addr"].as_str().unwrap().to_owned(), b["new_flows"].as_u64().unwrap() as usize))
+            .collect()
+    }
+}
+
+#[test]
+fn tcp_service_reaches_every_backend_and_the_counters_agree() {
+    if skip("tcp_service_reaches_every_backend_and_the_counters_agree") {
+        return;
+    }
+    let c = Cluster::new(3);
+    let vip = c.add_service(80, "tcp", &[]);
+    let seen = c.spread(vip, 60);
+    assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), c.backends(TCP_PORT), "every backend answers: {seen:?}");
+    // The datapath's own per-backend counters saw the same flows.
+    assert_eq!(c.counted_flows(&format!("{VIP}:80/tcp")), seen);
+}
+
+#[test]
+fn tcp_connection_stays_on_one_backend() {
+    if skip("tcp_connection_stays_on_one_backend") {
+        return;
+    }
+    let c = Cluster::new(3);
+    let vip = c.add_service(80, "tcp", &[]);
+    for _ in 0..5 {
+        let mut conn = c.client().tcp_connect(vip);
+        assert_eq!(conn.peer_addr().unwrap(), vip.into(), "the client talks to the VIP");
+        let first = ask(&mut conn);
+        for _ in 0..10 {
+            assert_eq!(ask(&mut conn), first, "a connection moved between backends");
+        }
+    }
+}
+
+#[test]
+fn udp_service_replies_come_from_the_vip_and_flows_stick() {
+    if skip("udp_service_replies_come_from_the_vip_and_flows_stick") {
+        return;
+    }
+    let c = Cluster::new(3);
+    let vip = c.add_service(53, "udp", &[]);
+    let mut seen = BTreeMap::new();
+    for _ in 0..40 {
+        let sock = c.client().udp_client();
+        let (first, from) = udp_ask(&sock, vip);
+        assert_eq!(from, vip.into(), "reply not translated back to the VIP");
+        for _ in 0..3 {
+            assert_eq!(udp_ask(&sock, vip).0, first, "a UDP flow moved between backends");
+        }
+        *seen.entry(first).or_insert(0) += 1;
+    }
+    assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), c.backends(UDP_PORT), "{seen:?}");
+}
+
+#[test]
+fn schedulers_spread_flows_as_they_promise() {
+    if skip("schedulers_spread_flows_as_they_promise") {
+        return;
+    }
+    let c = Cluster::new(3);
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let all = c.backends(TCP_PORT);
+
+    // rr: per-CPU cursors, so each backend is within one turn per CPU of an equal share.
+    let seen = c.spread(c.add_service(81, "tcp", &["--scheduler", "rr"]), 30);
+    let (min, max) = (seen.values().min().unwrap(), seen.values().max().unwrap());
+    assert!(seen.len() == 3 && max - min <= cpus, "rr: {seen:?}");
+
+    // Weighted rr (IPVS wrr), weights 1:2:3.
+    let svc = format!("{VIP}:82/tcp");
+    c.node.bulkhead_ok(&["service", "add", &svc, "-s", "wrr", "-b", &format!("{}@1", all[0]), "-b", &format!("{}@2", all[1]), "-b", &format!("{}@3", all[2])]);
+    let seen = c.spread(SocketAddrV4::new(VIP, 82), 60);
+    for (i, want) in [(0, 10), (1, 20), (2, 30)] {
+        let got = seen.get(&all[i]).copied().unwrap_or(0);
+        assert!(got.abs_diff(want) <= 2 * cpus, "wrr weight {}: {got} of 60 ({seen:?})", i + 1);
+    }
+
+    // sh and dh: one client, one destination: every flow to one backend.
+    for (port, sched) in [(83, "sh"), (84, "dh")] {
+        let seen = c.spread(c.add_service(port, "tcp", &["--scheduler", sched]), 15);
+        assert_eq!(seen.len(), 1, "{sched}: {seen:?}");
+    }
+
+    // hash, random and maglev spread flows over every backend.
+    for (port, sched) in [(85, "hash"), (86, "random"), (87, "maglev")] {
+        let seen = c.spread(c.add_service(port, "tcp", &["--scheduler", sched]), 60);
+        assert_eq!(seen.len(), 3, "{sched}: {seen:?}");
+    }
+}
+
+#[test]
+fn least_connections_counts_open_connections() {
+    if skip("least_connections_counts_open_connections") {
+        return;
+    }
+    let c = Cluster::new(3);
+    let vip = c.add_service(80, "tcp", &["--scheduler", "lc"]);
+    let mut conns: Vec<_> = (0..6).map(|_| c.client().tcp_connect(vip)).collect();
+    let mut seen = BTreeMap::new();
+    for conn in &mut conns {
+        *seen.entry(ask(conn)).or_insert(0) += 1;
+    }
+    assert_eq!(seen.values().copied().collect::<Vec<_>>(), vec![2, 2, 2], "lc with 6 open connections: {seen:?}");
+    let open = |c: &Cluster| -> Vec<u64> {
+        c.list()[0]["backends"].as_array().unwrap().iter().map(|b| b["connections"].as_u64().unwrap()).collect()
+    };
+    assert_eq!(open(&c), vec![2, 2, 2]);
+    drop(conns);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(open(&c), vec![0, 0, 0], "closed connections still counted");
+}
+
+#[test]
+fn affinity_pins_a_client_to_one_backend() {
+    if skip("affinity_pins_a_client_to_one_backend") {
+        return;
+    }
+    let c = Cluster::new(3);
+    let sticky = c.spread(c.add_service(80, "tcp", &["--affinity", "60"]), 20);
+    assert_eq!(sticky.len(), 1, "with affinity: {sticky:?}");
+    let loose = c.spread(c.add_service(81, "tcp", &[]), 20);
+    assert!(loose.len() > 1, "the control service should spread: {loose:?}");
+}
+
+#[test]
+fn draining_keeps_established_connections_and_steers_new_ones_away() {
+    if skip("draining_keeps_established_connections_and_steers_new_ones_away") {
+        return;
+    }
+    let c = Cluster::new(3);
+    let vip = c.add_service(80, "tcp", &[]);
+    let svc = format!("{vip}/tcp");
+    let mut conn = c.client().tcp_connect(vip);
+    let pinned = ask(&mut conn);
+
+    c.node.bulkhead_ok(&["backend", "drain", &svc, &pinned]);
+    let seen = c.spread(vip, 30);
+    assert!(!seen.contains_key(&pinned), "a draining backend got new flows: {seen:?}");
+    assert_eq!(ask(&mut conn), pinned, "the established connection broke on drain");
+
+    // Removing it (gracefully) keeps the connection too.
+    c.node.bulkhead_ok(&["backend", "del", &svc, &pinned]);
+    assert_eq!(ask(&mut conn), pinned, "the established connection broke on graceful delete");
+    let listed = c.list()[0]["backends"].as_array().unwrap().len();
+    assert_eq!(listed, 2);
+
+    // --force drops it: the next segment picks another backend, which resets it.
+    let mut other = c.client().tcp_connect(vip);
+    let victim = ask(&mut other);
+    c.node.bulkhead_ok(&["backend", "del", &svc, &victim, "--force"]);
+    use std::io::{Read, Write};
+    let _ = other.write_all(b"?\n");
+    let mut buf = [0u8; 64];
+    let broken = matches!(other.read(&mut buf), Ok(0) | Err(_));
+    assert!(broken, "a force-deleted backend's connection still answers");
+}
+
+#[test]
+fn backends_can_be_added_and_reweighted_under_traffic() {
+    if skip("backends_can_be_added_and_reweighted_under_traffic") {
+        return;
+    }
+    let c = Cluster::new(3);
+    let all = c.backends(TCP_PORT);
+    let svc = format!("{VIP}:80/tcp");
+    c.node.bulkhead_ok(&["service", "add", &svc, "-s", "rr", "-b", &all[0], "-b", &all[1]]);
+    let vip = SocketAddrV4::new(VIP, 80);
+    let mut conn = c.client().tcp_connect(vip);
+    let pinned = ask(&mut conn);
+
+    c.node.bulkhead_ok(&["backend", "add", &svc, &all[2]]);
+    assert!(c.spread(vip, 12).contains_key(&all[2]), "the new backend gets no flows");
+    // Weight 0 (IPVS quiesce): no new flows.
+    c.node.bulkhead_ok(&["backend", "add", &svc, &format!("{}@0", all[0])]);
+    assert!(!c.spread(vip, 12).contains_key(&all[0]), "a weight-0 backend still gets flows");
+    assert_eq!(ask(&mut conn), pinned, "an established connection broke while the set changed");
+}
+
+#[test]
+fn restarting_bulkhead_keeps_established_connections() {
+    if skip("restarting_bulkhead_keeps_established_connections") {
+        return;
+    }
+    let c = Cluster::new(3);
+    let vip = c.add_service(80, "tcp", &[]);
+    let mut conns: Vec<_> = (0..6).map(|_| c.client().tcp_connect(vip)).collect();
+    let before: Vec<String> = conns.iter_mut().map(ask).collect();
+    // A restart reloads the program from the binary and swaps it into the pinned links.
+    c.node.bulkhead_ok(&["up", "--bridge", &c.node.bridge]);
+    let after: Vec<String> = conns.iter_mut().map(ask).collect();
+    assert_eq!(before, after);
+    assert_eq!(c.spread(vip, 6).values().sum::<usize>(), 6, "new connections after a restart");
+}
+
+#[test]
+fn ten_thousand_services_restore_in_one_command_and_the_last_works() {
+    if skip("ten_thousand_services_restore_in_one_command_and_the_last_works") {
+        return;
+    }
+    let c = Cluster::new(3);
+    let all = c.backends(TCP_PORT);
+    let mut text = String::new();
+    let vip = |i: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i);
+    for i in 0..10_000 {
+        text.push_str(&format!("-A -t {}:80 -s hash\n", vip(i)));
+        for b in &all {
+            text.push_str(&format!("-a -t {}:80 -r {b} -m -w 1\n", vip(i)));
+        }
+    }
+    let started = std::time::Instant::now();
+    let out = restore(&c.node, &text);
+    eprintln!("restore of 10000 services took {:?}", started.elapsed());
+    assert!(out.contains("restored 10000 services"), "{out}");
+    let last = SocketAddrV4::new(vip(9_999), 80);
+    assert_eq!(c.spread(last, 12).len(), 3, "the last service does not balance");
+    // save reads back what was restored, line for line.
+    assert_eq!(c.node.bulkhead_ok(&["service", "save"]), text);
+}
+
+fn restore(node: &Node, text: &str) -> String {
+    use std::io::Write;
+    let bin = tests::bulkhead_bin().unwrap();
+    let mut child = std::process::Command::new(bin)
+        .args(["--netns", node.ns.path().to_str().unwrap(), "--bpffs", node.bpffs().path().to_str().unwrap()])
+        .args(["--state-dir", node.state_dir().to_str().unwrap(), "service", "restore"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn bad_input_is_refused_clearly_and_leaves_no_partial_state() {
+    if skip("bad_input_is_refused_clearly_and_leaves_no_partial_state") {
+        return;
+    }
+    let c = Cluster::new(1);
+    c.add_service(80, "tcp", &[]);
+    let before = c.node.bulkhead_ok(&["service", "save"]);
+    let b = c.backend(0, TCP_PORT);
+    let many: Vec<String> = (0..1025).map(|i| format!("198.18.{}.{}:80", 1 + i / 250, 1 + i % 250)).collect();
+    let mut too_many = vec!["service", "add", "198.19.0.11:80"];
+    for m in &many {
+        too_many.extend(["-b", m.as_str()]);
+    }
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["service", "add", "198.19.0.10:80/tcp", "-b", &b], "already exists"),
+        (vec!["service", "add", "198.19.0.12:0/tcp", "-b", &b], "port 0"),
+        (vec!["service", "add", "198.19.0.12:80/sctp", "-b", &b], "unsupported protocol"),
+        (vec!["service", "add", "198.19.0.300:80", "-b", &b], "IPV4:PORT"),
+        (vec!["service", "add", "198.19.0.12:80", "-b", &b, "-b", &b], "listed twice"),
+        (vec!["service", "add", "198.19.0.12:80", "-s", "lblc", "-b", &b], "scheduler"),
+        (too_many, "limit is 1024"),
+        (vec!["service", "del", "198.19.0.99:80"], "no service"),
+        (vec!["backend", "add", "198.19.0.99:80", &b], "no service"),
+        (vec!["backend", "del", "198.19.0.10:80", "198.18.0.77:80"], "has no backend"),
+    ];
+    for (args, why) in cases {
+        let out = c.node.bulkhead(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(why), "{:?}: expected {why:?} in: {stderr}", &args[..3]);
+    }
+    // A restore with one bad line adds nothing at all.
+    let bad = format!("-A -t 198.19.0.20:80\n-a -t 198.19.0.20:80 -r {b}\n-A -t 198.19.0.21:80\n-a -t 198.19.0.22:80 -r {b}\n");
+    let out = restore(&c.node, &bad);
+    assert!(out.contains("line 4"), "{out}");
+    assert_eq!(c.node.bulkhead_ok(&["service", "save"]), before, "bad input changed the table");
+}
+
+#[test]
+fn conntrack_lists_translated_flows_and_flushes_them() {
+    if skip("conntrack_lists_translated_flows_and_flushes_them") {
+        return;
+    }
+    let c = Cluster::new(2);
+    let vip = c.add_service(80, "tcp", &[]);
+    let mut conn = c.client().tcp_connect(vip);
+    let backend = ask(&mut conn);
+    let flows: serde_json::Value = serde_json::from_str(&c.node.bulkhead_ok(&["conntrack", "list", "--json"])).unwrap();
+    let flows = flows.as_array().unwrap();
+    assert_eq!(flows.len(), 1, "{flows:?}");
+    assert_eq!(flows[0]["client"], conn.local_addr().unwrap().to_string());
+    assert_eq!(flows[0]["service"], vip.to_string());
+    assert_eq!(flows[0]["backend"], backend);
+    assert_eq!(flows[0]["state"], "established");
+    assert!(c.node.bulkhead_ok(&["conntrack", "flush"]).contains("flushed 1 flows"));
+    let empty: serde_json::Value = serde_json::from_str(&c.node.bulkhead_ok(&["conntrack", "list", "--json"])).unwrap();
+    assert_eq!(empty.as_array().unwrap().len(), 0);
+}
