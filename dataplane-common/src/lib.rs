@@ -66,11 +66,13 @@ pub mod map {
     ///
     /// [`NodeConfig`]: crate::NodeConfig
     pub const CONFIG: &str = "CONFIG";
+    /// The node's own IPv4 addresses (network order `u32` -> `u32` 1), where NodePorts answer.
+    pub const NODE_ADDRS: &str = "NODE_ADDRS";
 
     /// Every map, for unpinning and listing.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         IFACE_STATS, REASONS, SERVICES, SLOTS, BACKENDS, BACKEND_CONNS, CONNTRACK, AFFINITY, SERVICE_STATS,
-        BACKEND_STATS, RR_CURSORS, CONFIG,
+        BACKEND_STATS, RR_CURSORS, CONFIG, NODE_ADDRS,
     ];
 }
 
@@ -136,11 +138,13 @@ pub enum Reason {
     RewriteFailed = 6,
     /// The conntrack table refused the new flow: forwarded without an entry.
     ConntrackFull = 7,
+    /// Masquerade found no free source port after several tries: dropped.
+    NoMasqueradePort = 8,
 }
 
 impl Reason {
     /// Every reason, in discriminant order, for user space to label the counters.
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 9] = [
         Reason::Truncated,
         Reason::NotIpv4,
         Reason::OtherProtocol,
@@ -149,6 +153,7 @@ impl Reason {
         Reason::StaleBackend,
         Reason::RewriteFailed,
         Reason::ConntrackFull,
+        Reason::NoMasqueradePort,
     ];
 
     /// The stable name shown by `bulkhead stats` and in JSON output.
@@ -162,6 +167,7 @@ impl Reason {
             Reason::StaleBackend => "stale-backend",
             Reason::RewriteFailed => "rewrite-failed",
             Reason::ConntrackFull => "conntrack-full",
+            Reason::NoMasqueradePort => "no-masquerade-port",
         }
     }
 }
@@ -181,6 +187,11 @@ pub const MAX_SLOTS: u32 = 1_048_576;
 pub const MAX_TABLE: u32 = 65_521;
 /// Capacity of [`map::CONNTRACK`] (two entries per connection).
 pub const CONNTRACK_SIZE: u32 = 524_288;
+/// Capacity of [`map::NODE_ADDRS`].
+pub const MAX_NODE_ADDRS: u32 = 64;
+/// Ephemeral range masquerade picks source ports from when a flow's own port is taken.
+pub const MASQ_PORT_MIN: u16 = 32768;
+pub const MASQ_PORT_MAX: u16 = 60999;
 /// Capacity of [`map::AFFINITY`].
 pub const AFFINITY_SIZE: u32 = 65_536;
 
@@ -320,10 +331,25 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 
-/// Kinds of translation a flow entry applies, in [`Flow::kind`].
+/// Kinds of translation a flow entry applies, in the low bits of [`Flow::kind`].
 pub mod flow_kind {
-    /// Service DNAT: original packets get the backend as destination, replies the VIP as source.
+    /// Service DNAT for a client on the bridge: original packets get the backend as
+    /// destination (at tc ingress), replies the VIP as source (at the backend's veth ingress).
     pub const SERVICE: u8 = 0;
+    /// NodePort DNAT for a client outside the node: as `SERVICE`, but replies are routed by the
+    /// node and translated back at the uplink's egress (the node's own address as a source
+    /// arriving on the bridge would be dropped as martian).
+    pub const NODEPORT: u8 = 1;
+    /// Masquerade: pod traffic leaving through the uplink gets the node's address as source
+    /// (at uplink egress); replies get the pod back as destination (at uplink ingress).
+    pub const MASQUERADE: u8 = 2;
+    /// Mask of the kind in [`Flow::kind`](crate::Flow::kind).
+    pub const MASK: u8 = 0x0f;
+    /// Flag: a backend reaching its own service. The source is rewritten to the VIP too (and
+    /// back on replies), or the backend would receive a packet from itself and drop it.
+    pub const HAIRPIN: u8 = 0x40;
+    /// Flag on an original-direction entry: its close was already counted for `lc`.
+    pub const CLOSE_COUNTED: u8 = 0x80;
 }
 
 /// TCP states tracked in [`Flow::state`], enough to choose a timeout.
@@ -396,18 +422,36 @@ impl ServiceCounters {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NodeConfig {
-    /// Conntrack timeouts in seconds.
+    /// Conntrack timeouts in seconds (zero: the default).
     pub tcp_syn_timeout: u32,
     pub tcp_established_timeout: u32,
     pub tcp_closing_timeout: u32,
     pub udp_timeout: u32,
+    /// The pod subnet, network order: traffic from it leaving through the uplink is
+    /// masqueraded.
+    pub pod_net: u32,
+    /// Netmask of the pod subnet, network order (zero: no masquerade).
+    pub pod_mask: u32,
+    /// The uplink's ifindex (zero: none) and its address, network order, used as the
+    /// masquerade source.
+    pub uplink_ifindex: u32,
+    pub uplink_addr: u32,
 }
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 32);
 
 impl NodeConfig {
-    /// All timeouts zero: a config map nobody has written yet.
+    /// All zero: a config map nobody has written yet.
     pub const fn zeroed() -> Self {
-        NodeConfig { tcp_syn_timeout: 0, tcp_established_timeout: 0, tcp_closing_timeout: 0, udp_timeout: 0 }
+        NodeConfig {
+            tcp_syn_timeout: 0,
+            tcp_established_timeout: 0,
+            tcp_closing_timeout: 0,
+            udp_timeout: 0,
+            pod_net: 0,
+            pod_mask: 0,
+            uplink_ifindex: 0,
+            uplink_addr: 0,
+        }
     }
 }
 
@@ -419,6 +463,7 @@ impl Default for NodeConfig {
             tcp_established_timeout: 6 * 3600,
             tcp_closing_timeout: 10,
             udp_timeout: 60,
+            ..NodeConfig::zeroed()
         }
     }
 }

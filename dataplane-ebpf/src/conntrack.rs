@@ -37,18 +37,11 @@ pub fn key(pkt: &Packet, dir: u8) -> FlowKey {
     }
 }
 
-/// The reply-direction key of a flow whose original packet was `pkt`, translated to
-/// `backend`/`port`.
 #[inline(always)]
-pub fn reply_key(pkt: &Packet, backend: u32, port: u16) -> FlowKey {
-    FlowKey {
-        saddr: backend,
-        daddr: pkt.saddr,
-        sport: port,
-        dport: pkt.sport,
-        proto: pkt.proto,
-        dir: flow_dir::REPLY,
-        _pad: 0,
+pub fn config() -> NodeConfig {
+    match CONFIG.get(0) {
+        Some(c) => *c,
+        None => NodeConfig::zeroed(),
     }
 }
 
@@ -56,10 +49,7 @@ pub fn reply_key(pkt: &Packet, backend: u32, port: u16) -> FlowKey {
 #[inline(always)]
 fn timeout_ns(flow: &Flow, protocol: u8) -> u64 {
     let defaults = NodeConfig::default();
-    let cfg = match CONFIG.get(0) {
-        Some(c) => *c,
-        None => defaults,
-    };
+    let cfg = config();
     let pick = |set: u32, default: u32| if set == 0 { default } else { set };
     let secs = if protocol == proto::TCP {
         match flow.state {
@@ -131,4 +121,20 @@ pub fn initial_state(pkt: &Packet) -> u8 {
 pub fn create(orig: &FlowKey, orig_flow: &Flow, reply: &FlowKey, reply_flow: &Flow) -> Result<(), i32> {
     CONNTRACK.insert(reply, reply_flow, 0)?;
     CONNTRACK.insert(orig, orig_flow, 0)
+}
+
+/// `BPF_NOEXIST`: insert only if the key is new.
+const NOEXIST: u64 = 1;
+
+/// Claims `reply` for a new flow: fails if a live flow already owns that reply tuple (an
+/// expired owner is replaced). Masquerade uses this to find a collision-free source port.
+#[inline(always)]
+pub fn claim(reply: &FlowKey, reply_flow: &Flow, now: u64) -> bool {
+    if CONNTRACK.insert(reply, reply_flow, NOEXIST).is_ok() {
+        return true;
+    }
+    if lookup(reply, now).is_none() {
+        return CONNTRACK.insert(reply, reply_flow, 0).is_ok();
+    }
+    false
 }

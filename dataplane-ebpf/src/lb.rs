@@ -4,25 +4,34 @@
 //! backend ids; each scheduler turns a new flow into an index into that table. Lookup cost is
 //! one hash lookup for the service and two for the backend, whatever the number of services.
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_loop};
+use aya_ebpf_cty::c_void;
 use dataplane_common::{
     Affinity, AffinityKey, Backend, Reason, Service, ServiceKey, SlotKey, backend_state, flow_hash, mix32,
     scheduler,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKEND_CONNS, BACKENDS, RR_CURSORS, SERVICES, SLOTS},
+    maps::{AFFINITY, BACKEND_CONNS, BACKENDS, NODE_ADDRS, RR_CURSORS, SERVICES, SLOTS},
     parse::Packet,
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
-/// The service `pkt` is addressed to, if any.
+/// The service `pkt` is addressed to, if any: a VIP, or a NodePort on one of the node's own
+/// addresses.
 #[inline(always)]
 pub fn service(pkt: &Packet) -> Option<Service> {
     let key = ServiceKey { addr: pkt.daddr, port: pkt.dport, proto: pkt.proto, _pad: 0 };
     // SAFETY: the pointer from a successful lookup is valid for this run; copying the value out
     // keeps later reads consistent even if user space replaces the element meanwhile.
+    if let Some(p) = SERVICES.get_ptr(&key) {
+        return Some(unsafe { *p });
+    }
+    // SAFETY: lookup result valid for this run.
+    unsafe { NODE_ADDRS.get(&pkt.daddr) }?;
+    let key = ServiceKey { addr: 0, ..key };
+    // SAFETY: as above.
     SERVICES.get_ptr(&key).map(|p| unsafe { *p })
 }
 
@@ -68,31 +77,60 @@ fn remember(svc: &Service, pkt: &Packet, id: u32, now: u64) {
 /// Longest table `lc` scans (its table lists each active backend once).
 pub const LC_SCAN: u32 = 128;
 
+/// State of an `lc` scan, shared with the `bpf_loop` callback.
+#[repr(C)]
+struct LcScan {
+    service_id: u32,
+    generation: u32,
+    best_id: u32,
+    best_weight: u32,
+    best_conns: u64,
+    found: u32,
+}
+
 /// The backend with the fewest open connections per unit of weight (IPVS `wlc` order:
 /// `conns_a * weight_b < conns_b * weight_a`).
+///
+/// The scan runs under `bpf_loop` (Linux 5.17, commit e6f2dd0f8067): the verifier checks the
+/// callback once, where an unrolled loop of `LC_SCAN` lookups multiplies the states it explores
+/// past its limit.
 #[inline(always)]
 fn least_connections(svc: &Service) -> Result<(u32, Backend), Reason> {
-    let mut best: Option<(u32, Backend, u64)> = None;
+    let mut scan = LcScan {
+        service_id: svc.id,
+        generation: svc.generation,
+        best_id: 0,
+        best_weight: 0,
+        best_conns: 0,
+        found: 0,
+    };
     let len = if svc.table_len < LC_SCAN { svc.table_len } else { LC_SCAN };
-    for i in 0..LC_SCAN {
-        if i >= len {
-            break;
-        }
-        let Ok(id) = slot(svc, i) else { continue };
-        let Ok(b) = backend(id) else { continue };
-        let conns = open_connections(id);
-        let better = match &best {
-            None => true,
-            Some((_, bb, bc)) => conns * u64::from(bb.weight) < *bc * u64::from(b.weight),
-        };
-        if better {
-            best = Some((id, b, conns));
-        }
+    // SAFETY: `lc_step` has the callback signature bpf_loop expects, and `scan` outlives the
+    // call; the kernel passes the pointer back unchanged.
+    unsafe {
+        bpf_loop(len, lc_step as *mut c_void, (&mut scan as *mut LcScan).cast(), 0);
     }
-    match best {
-        Some((id, b, _)) => Ok((id, b)),
-        None => Err(Reason::NoBackend),
+    if scan.found == 0 {
+        return Err(Reason::NoBackend);
     }
+    Ok((scan.best_id, backend(scan.best_id)?))
+}
+
+extern "C" fn lc_step(index: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `LcScan` that `least_connections` handed to bpf_loop.
+    let scan = unsafe { &mut *(ctx as *mut LcScan) };
+    let key = SlotKey { service_id: scan.service_id, generation: scan.generation, slot: index };
+    // SAFETY: lookup results are valid for this run and copied out.
+    let Some(id) = (unsafe { SLOTS.get(&key) }).copied() else { return 0 };
+    let Some(b) = (unsafe { BACKENDS.get(&id) }).copied() else { return 0 };
+    let conns = open_connections(id);
+    if scan.found == 0 || conns * u64::from(scan.best_weight) < scan.best_conns * u64::from(b.weight) {
+        scan.best_id = id;
+        scan.best_weight = u32::from(b.weight);
+        scan.best_conns = conns;
+        scan.found = 1;
+    }
+    0
 }
 
 #[inline(always)]

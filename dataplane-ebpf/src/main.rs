@@ -4,12 +4,16 @@
 //! the verdict is decided here and nowhere else. Parsing, conntrack, selection and rewriting
 //! live in their own modules.
 //!
-//! Ingress (a packet arriving from a pod, or on the bridge):
-//! 1. a reply of a translated flow (backend -> client) gets the VIP back as its source;
-//! 2. a packet of a known flow (client -> VIP) gets its backend as destination;
-//! 3. a first packet to a service picks a backend, creates both conntrack entries, and is
-//!    translated like 2;
+//! Ingress (a packet arriving on a pod's veth, the bridge, or the uplink):
+//! 1. a reply of a tracked flow: a service reply gets the VIP back as its source; a masquerade
+//!    reply (on the uplink) gets the pod back as its destination;
+//! 2. a packet of a known service flow gets its backend as destination;
+//! 3. a first packet to a service (VIP, or NodePort on a node address) picks a backend, creates
+//!    both conntrack entries, and is translated like 2;
 //! 4. anything else passes unchanged.
+//!
+//! Egress on the uplink: NodePort replies get the node's address and port back as their source,
+//! and pod traffic leaving the node is masqueraded. Egress elsewhere only counts.
 
 #![no_std]
 #![no_main]
@@ -25,10 +29,14 @@ mod parse;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_get_prandom_u32,
     macros::classifier,
     programs::TcContext,
 };
-use dataplane_common::{Counters, Flow, IfaceKey, Reason, ServiceCounters, direction, flow_dir, flow_kind};
+use dataplane_common::{
+    Counters, Flow, FlowKey, IfaceKey, MASQ_PORT_MAX, MASQ_PORT_MIN, NodeConfig, Reason, ServiceCounters, direction,
+    flow_dir, flow_kind,
+};
 
 use crate::{
     maps::{BACKEND_STATS, IFACE_STATS, REASONS, SERVICE_STATS},
@@ -39,7 +47,26 @@ use crate::{
 #[classifier]
 pub fn bulkhead_ingress(ctx: TcContext) -> i32 {
     count_iface(&ctx, direction::INGRESS);
-    match try_ingress(&ctx) {
+    verdict(try_ingress(&ctx))
+}
+
+#[classifier]
+pub fn bulkhead_egress(ctx: TcContext) -> i32 {
+    count_iface(&ctx, direction::EGRESS);
+    verdict(try_egress(&ctx))
+}
+
+/// Why a packet was not (or not fully) handled.
+enum Verdict {
+    /// Leave the packet as it is.
+    Pass(Reason),
+    /// Drop it.
+    Drop(Reason),
+}
+
+#[inline(always)]
+fn verdict(result: Result<(), Verdict>) -> i32 {
+    match result {
         Ok(()) => TC_ACT_OK,
         Err(Verdict::Pass(reason)) => {
             count_reason(reason);
@@ -52,18 +79,16 @@ pub fn bulkhead_ingress(ctx: TcContext) -> i32 {
     }
 }
 
-#[classifier]
-pub fn bulkhead_egress(ctx: TcContext) -> i32 {
-    count_iface(&ctx, direction::EGRESS);
-    TC_ACT_OK
+#[inline(always)]
+fn rewrite(ctx: &TcContext, pkt: &Packet, end: End, addr: u32, port: u16) -> Result<(), Verdict> {
+    nat::rewrite(ctx, pkt, end, addr, port).map_err(|_| Verdict::Drop(Reason::RewriteFailed))
 }
 
-/// Why a packet was not (or not fully) handled.
-enum Verdict {
-    /// Leave the packet as it is.
-    Pass(Reason),
-    /// Drop it.
-    Drop(Reason),
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: `skb` is the context pointer the kernel passed to this program; `ifindex` is a
+    // readable field of `__sk_buff` for tc programs.
+    unsafe { (*ctx.skb.skb).ifindex }
 }
 
 #[inline(always)]
@@ -73,22 +98,41 @@ fn try_ingress(ctx: &TcContext) -> Result<(), Verdict> {
     let len = u64::from(ctx.len());
 
     if let Some(flow) = conntrack::lookup(&conntrack::key(&pkt, flow_dir::REPLY), now) {
-        conntrack::touch(flow, &pkt, now);
         // SAFETY: `flow` came from a lookup in this run.
         let f = unsafe { *flow };
-        closing(&pkt, &f, f.nat_addr, f.nat_port);
-        nat::rewrite(ctx, &pkt, End::Source, f.nat_addr, f.nat_port).map_err(|_| Verdict::Drop(Reason::RewriteFailed))?;
-        count_service(f.service_id, f.backend_id, len, false);
+        match f.kind & flow_kind::MASK {
+            flow_kind::SERVICE => {
+                conntrack::touch(flow, &pkt, now);
+                closing(&pkt, &f, f.nat_addr, f.nat_port);
+                rewrite(ctx, &pkt, End::Source, f.nat_addr, f.nat_port)?;
+                if f.kind & flow_kind::HAIRPIN != 0 {
+                    // The client is the backend itself: give it back its own address.
+                    rewrite(ctx, &pkt, End::Destination, pkt.saddr, pkt.dport)?;
+                }
+                count_service(f.service_id, f.backend_id, len, false);
+            }
+            flow_kind::MASQUERADE => {
+                conntrack::touch(flow, &pkt, now);
+                rewrite(ctx, &pkt, End::Destination, f.nat_addr, f.nat_port)?;
+            }
+            // NodePort replies are translated when they leave through the uplink.
+            _ => {}
+        }
         return Ok(());
     }
 
     if let Some(flow) = conntrack::lookup(&conntrack::key(&pkt, flow_dir::ORIGINAL), now) {
-        conntrack::touch(flow, &pkt, now);
         // SAFETY: as above.
         let f = unsafe { *flow };
+        if f.kind & flow_kind::MASK == flow_kind::MASQUERADE {
+            return Ok(());
+        }
+        conntrack::touch(flow, &pkt, now);
         closing(&pkt, &f, pkt.daddr, pkt.dport);
-        nat::rewrite(ctx, &pkt, End::Destination, f.nat_addr, f.nat_port)
-            .map_err(|_| Verdict::Drop(Reason::RewriteFailed))?;
+        rewrite(ctx, &pkt, End::Destination, f.nat_addr, f.nat_port)?;
+        if f.kind & flow_kind::HAIRPIN != 0 {
+            rewrite(ctx, &pkt, End::Source, pkt.daddr, pkt.sport)?;
+        }
         count_service(f.service_id, f.backend_id, len, false);
         return Ok(());
     }
@@ -97,32 +141,130 @@ fn try_ingress(ctx: &TcContext) -> Result<(), Verdict> {
         return Ok(());
     };
     let (backend_id, backend) = lb::select(&svc, &pkt, now).map_err(Verdict::Drop)?;
-    let state = conntrack::initial_state(&pkt);
+    let cfg = conntrack::config();
+    let mut kind = if cfg.uplink_ifindex != 0 && ifindex(ctx) == cfg.uplink_ifindex {
+        flow_kind::NODEPORT
+    } else {
+        flow_kind::SERVICE
+    };
+    let hairpin = backend.addr == pkt.saddr;
+    if hairpin {
+        kind |= flow_kind::HAIRPIN;
+    }
     let orig = Flow {
         nat_addr: backend.addr,
         nat_port: backend.port,
-        kind: flow_kind::SERVICE,
-        state,
+        kind,
+        state: conntrack::initial_state(&pkt),
         service_id: svc.id,
         backend_id,
         last_seen_ns: now,
     };
     let reply = Flow { nat_addr: pkt.daddr, nat_port: pkt.dport, ..orig };
-    let created = conntrack::create(
-        &conntrack::key(&pkt, flow_dir::ORIGINAL),
-        &orig,
-        &conntrack::reply_key(&pkt, backend.addr, backend.port),
-        &reply,
-    );
-    match created {
+    // A hairpinned client appears to the backend as the VIP, so its replies go to the VIP.
+    let reply_dst = if hairpin { pkt.daddr } else { pkt.saddr };
+    let reply_key = FlowKey {
+        saddr: backend.addr,
+        daddr: reply_dst,
+        sport: backend.port,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        dir: flow_dir::REPLY,
+        _pad: 0,
+    };
+    match conntrack::create(&conntrack::key(&pkt, flow_dir::ORIGINAL), &orig, &reply_key, &reply) {
         Ok(()) => lb::count_connection(backend_id, true),
         // Without entries the flow still reaches a consistent backend while hashing picks it.
         Err(_) => count_reason(Reason::ConntrackFull),
     }
-    nat::rewrite(ctx, &pkt, End::Destination, backend.addr, backend.port)
-        .map_err(|_| Verdict::Drop(Reason::RewriteFailed))?;
+    rewrite(ctx, &pkt, End::Destination, backend.addr, backend.port)?;
+    if hairpin {
+        rewrite(ctx, &pkt, End::Source, pkt.daddr, pkt.sport)?;
+    }
     count_service(svc.id, backend_id, len, true);
     Ok(())
+}
+
+#[inline(always)]
+fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
+    let cfg = conntrack::config();
+    if cfg.uplink_ifindex == 0 || ifindex(ctx) != cfg.uplink_ifindex {
+        return Ok(());
+    }
+    let pkt = parse::parse(ctx).map_err(Verdict::Pass)?;
+    let now = conntrack::now();
+
+    if let Some(flow) = conntrack::lookup(&conntrack::key(&pkt, flow_dir::REPLY), now) {
+        // SAFETY: `flow` came from a lookup in this run.
+        let f = unsafe { *flow };
+        if f.kind & flow_kind::MASK == flow_kind::NODEPORT {
+            conntrack::touch(flow, &pkt, now);
+            closing(&pkt, &f, f.nat_addr, f.nat_port);
+            rewrite(ctx, &pkt, End::Source, f.nat_addr, f.nat_port)?;
+            count_service(f.service_id, f.backend_id, u64::from(ctx.len()), false);
+        }
+        return Ok(());
+    }
+    if let Some(flow) = conntrack::lookup(&conntrack::key(&pkt, flow_dir::ORIGINAL), now) {
+        // SAFETY: as above.
+        let f = unsafe { *flow };
+        if f.kind & flow_kind::MASK == flow_kind::MASQUERADE {
+            conntrack::touch(flow, &pkt, now);
+            rewrite(ctx, &pkt, End::Source, f.nat_addr, f.nat_port)?;
+        }
+        return Ok(());
+    }
+    if cfg.pod_mask != 0 && pkt.saddr & cfg.pod_mask == cfg.pod_net && pkt.daddr & cfg.pod_mask != cfg.pod_net {
+        masquerade(ctx, &pkt, &cfg, now)?;
+    }
+    Ok(())
+}
+
+/// Starts masquerading a pod's flow leaving the node: the node's address as source, with the
+/// pod's own source port when no other flow to the same peer holds it, else a random one.
+#[inline(always)]
+fn masquerade(ctx: &TcContext, pkt: &Packet, cfg: &NodeConfig, now: u64) -> Result<(), Verdict> {
+    let state = conntrack::initial_state(pkt);
+    let reply = Flow {
+        nat_addr: pkt.saddr,
+        nat_port: pkt.sport,
+        kind: flow_kind::MASQUERADE,
+        state,
+        service_id: 0,
+        backend_id: 0,
+        last_seen_ns: now,
+    };
+    let span = u32::from(MASQ_PORT_MAX - MASQ_PORT_MIN) + 1;
+    let mut port = pkt.sport;
+    let mut claimed = false;
+    for attempt in 0..8u32 {
+        if attempt > 0 {
+            // SAFETY: a helper without arguments.
+            let r = unsafe { bpf_get_prandom_u32() };
+            port = (MASQ_PORT_MIN + (r % span) as u16).to_be();
+        }
+        let key = FlowKey {
+            saddr: pkt.daddr,
+            daddr: cfg.uplink_addr,
+            sport: pkt.dport,
+            dport: port,
+            proto: pkt.proto,
+            dir: flow_dir::REPLY,
+            _pad: 0,
+        };
+        if conntrack::claim(&key, &reply, now) {
+            claimed = true;
+            break;
+        }
+    }
+    if !claimed {
+        return Err(Verdict::Drop(Reason::NoMasqueradePort));
+    }
+    let orig = Flow { nat_addr: cfg.uplink_addr, nat_port: port, ..reply };
+    if maps::CONNTRACK.insert(&conntrack::key(pkt, flow_dir::ORIGINAL), &orig, 0).is_err() {
+        count_reason(Reason::ConntrackFull);
+    }
+    rewrite(ctx, pkt, End::Source, cfg.uplink_addr, port)
 }
 
 /// On the first FIN or RST of a TCP flow, takes it out of its backend's open connections (for
@@ -133,12 +275,16 @@ fn closing(pkt: &Packet, f: &Flow, vip: u32, vport: u16) {
         return;
     }
     // The original key, rebuilt from either direction: client -> VIP.
-    let (client, cport) = if f.nat_addr == vip && f.nat_port == vport {
+    let (mut client, cport) = if f.nat_addr == vip && f.nat_port == vport {
         (pkt.daddr, pkt.dport) // a reply: the client is its destination
     } else {
         (pkt.saddr, pkt.sport)
     };
-    let key = dataplane_common::FlowKey {
+    if f.kind & flow_kind::HAIRPIN != 0 {
+        // A hairpinned client is the backend itself.
+        client = if client == vip { pkt.saddr } else { client };
+    }
+    let key = FlowKey {
         saddr: client,
         daddr: vip,
         sport: cport,
@@ -151,15 +297,12 @@ fn closing(pkt: &Packet, f: &Flow, vip: u32, vport: u16) {
         // SAFETY: valid for this run. Two CPUs may both see `counted == 0` and decrement twice;
         // the count is advisory (it only steers `lc`).
         let o = unsafe { &mut *orig };
-        if o.kind & CLOSED_COUNTED == 0 {
-            o.kind |= CLOSED_COUNTED;
+        if o.kind & flow_kind::CLOSE_COUNTED == 0 {
+            o.kind |= flow_kind::CLOSE_COUNTED;
             lb::count_connection(f.backend_id, false);
         }
     }
 }
-
-/// Bit in [`Flow::kind`] of an original-direction entry: its close was already counted.
-const CLOSED_COUNTED: u8 = 0x80;
 
 #[inline(always)]
 fn count_service(service_id: u32, backend_id: u32, len: u64, new_flow: bool) {
@@ -183,10 +326,7 @@ fn count_service(service_id: u32, backend_id: u32, len: u64, new_flow: bool) {
 /// Adds this packet to its interface's per-CPU counters, creating the entry on first sight.
 #[inline(always)]
 fn count_iface(ctx: &TcContext, dir: u32) {
-    // SAFETY: `skb` is the context pointer the kernel passed to this program; `ifindex` is a
-    // readable field of `__sk_buff` for tc programs.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let key = IfaceKey { ifindex, direction: dir };
+    let key = IfaceKey { ifindex: ifindex(ctx), direction: dir };
     let len = u64::from(ctx.len());
     match IFACE_STATS.get_ptr_mut(&key) {
         Some(c) => {

@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     AFFINITY_SIZE, Affinity, AffinityKey, Backend, CONNTRACK_SIZE, Counters, Flow, FlowKey, IfaceKey,
-    MAX_BACKENDS, MAX_IFACES, MAX_REASONS, MAX_SERVICES, MAX_SLOTS, NodeConfig, Service, ServiceCounters,
+    MAX_BACKENDS, MAX_IFACES, MAX_NODE_ADDRS, MAX_REASONS, MAX_SERVICES, MAX_SLOTS, NodeConfig, Service, ServiceCounters,
     ServiceKey, SlotKey,
 };
 
@@ -65,6 +65,10 @@ pub static BACKEND_STATS: PerCpuHashMap<u32, ServiceCounters> =
 /// See [`dataplane_common::map::RR_CURSORS`].
 #[map(name = "RR_CURSORS")]
 pub static RR_CURSORS: PerCpuHashMap<u32, u32> = PerCpuHashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// See [`dataplane_common::map::NODE_ADDRS`].
+#[map(name = "NODE_ADDRS")]
+pub static NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(MAX_NODE_ADDRS, BPF_F_NO_PREALLOC);
 
 /// See [`dataplane_common::map::CONFIG`].
 #[map(name = "CONFIG")]

@@ -258,6 +258,15 @@ impl Pod {
 impl Pod {
     /// A TCP server on `port` answering each line it reads with `ADDR:PORT\n` of itself.
     pub fn serve_tcp(&self, port: u16) -> Server {
+        self.tcp_server(port, Answer::Itself)
+    }
+
+    /// A TCP server on `port` answering each line with the client's `ADDR:PORT` as it sees it.
+    pub fn serve_tcp_peer(&self, port: u16) -> Server {
+        self.tcp_server(port, Answer::Peer)
+    }
+
+    fn tcp_server(&self, port: u16, answer: Answer) -> Server {
         let me = SocketAddrV4::new(self.addr, port);
         let listener = self.ns.run(move || TcpListener::bind(me).expect("bind the test TCP server"));
         listener.set_nonblocking(true).expect("make the listener non-blocking");
@@ -265,9 +274,13 @@ impl Pod {
             let mut handlers = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((conn, _)) => {
+                    Ok((conn, peer)) => {
                         let stop = stop.clone();
-                        handlers.push(std::thread::spawn(move || answer_lines(conn, me, &stop)));
+                        let text = match answer {
+                            Answer::Itself => me.to_string(),
+                            Answer::Peer => peer.to_string(),
+                        };
+                        handlers.push(std::thread::spawn(move || answer_lines(conn, text, &stop)));
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
                     Err(e) => panic!("accept on {me}: {e}"),
@@ -294,9 +307,17 @@ impl Pod {
 
     /// Opens a TCP connection from this pod.
     pub fn tcp_connect(&self, dst: SocketAddrV4) -> TcpStream {
+        self.tcp_connect_from(dst, 0)
+    }
+
+    /// Opens a TCP connection from this pod's `sport` (0: any).
+    pub fn tcp_connect_from(&self, dst: SocketAddrV4, sport: u16) -> TcpStream {
         let stream = self
             .ns
-            .run(move || TcpStream::connect_timeout(&dst.into(), Duration::from_secs(3)))
+            .run(move || {
+                let sock = socket2_connect(sport, dst)?;
+                Ok::<_, std::io::Error>(sock)
+            })
             .unwrap_or_else(|e| panic!("connect to {dst}: {e}"));
         stream.set_read_timeout(Some(Duration::from_secs(3))).expect("set a read timeout");
         stream
@@ -312,6 +333,41 @@ impl Pod {
         let sock = self.ns.run(|| UdpSocket::bind("0.0.0.0:0").expect("bind a UDP client"));
         sock.set_read_timeout(Some(Duration::from_secs(2))).expect("set a read timeout");
         sock
+    }
+}
+
+/// Connects a TCP socket bound to `sport` (SO_REUSEADDR, so tests can reuse it) to `dst`.
+fn socket2_connect(sport: u16, dst: SocketAddrV4) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    if sport == 0 {
+        return TcpStream::connect_timeout(&dst.into(), Duration::from_secs(3));
+    }
+    // SAFETY: plain socket(2)/setsockopt(2)/bind(2)/connect(2) on a descriptor we own; the
+    // sockaddr structs are fully initialised and sized as passed.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&one as *const libc::c_int).cast(), 4);
+        let sin = |a: SocketAddrV4| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: a.port().to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+            sin_zero: [0; 8],
+        };
+        let local = sin(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, sport));
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        if libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let remote = sin(dst);
+        if libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
     }
 }
 
@@ -331,7 +387,13 @@ pub fn udp_ask(sock: &UdpSocket, dst: SocketAddrV4) -> (String, SocketAddr) {
     (String::from_utf8_lossy(&buf[..n]).into_owned(), from)
 }
 
-fn answer_lines(conn: TcpStream, me: SocketAddrV4, stop: &AtomicBool) {
+#[derive(Clone, Copy)]
+enum Answer {
+    Itself,
+    Peer,
+}
+
+fn answer_lines(conn: TcpStream, me: String, stop: &AtomicBool) {
     conn.set_nonblocking(false).expect("make the connection blocking");
     conn.set_read_timeout(Some(Duration::from_millis(50))).expect("set a read timeout");
     let mut writer = conn.try_clone().expect("clone the connection");
@@ -384,6 +446,10 @@ pub fn recv_count(sock: &UdpSocket, count: usize) -> usize {
     }
     got
 }
+
+/// The node's address on its uplink, and the external host's.
+pub const UPLINK_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 1);
+pub const UPLINK_EXTERNAL: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 2);
 
 /// A node: its own network namespace holding the Bulkhead bridge, with pods attached.
 ///
@@ -481,6 +547,21 @@ impl Node {
         self.bulkhead_ok(&["attach", &host_if]);
         self.pods.push(Pod { ns, addr, host_if });
         self.pods.last().expect("just pushed")
+    }
+
+    /// Adds an uplink: a veth from this node (198.18.200.1/24) to a new "external" namespace
+    /// (198.18.200.2/24) that has no route to the pods, and brings the node up again with it.
+    /// Returns the external host as a pod-like handle (`host_if` is the node's uplink).
+    pub fn add_uplink(&mut self) -> Pod {
+        let ns = Netns::new("bhx");
+        let uplink = unique_name("up");
+        self.ns.ip(&["link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
+        self.ns.ip(&["addr", "add", &format!("{UPLINK_NODE}/24"), "dev", &uplink]);
+        self.ns.ip(&["link", "set", &uplink, "up"]);
+        ns.ip(&["addr", "add", &format!("{UPLINK_EXTERNAL}/24"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        self.bulkhead_ok(&["up", "--bridge", &self.bridge, "--uplink", &uplink]);
+        Pod { ns, addr: UPLINK_EXTERNAL, host_if: uplink }
     }
 
     /// Permanent ARP entries between every pod and the gateway, so no ARP traffic mixes with

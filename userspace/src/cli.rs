@@ -48,6 +48,10 @@ pub enum Command {
         /// Gateway address of the pod subnet, put on the bridge.
         #[arg(long, value_name = "ADDR/LEN", default_value = "198.18.0.1/24")]
         subnet: String,
+        /// The interface towards the rest of the network: NodePorts answer on its address and
+        /// pod traffic leaving through it is masqueraded.
+        #[arg(long, value_name = "IFACE")]
+        uplink: Option<String>,
     },
     /// Detach everything, unpin, and delete the bridge if `up` created it.
     Down,
@@ -86,6 +90,10 @@ pub enum ServiceCommand {
         /// Session affinity by client address, with this timeout in seconds.
         #[arg(long, value_name = "SECONDS", default_value_t = 0)]
         affinity: u32,
+        /// Also answer on this port of every node address (NodePort); needs `up --uplink` for
+        /// clients outside the node.
+        #[arg(long, value_name = "PORT")]
+        nodeport: Option<u16>,
     },
     /// Delete a service, its backends and its tracked flows.
     Del { service: String },
@@ -175,8 +183,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let failed = checks.iter().any(|c| c.status == doctor::Status::Missing);
             return Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS });
         }
-        Command::Up { bridge, subnet } => {
-            let record = node::up(&paths, &bridge, Some(&subnet)).with_context(|| format!("bring up bridge {bridge}"))?;
+        Command::Up { bridge, subnet, uplink } => {
+            let record = node::up(&paths, &bridge, Some(&subnet), uplink.as_deref())
+                .with_context(|| format!("bring up bridge {bridge}"))?;
             writeln!(
                 out,
                 "bulkhead up: bridge {} ({:?}), datapath attached to {}",
@@ -210,11 +219,12 @@ fn table(paths: &Paths) -> anyhow::Result<ServiceTable> {
 
 fn service(paths: &Paths, cmd: ServiceCommand, out: &mut impl Write) -> anyhow::Result<()> {
     match cmd {
-        ServiceCommand::Add { service, backends, scheduler, affinity } => {
+        ServiceCommand::Add { service, backends, scheduler, affinity, nodeport } => {
             let spec = ServiceSpec {
                 vaddr: service.parse()?,
                 scheduler: scheduler.parse()?,
                 affinity_secs: affinity,
+                nodeport,
                 backends: backends.iter().map(|b| b.parse()).collect::<Result<_, _>>()?,
             };
             table(paths)?.add(&spec).with_context(|| format!("add service {}", spec.vaddr))?;
@@ -236,6 +246,9 @@ fn service(paths: &Paths, cmd: ServiceCommand, out: &mut impl Write) -> anyhow::
                     t => format!("{} +{t}s", s.scheduler.name()),
                 };
                 writeln!(out, "{:<28}{:<10}{:>10}{:>12}{:>14}", s.service.to_string(), sched, s.new_flows, s.packets, s.bytes)?;
+                if let Some(port) = s.nodeport {
+                    writeln!(out, "  nodeport {port}")?;
+                }
                 for b in &s.backends {
                     let state = match b.state {
                         BackendState::Active => format!("w={}", b.weight),

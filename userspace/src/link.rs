@@ -120,6 +120,35 @@ impl Ip {
     }
 }
 
+impl Ip {
+    /// IPv4 addresses (with prefix length) of `ifname`, or of every interface when `None`.
+    pub fn ipv4_addrs(&self, ifname: Option<&str>) -> Result<Vec<(std::net::Ipv4Addr, u8)>, LinkError> {
+        #[derive(serde::Deserialize)]
+        struct Iface {
+            #[serde(default)]
+            addr_info: Vec<AddrInfo>,
+        }
+        #[derive(serde::Deserialize)]
+        struct AddrInfo {
+            family: String,
+            local: String,
+            prefixlen: u8,
+        }
+        let mut args = vec!["-j", "-4", "addr", "show"];
+        if let Some(dev) = ifname {
+            args.extend(["dev", dev]);
+        }
+        let out = self.run(&args)?;
+        let ifaces: Vec<Iface> = serde_json::from_str(&out).map_err(|source| LinkError::Parse { args: args.join(" "), source })?;
+        Ok(ifaces
+            .into_iter()
+            .flat_map(|i| i.addr_info)
+            .filter(|a| a.family == "inet")
+            .filter_map(|a| Some((a.local.parse().ok()?, a.prefixlen)))
+            .collect())
+    }
+}
+
 fn is_busybox(path: &Path) -> bool {
     std::fs::canonicalize(path).is_ok_and(|p| p.file_name().is_some_and(|n| n == "busybox"))
 }

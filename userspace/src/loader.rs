@@ -368,12 +368,45 @@ impl ServiceMaps {
     }
 }
 
-/// Writes the default conntrack timeouts unless the (pinned) config already holds some.
-pub fn init_config(dir: &Path) -> Result<(), LoaderError> {
+/// What the datapath needs to know about the node, in host terms.
+#[derive(Clone, Debug, Default)]
+pub struct NodeSettings {
+    /// The pod subnet (network, prefix length): its traffic leaving the uplink is masqueraded.
+    pub pod_subnet: Option<(std::net::Ipv4Addr, u8)>,
+    /// The uplink: ifindex and the address masquerade uses as source.
+    pub uplink: Option<(u32, std::net::Ipv4Addr)>,
+    /// Every IPv4 address of the node, where NodePorts answer.
+    pub node_addrs: Vec<std::net::Ipv4Addr>,
+}
+
+/// Writes the node settings into the config and address maps, keeping configured timeouts
+/// (defaults when none were set yet).
+pub fn configure(dir: &Path, settings: &NodeSettings) -> Result<(), LoaderError> {
     let err = |source| LoaderError::Map { name: map::CONFIG, source };
     let mut config: Array<MapData, NodeConfig> = typed(dir, map::CONFIG)?;
-    if config.get(&0, 0).map_err(err)? == NodeConfig::zeroed() {
-        config.set(0, NodeConfig::default(), 0).map_err(err)?;
+    let mut cfg = config.get(&0, 0).map_err(err)?;
+    if cfg.tcp_established_timeout == 0 {
+        cfg = NodeConfig::default();
+    }
+    let be = |a: std::net::Ipv4Addr| u32::from(a).to_be();
+    (cfg.pod_net, cfg.pod_mask) = match settings.pod_subnet {
+        Some((net, len)) => {
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+            ((u32::from(net) & mask).to_be(), mask.to_be())
+        }
+        None => (0, 0),
+    };
+    (cfg.uplink_ifindex, cfg.uplink_addr) = settings.uplink.map(|(i, a)| (i, be(a))).unwrap_or((0, 0));
+    config.set(0, cfg, 0).map_err(err)?;
+
+    let err = |source| LoaderError::Map { name: map::NODE_ADDRS, source };
+    let mut addrs: HashMap<MapData, u32, u32> = typed(dir, map::NODE_ADDRS)?;
+    let stale: Vec<u32> = addrs.keys().filter_map(Result::ok).collect();
+    for k in stale {
+        addrs.remove(&k).map_err(err)?;
+    }
+    for a in &settings.node_addrs {
+        addrs.insert(be(*a), 1, 0).map_err(err)?;
     }
     Ok(())
 }

@@ -41,6 +41,8 @@ pub enum NodeError {
     },
     #[error("interface {ifname} does not exist")]
     NoInterface { ifname: String },
+    #[error("uplink {ifname} has no IPv4 address to masquerade with")]
+    NoAddress { ifname: String },
     #[error("cannot set {path}")]
     Sysctl {
         path: &'static str,
@@ -79,6 +81,9 @@ pub struct NodeRecord {
     pub mode: TcMode,
     /// Interfaces the datapath is attached to, the bridge first.
     pub attached: Vec<String>,
+    /// The interface towards the rest of the network: NodePorts and masquerade act there.
+    #[serde(default)]
+    pub uplink: Option<String>,
 }
 
 impl NodeRecord {
@@ -108,7 +113,7 @@ impl NodeRecord {
 
 /// Brings the node up: bridge, bpffs, datapath loaded and attached to the bridge and its ports.
 /// Running it again reloads the datapath in place (pinned maps and links are kept).
-pub fn up(paths: &Paths, bridge: &str, subnet: Option<&str>) -> Result<NodeRecord, NodeError> {
+pub fn up(paths: &Paths, bridge: &str, subnet: Option<&str>, uplink: Option<&str>) -> Result<NodeRecord, NodeError> {
     let ip = Ip::find().map_err(|source| NodeError::Link { action: "find iproute2 for", ifname: bridge.into(), source })?;
     let previous = NodeRecord::load(paths).ok();
     let created_bridge = match &previous {
@@ -129,30 +134,36 @@ pub fn up(paths: &Paths, bridge: &str, subnet: Option<&str>) -> Result<NodeRecor
     // Routing between the bridge and the uplink, and DNAT to local backends, need forwarding
     // on. After DNAT a packet from a pod is routed back out of the bridge it came in on; the
     // kernel would answer that with ICMP redirects to the client, which must not happen.
+    // A hairpinned packet (a backend reaching its own service) is routed with the VIP as its
+    // source, which has no route back: reverse-path filtering must be off on the bridge (the
+    // effective value is the larger of `all` and the device's).
     for (path, value) in [
         ("/proc/sys/net/ipv4/ip_forward", "1"),
         ("/proc/sys/net/ipv4/conf/all/send_redirects", "0"),
         ("/proc/sys/net/ipv4/conf/default/send_redirects", "0"),
+        ("/proc/sys/net/ipv4/conf/all/rp_filter", "0"),
     ] {
         fs::write(path, value).map_err(|source| NodeError::Sysctl { path, source })?;
     }
-    let redirects = format!("/proc/sys/net/ipv4/conf/{bridge}/send_redirects");
-    let _ = fs::write(redirects, "0");
+    for knob in ["send_redirects", "rp_filter"] {
+        let _ = fs::write(format!("/proc/sys/net/ipv4/conf/{bridge}/{knob}"), "0");
+    }
 
     bpffs::ensure_dir(&paths.bpffs)?;
     let mut datapath = Datapath::load(&paths.bpffs)?;
-    loader::init_config(&paths.bpffs)?;
     let mut record = NodeRecord {
         bridge: bridge.to_owned(),
         subnet: subnet.map(str::to_owned).or(previous.as_ref().and_then(|p| p.subnet.clone())),
         created_bridge,
         mode: datapath.mode(),
+        uplink: uplink.map(str::to_owned).or(previous.as_ref().and_then(|p| p.uplink.clone())),
         attached: previous.map(|p| p.attached).unwrap_or_default(),
     };
+    loader::configure(&paths.bpffs, &settings(&ip, &record)?)?;
     let ports = ip
         .bridge_ports(bridge)
         .map_err(|source| NodeError::Link { action: "list the ports of", ifname: bridge.into(), source })?;
-    for ifname in std::iter::once(bridge.to_owned()).chain(ports) {
+    for ifname in std::iter::once(bridge.to_owned()).chain(ports).chain(record.uplink.clone()) {
         datapath.attach(&ifname)?;
         if !record.attached.contains(&ifname) {
             record.attached.push(ifname);
@@ -160,6 +171,31 @@ pub fn up(paths: &Paths, bridge: &str, subnet: Option<&str>) -> Result<NodeRecor
     }
     record.save(paths)?;
     Ok(record)
+}
+
+/// The datapath's view of the node: pod subnet, uplink and the node's own addresses.
+fn settings(ip: &Ip, record: &NodeRecord) -> Result<loader::NodeSettings, NodeError> {
+    let pod_subnet = record.subnet.as_deref().and_then(|s| {
+        let (addr, len) = s.split_once('/')?;
+        Some((addr.parse().ok()?, len.parse().ok()?))
+    });
+    let uplink = match &record.uplink {
+        None => None,
+        Some(dev) => {
+            let err = |source| NodeError::Link { action: "read the addresses of", ifname: dev.clone(), source };
+            let addr = ip.ipv4_addrs(Some(dev)).map_err(err)?.first().map(|a| a.0);
+            let addr = addr.ok_or_else(|| NodeError::NoAddress { ifname: dev.clone() })?;
+            let index = nix::net::if_::if_nametoindex(dev.as_str()).map_err(|_| NodeError::NoInterface { ifname: dev.clone() })?;
+            Some((index, addr))
+        }
+    };
+    let node_addrs = ip
+        .ipv4_addrs(None)
+        .map_err(|source| NodeError::Link { action: "read the addresses of", ifname: "the node".into(), source })?
+        .into_iter()
+        .map(|a| a.0)
+        .collect();
+    Ok(loader::NodeSettings { pod_subnet, uplink, node_addrs })
 }
 
 /// Attaches the datapath to one more interface (a veth plugged into the bridge later).

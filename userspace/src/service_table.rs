@@ -20,7 +20,8 @@ use std::{
 use aya::maps::{MapError, PerCpuValues};
 use dataplane_common::{
     Backend, Flow, FlowKey, MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, MAX_TABLE, Service,
-    ServiceCounters, ServiceKey, SlotKey, backend_state, flow_dir, proto, scheduler, tcp_state,
+    ServiceCounters, ServiceKey, SlotKey, backend_state, flow_dir, flow_kind, proto, scheduler, service_flags,
+    tcp_state,
 };
 
 use crate::loader::{self, LoaderError, ServiceMaps};
@@ -40,6 +41,8 @@ pub enum ServiceTableError {
     Parse { what: &'static str, input: String, why: String },
     #[error("service {service} already exists")]
     Duplicate { service: VirtualAddr },
+    #[error("node port {port}/{proto} is already used by {service}")]
+    NodePortInUse { port: u16, proto: Proto, service: VirtualAddr },
     #[error("no service {service}")]
     Unknown { service: VirtualAddr },
     #[error("service {service} has no backend {backend}")]
@@ -274,6 +277,8 @@ pub struct ServiceSpec {
     pub scheduler: Scheduler,
     /// Session affinity timeout in seconds (0: none).
     pub affinity_secs: u32,
+    /// Also answer on this port of every node address (Kubernetes NodePort).
+    pub nodeport: Option<u16>,
     pub backends: Vec<BackendSpec>,
 }
 
@@ -300,6 +305,8 @@ pub struct BackendInfo {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ServiceInfo {
     pub service: VirtualAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodeport: Option<u16>,
     pub scheduler: Scheduler,
     pub affinity_secs: u32,
     pub packets: u64,
@@ -413,6 +420,8 @@ pub fn maglev_table(backends: &[(String, u16)], size: u32) -> Vec<usize> {
 struct Entry {
     key: ServiceKey,
     value: Service,
+    /// The NodePort face of the service: same value (with the NODEPORT flag), address zero.
+    nodeport: Option<ServiceKey>,
     backends: Vec<(u32, Backend)>,
 }
 
@@ -423,6 +432,20 @@ impl Entry {
 
     fn find(&self, addr: SocketAddrV4) -> Option<usize> {
         self.backends.iter().position(|(_, b)| backend_addr(b) == addr)
+    }
+
+    fn nodeport(&self) -> Option<u16> {
+        self.nodeport.map(|k| u16::from_be(k.port))
+    }
+
+    /// Writes the service entry, and its NodePort face, so new flows see the current table.
+    fn publish(&self, maps: &mut ServiceMaps) -> Result<()> {
+        maps.services.insert(self.key, self.value, 0).map_err(map_err("write service", "SERVICES"))?;
+        if let Some(np) = self.nodeport {
+            let value = Service { flags: self.value.flags | service_flags::NODEPORT, ..self.value };
+            maps.services.insert(np, value, 0).map_err(map_err("write node port", "SERVICES"))?;
+        }
+        Ok(())
     }
 }
 
@@ -475,13 +498,21 @@ impl ServiceTable {
         }
         let mut entries = BTreeMap::new();
         let mut service_ids = BTreeSet::new();
+        let mut nodeports = StdHashMap::new();
         for item in maps.services.iter() {
             let (key, value) = item.map_err(map_err("read", "SERVICES"))?;
+            if value.flags & service_flags::NODEPORT != 0 {
+                nodeports.insert(value.id, key);
+                continue;
+            }
             let Some(vaddr) = VirtualAddr::from_key(&key) else { continue };
             service_ids.insert(value.id);
             let mut backends = by_service.remove(&value.id).unwrap_or_default();
             backends.sort_by_key(|(id, _)| *id);
-            entries.insert(vaddr, Entry { key, value, backends });
+            entries.insert(vaddr, Entry { key, value, nodeport: None, backends });
+        }
+        for entry in entries.values_mut() {
+            entry.nodeport = nodeports.remove(&entry.value.id);
         }
         Ok(ServiceTable { maps, entries, service_ids, backend_ids, retired: Vec::new(), nr_cpus: loader::nr_cpus() })
     }
@@ -501,6 +532,7 @@ impl ServiceTable {
                 let c = sum(self.maps.service_stats.get(&e.value.id, 0));
                 ServiceInfo {
                     service: e.vaddr(),
+                    nodeport: e.nodeport(),
                     scheduler: Scheduler::from_code(e.value.scheduler),
                     affinity_secs: e.value.affinity_secs,
                     packets: c.packets,
@@ -562,6 +594,15 @@ impl ServiceTable {
         if spec.backends.len() > max {
             return Err(ServiceTableError::TooManyBackends { service: spec.vaddr, count: spec.backends.len(), max });
         }
+        if let Some(port) = spec.nodeport {
+            if port == 0 {
+                return Err(parse_err("node port", "0", "port 0 is not a valid port"));
+            }
+            let clash = self.entries.values().find(|e| e.nodeport() == Some(port) && e.key.proto == spec.vaddr.key().proto);
+            if let Some(e) = clash {
+                return Err(ServiceTableError::NodePortInUse { port, proto: spec.vaddr.proto, service: e.vaddr() });
+            }
+        }
         let mut seen = BTreeSet::new();
         for b in &spec.backends {
             if !seen.insert(b.addr) {
@@ -586,6 +627,7 @@ impl ServiceTable {
                 backend_count: 0,
                 _pad: 0,
             },
+            nodeport: spec.nodeport.map(|port| ServiceKey { addr: 0, port: port.to_be(), ..spec.vaddr.key() }),
             backends: Vec::new(),
         };
         self.maps
@@ -605,8 +647,11 @@ impl ServiceTable {
         let table = self.write_table(&mut entry, undo)?;
         entry.value.table_len = table.len() as u32;
         entry.value.backend_count = entry.backends.len() as u16;
-        self.maps.services.insert(entry.key, entry.value, 0).map_err(map_err("create service", "SERVICES"))?;
         undo.push(Undo::Service(entry.key));
+        if let Some(np) = entry.nodeport {
+            undo.push(Undo::Service(np));
+        }
+        entry.publish(&mut self.maps)?;
         self.entries.insert(spec.vaddr, entry);
         Ok(())
     }
@@ -665,7 +710,7 @@ impl ServiceTable {
         let result = self.write_table(&mut entry, &mut undo).and_then(|table| {
             entry.value.table_len = table.len() as u32;
             entry.value.backend_count = entry.backends.len() as u16;
-            self.maps.services.insert(entry.key, entry.value, 0).map_err(map_err("update service", "SERVICES"))
+            entry.publish(&mut self.maps)
         });
         if let Err(e) = result {
             self.retired.truncate(retired_before);
@@ -706,6 +751,9 @@ impl ServiceTable {
         let entry = self.entry(vaddr)?;
         // Unpublish first, so no new flow picks it while the rest goes.
         self.maps.services.remove(&entry.key).map_err(map_err("delete service", "SERVICES"))?;
+        if let Some(np) = entry.nodeport {
+            let _ = self.maps.services.remove(&np);
+        }
         self.entries.remove(vaddr);
         self.retired.extend((0..entry.value.table_len).map(|slot| SlotKey {
             service_id: entry.value.id,
@@ -797,7 +845,7 @@ impl ServiceTable {
         for (k, f) in &doomed {
             if self.maps.conntrack.remove(k).is_ok() && k.dir == flow_dir::ORIGINAL {
                 flows += 1;
-                if f.kind & 0x80 == 0 && k.proto == proto::TCP {
+                if f.kind & flow_kind::CLOSE_COUNTED == 0 && k.proto == proto::TCP {
                     // Still open: it no longer counts against its backend.
                     if let Ok(n) = self.maps.backend_conns.get(&f.backend_id, 0) {
                         let _ = self.maps.backend_conns.set(f.backend_id, n.saturating_sub(1), 0);
@@ -852,6 +900,10 @@ impl ServiceTable {
             out.push_str(&format!("-A {flag} {}:{} -s {}", v.addr, v.port, Scheduler::from_code(e.value.scheduler).name()));
             if e.value.affinity_secs != 0 {
                 out.push_str(&format!(" -p {}", e.value.affinity_secs));
+            }
+            if let Some(port) = e.nodeport() {
+                // Not an ipvsadm flag: IPVS has no NodePort; Bulkhead's restore reads it.
+                out.push_str(&format!(" --nodeport {port}"));
             }
             out.push('\n');
             for (_, b) in &e.backends {
@@ -934,8 +986,12 @@ fn parse_restore(text: &str) -> Result<(bool, Vec<(usize, ServiceSpec)>)> {
                     Some(p) => p.parse().map_err(|_| wrap(parse_err("persistence timeout", p, "expected seconds")))?,
                     None => 0,
                 };
+                let nodeport = match opts.get(&["--nodeport"]) {
+                    Some(p) => Some(p.parse().map_err(|_| wrap(parse_err("node port", p, "expected 1..=65535")))?),
+                    None => None,
+                };
                 index.insert(vaddr, specs.len());
-                specs.push((line, ServiceSpec { vaddr, scheduler, affinity_secs, backends: Vec::new() }));
+                specs.push((line, ServiceSpec { vaddr, scheduler, affinity_secs, nodeport, backends: Vec::new() }));
             }
             "-a" | "--add-server" => {
                 let vaddr = opts.service().map_err(wrap)?;

@@ -2,7 +2,9 @@
 //! the real kernel, sends real packets and asserts on what arrives and what was counted.
 //! Tests that cannot run here print `SKIP <test>: <reason>` and return.
 
+mod cluster;
 mod counters;
+mod edges;
 mod doctor;
 mod node;
 mod services;
