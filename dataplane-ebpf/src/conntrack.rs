@@ -5,7 +5,7 @@
 //! timeouts in the node config; the LRU evicts the coldest when full.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use dataplane_common::{Flow, FlowKey, NodeConfig, flow_dir, proto, tcp_state};
+use dataplane_common::{Flow, FlowKey, NodeConfig, proto, tcp_state};
 
 use crate::{
     maps::{CONFIG, CONNTRACK},

@@ -33,6 +33,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
+use aya_log_ebpf::debug;
 use dataplane_common::{
     Counters, Flow, FlowKey, IfaceKey, MASQ_PORT_MAX, MASQ_PORT_MIN, NodeConfig, Reason, ServiceCounters, direction,
     flow_dir, flow_kind,
@@ -47,13 +48,13 @@ use crate::{
 #[classifier]
 pub fn bulkhead_ingress(ctx: TcContext) -> i32 {
     count_iface(&ctx, direction::INGRESS);
-    verdict(try_ingress(&ctx))
+    verdict(&ctx, try_ingress(&ctx))
 }
 
 #[classifier]
 pub fn bulkhead_egress(ctx: TcContext) -> i32 {
     count_iface(&ctx, direction::EGRESS);
-    verdict(try_egress(&ctx))
+    verdict(&ctx, try_egress(&ctx))
 }
 
 /// Why a packet was not (or not fully) handled.
@@ -65,7 +66,7 @@ enum Verdict {
 }
 
 #[inline(always)]
-fn verdict(result: Result<(), Verdict>) -> i32 {
+fn verdict(ctx: &TcContext, result: Result<(), Verdict>) -> i32 {
     match result {
         Ok(()) => TC_ACT_OK,
         Err(Verdict::Pass(reason)) => {
@@ -74,6 +75,9 @@ fn verdict(result: Result<(), Verdict>) -> i32 {
         }
         Err(Verdict::Drop(reason)) => {
             count_reason(reason);
+            // Debug events cost nothing unless `bulkhead up --datapath-log debug` enabled them
+            // at load time (aya-log's level is a load-time constant the verifier prunes on).
+            debug!(ctx, "drop: reason {}", reason as u32);
             TC_ACT_SHOT
         }
     }
@@ -182,6 +186,17 @@ fn try_ingress(ctx: &TcContext) -> Result<(), Verdict> {
         rewrite(ctx, &pkt, End::Source, pkt.daddr, pkt.sport)?;
     }
     count_service(svc.id, backend_id, len, true);
+    debug!(
+        ctx,
+        "new flow: {:i}:{} -> service {} backend {} {:i}:{} kind {}",
+        u32::from_be(pkt.saddr),
+        u16::from_be(pkt.sport),
+        svc.id,
+        backend_id,
+        u32::from_be(backend.addr),
+        u16::from_be(backend.port),
+        kind
+    );
     Ok(())
 }
 

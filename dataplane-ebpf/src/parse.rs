@@ -91,6 +91,9 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, Reason> {
     let dport: u16 = read(ctx, l4_off + 2).ok_or(Reason::Truncated)?;
     let (tcp_flags, l4_csum_off, udp_no_csum) = if protocol == proto::TCP {
         let flags: u8 = read(ctx, l4_off + 13).ok_or(Reason::Truncated)?;
+        // The whole 20-byte minimum header must be there: rewriting touches the checksum at
+        // offset 16, and a segment cut before it is not ours to translate.
+        let _urgent: u16 = read(ctx, l4_off + 18).ok_or(Reason::Truncated)?;
         (flags, l4_off + 16, false)
     } else {
         let csum: u16 = read(ctx, l4_off + 6).ok_or(Reason::Truncated)?;

@@ -22,6 +22,8 @@ use std::{
 
 use nix::sched::{CloneFlags, setns};
 
+pub mod packet;
+
 /// iproute2, by full path: busybox images shadow `ip` with an applet.
 pub const IP: &str = "/usr/sbin/ip";
 

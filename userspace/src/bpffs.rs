@@ -67,8 +67,6 @@ pub fn ensure_dir(dir: &Path) -> Result<PathBuf, BpffsError> {
             }
         }
     }
-    for sub in ["", "progs", "links/ingress", "links/egress"].map(|s| dir.join(s)) {
-        fs::create_dir_all(&sub).map_err(|source| BpffsError::Create { path: sub.clone(), source })?;
-    }
+    fs::create_dir_all(dir).map_err(|source| BpffsError::Create { path: dir.to_owned(), source })?;
     Ok(dir.to_owned())
 }

@@ -12,7 +12,7 @@ use dataplane_common::direction;
 use crate::{
     bpffs, doctor,
     link::ifname,
-    loader,
+    loader::{self, LogLevel},
     netns,
     node::{self, Paths},
     service_table::{BackendSpec, BackendState, ServiceSpec, ServiceTable, VirtualAddr},
@@ -52,6 +52,10 @@ pub enum Command {
         /// pod traffic leaving through it is masqueraded.
         #[arg(long, value_name = "IFACE")]
         uplink: Option<String>,
+        /// Datapath events to emit (read them with `bulkhead events`); off by default, so the
+        /// packet path pays nothing for them. Kept across restarts.
+        #[arg(long, value_enum)]
+        datapath_log: Option<LogLevel>,
     },
     /// Detach everything, unpin, and delete the bridge if `up` created it.
     Down,
@@ -59,6 +63,12 @@ pub enum Command {
     Attach { ifname: String },
     /// Detach the datapath from an interface.
     Detach { ifname: String },
+    /// Follow the datapath's debug events (enable them with `up --datapath-log debug`).
+    Events {
+        /// Stop after this many seconds (default: until interrupted).
+        #[arg(long, value_name = "SECONDS")]
+        duration: Option<u64>,
+    },
     /// Per-interface packet and byte counters, and datapath verdict reasons.
     Stats {
         #[arg(long)]
@@ -183,9 +193,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let failed = checks.iter().any(|c| c.status == doctor::Status::Missing);
             return Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS });
         }
-        Command::Up { bridge, subnet, uplink } => {
-            let record = node::up(&paths, &bridge, Some(&subnet), uplink.as_deref())
-                .with_context(|| format!("bring up bridge {bridge}"))?;
+        Command::Up { bridge, subnet, uplink, datapath_log } => {
+            let opts = node::UpOptions { subnet: Some(&subnet), uplink: uplink.as_deref(), datapath_log };
+            let record = node::up(&paths, &bridge, &opts).with_context(|| format!("bring up bridge {bridge}"))?;
             writeln!(
                 out,
                 "bulkhead up: bridge {} ({:?}), datapath attached to {}",
@@ -203,6 +213,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Detach { ifname } => {
             node::detach(&paths, &ifname).with_context(|| format!("detach the datapath from {ifname}"))?;
+        }
+        Command::Events { duration } => {
+            out.flush()?;
+            loader::follow_events(&paths.bpffs, duration.map(std::time::Duration::from_secs))
+                .context("follow datapath events")?;
         }
         Command::Stats { json } => print_stats(&paths, json, &mut out)?,
         Command::Service(cmd) => service(&paths, cmd, &mut out)?,

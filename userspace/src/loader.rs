@@ -89,8 +89,69 @@ pub enum LoaderError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("cannot read datapath events")]
+    Events {
+        #[source]
+        source: io::Error,
+    },
     #[error("{value} is not a tc attach mode (expected tcx, netlink or auto) in {TC_MODE_ENV}")]
     BadMode { value: String },
+}
+
+/// Datapath event verbosity (aya-log levels; `Off` compiles the events out at load time).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum LogLevel {
+    #[default]
+    Off = 0,
+    Error = 1,
+    Warn = 2,
+    Info = 3,
+    Debug = 4,
+    Trace = 5,
+}
+
+/// Follows the datapath's events (aya-log records of the pinned programs in `dir`) for
+/// `duration`, printing each as a line on stdout.
+pub fn follow_events(dir: &Path, duration: Option<std::time::Duration>) -> Result<(), LoaderError> {
+    struct Stdout;
+    impl log::Log for Stdout {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            println!("{:<5} {}", record.level(), record.args());
+        }
+        fn flush(&self) {}
+    }
+    let path = dir.join("progs").join(program::INGRESS);
+    let prog = SchedClassifier::from_pin(&path)
+        .map_err(|source| LoaderError::Program { action: "open pinned", name: program::INGRESS, source })?;
+    let id = prog
+        .info()
+        .map_err(|source| LoaderError::Program { action: "inspect", name: program::INGRESS, source })?
+        .id();
+    let mut logger = aya_log::EbpfLogger::init_from_id_with_logger(id, Stdout)
+        .map_err(|e| LoaderError::Events { source: io::Error::other(e.to_string()) })?;
+    let deadline = duration.map(|d| std::time::Instant::now() + d);
+    loop {
+        let wait = match deadline {
+            Some(d) => match d.checked_duration_since(std::time::Instant::now()) {
+                Some(left) => left.as_millis().min(i32::MAX as u128) as i32,
+                None => return Ok(()),
+            },
+            None => -1,
+        };
+        let mut fds = [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(&logger), nix::poll::PollFlags::POLLIN)];
+        let timeout = nix::poll::PollTimeout::try_from(wait).unwrap_or(nix::poll::PollTimeout::NONE);
+        match nix::poll::poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => logger.flush(),
+            Err(e) => return Err(LoaderError::Events { source: e.into() }),
+        }
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+    }
 }
 
 /// How programs are attached at tc.
@@ -140,12 +201,19 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the embedded object, reusing the maps already pinned in `dir` (so conntrack and
     /// counters survive), pins the programs, and moves every pinned link onto the new programs.
-    pub fn load(dir: &Path) -> Result<Self, LoaderError> {
+    /// `log` is the most verbose datapath event that is emitted (fixed for the program's life).
+    pub fn load(dir: &Path, log: LogLevel) -> Result<Self, LoaderError> {
         if OBJECT.is_empty() {
             return Err(LoaderError::NoObject);
         }
+        for sub in ["progs", "links/ingress", "links/egress"] {
+            let path = dir.join(sub);
+            fs::create_dir_all(&path).map_err(|source| LoaderError::Pinned { path, source })?;
+        }
+        let level = log as u8;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(dir)
+            .override_global("AYA_LOG_LEVEL", &level, true)
             .load(OBJECT)
             .map_err(LoaderError::Load)?;
         let ingress = load_program(&mut ebpf, dir, program::INGRESS)?;
@@ -234,6 +302,17 @@ impl Datapath {
         Ok(())
     }
 
+    /// Runs the ingress classifier on `packet` (an Ethernet frame) through BPF_PROG_TEST_RUN,
+    /// returning its TC verdict and the packet as it left the program.
+    pub fn run_ingress(&self, packet: &[u8]) -> Result<(u32, Vec<u8>), LoaderError> {
+        run(&self.ingress, program::INGRESS, packet)
+    }
+
+    /// As [`Datapath::run_ingress`], for the egress classifier.
+    pub fn run_egress(&self, packet: &[u8]) -> Result<(u32, Vec<u8>), LoaderError> {
+        run(&self.egress, program::EGRESS, packet)
+    }
+
     /// Points every pinned TCX link at the freshly loaded programs (hitless upgrade).
     fn replace_pinned_links(&mut self) -> Result<(), LoaderError> {
         for ifname in attached(&self.dir) {
@@ -241,6 +320,17 @@ impl Datapath {
         }
         Ok(())
     }
+}
+
+fn run(prog: &SchedClassifier, name: &'static str, packet: &[u8]) -> Result<(u32, Vec<u8>), LoaderError> {
+    use aya::programs::{TestRun, TestRunOptions};
+    // Room for programs that grow the packet; the kernel reports the size it wrote.
+    let mut out = vec![0u8; packet.len() + 256];
+    let result = prog
+        .test_run(TestRunOptions { data_in: Some(packet), data_out: Some(&mut out), ..Default::default() })
+        .map_err(|source| LoaderError::Program { action: "test-run", name, source })?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, out))
 }
 
 fn load_program(ebpf: &mut Ebpf, dir: &Path, name: &'static str) -> Result<SchedClassifier, LoaderError> {

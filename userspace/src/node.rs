@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     bpffs::{self, BpffsError},
     link::{Ip, LinkError},
-    loader::{self, Datapath, LoaderError, TcMode},
+    loader::{self, Datapath, LoaderError, LogLevel, TcMode},
 };
 
 /// The default state directory.
@@ -84,6 +84,9 @@ pub struct NodeRecord {
     /// The interface towards the rest of the network: NodePorts and masquerade act there.
     #[serde(default)]
     pub uplink: Option<String>,
+    /// Datapath event verbosity the programs were loaded with.
+    #[serde(default)]
+    pub datapath_log: LogLevel,
 }
 
 impl NodeRecord {
@@ -113,7 +116,16 @@ impl NodeRecord {
 
 /// Brings the node up: bridge, bpffs, datapath loaded and attached to the bridge and its ports.
 /// Running it again reloads the datapath in place (pinned maps and links are kept).
-pub fn up(paths: &Paths, bridge: &str, subnet: Option<&str>, uplink: Option<&str>) -> Result<NodeRecord, NodeError> {
+/// What `up` is asked for; `None` fields keep the previous `up`'s choice.
+#[derive(Clone, Debug, Default)]
+pub struct UpOptions<'a> {
+    pub subnet: Option<&'a str>,
+    pub uplink: Option<&'a str>,
+    pub datapath_log: Option<LogLevel>,
+}
+
+pub fn up(paths: &Paths, bridge: &str, opts: &UpOptions<'_>) -> Result<NodeRecord, NodeError> {
+    let (subnet, uplink) = (opts.subnet, opts.uplink);
     let ip = Ip::find().map_err(|source| NodeError::Link { action: "find iproute2 for", ifname: bridge.into(), source })?;
     let previous = NodeRecord::load(paths).ok();
     let created_bridge = match &previous {
@@ -150,13 +162,15 @@ pub fn up(paths: &Paths, bridge: &str, subnet: Option<&str>, uplink: Option<&str
     }
 
     bpffs::ensure_dir(&paths.bpffs)?;
-    let mut datapath = Datapath::load(&paths.bpffs)?;
+    let datapath_log = opts.datapath_log.or(previous.as_ref().map(|p| p.datapath_log)).unwrap_or_default();
+    let mut datapath = Datapath::load(&paths.bpffs, datapath_log)?;
     let mut record = NodeRecord {
         bridge: bridge.to_owned(),
         subnet: subnet.map(str::to_owned).or(previous.as_ref().and_then(|p| p.subnet.clone())),
         created_bridge,
         mode: datapath.mode(),
         uplink: uplink.map(str::to_owned).or(previous.as_ref().and_then(|p| p.uplink.clone())),
+        datapath_log,
         attached: previous.map(|p| p.attached).unwrap_or_default(),
     };
     loader::configure(&paths.bpffs, &settings(&ip, &record)?)?;

@@ -7,4 +7,5 @@ mod counters;
 mod edges;
 mod doctor;
 mod node;
+mod packets;
 mod services;
