@@ -5,6 +5,7 @@
 mod cluster;
 mod counters;
 mod edges;
+mod init;
 mod doctor;
 mod node;
 mod packets;
