@@ -3,6 +3,7 @@
 //! Keep this crate small and quick to compile: it shells out to cargo, rustup, apt and the built
 //! binaries, and holds no datapath or container logic of its own.
 
+mod bench;
 mod build;
 mod run;
 mod setup;
@@ -29,6 +30,8 @@ enum Verb {
     BuildAndRun(build::Options),
     /// Setup, build, then every test of the workspace, integration tests included.
     Test(test::Options),
+    /// Benchmarks against the usual alternatives, reported as ratios (target/bench/).
+    Bench(bench::Options),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
         Verb::Build(opts) => build::run(&opts).map(drop),
         Verb::BuildAndRun(opts) => run::run(&opts),
         Verb::Test(opts) => test::run(&opts),
+        Verb::Bench(opts) => bench::run(&opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -128,7 +128,8 @@ fn bpf_linker() -> anyhow::Result<()> {
     )
 }
 
-fn apt(packages: &[&str]) -> anyhow::Result<()> {
+/// Installs the Debian packages that are missing (apt-get update first, once).
+pub fn apt(packages: &[&str]) -> anyhow::Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()
