@@ -125,11 +125,31 @@ fn try_ingress(ctx: &TcContext) -> Result<(), Verdict> {
         return Ok(());
     }
 
-    if let Some(flow) = conntrack::lookup(&conntrack::key(&pkt, flow_dir::ORIGINAL), now) {
+    let orig_key = conntrack::key(&pkt, flow_dir::ORIGINAL);
+    if let Some(flow) = conntrack::lookup(&orig_key, now) {
         // SAFETY: as above.
         let f = unsafe { *flow };
         if f.kind & flow_kind::MASK == flow_kind::MASQUERADE {
             return Ok(());
+        }
+        if reopens(&pkt, &f) {
+            // A new connection on the tuple of a closed one (a client reusing its port): a new
+            // flow, scheduled afresh, with entries that start over. Following the old entry
+            // would leave its reply entry in the closing state, which `forget_stale_reply`
+            // treats as dead.
+            let hairpin = f.kind & flow_kind::HAIRPIN != 0;
+            let reply_key = FlowKey {
+                saddr: f.nat_addr,
+                daddr: if hairpin { pkt.daddr } else { pkt.saddr },
+                sport: f.nat_port,
+                dport: pkt.sport,
+                proto: pkt.proto,
+                dir: flow_dir::REPLY,
+                _pad: 0,
+            };
+            let _ = maps::CONNTRACK.remove(&reply_key);
+            let _ = maps::CONNTRACK.remove(&orig_key);
+            return new_flow(ctx, &pkt, now);
         }
         conntrack::touch(flow, &pkt, now);
         closing(&pkt, &f, pkt.daddr, pkt.dport);
@@ -141,7 +161,28 @@ fn try_ingress(ctx: &TcContext) -> Result<(), Verdict> {
         return Ok(());
     }
 
+    new_flow(ctx, &pkt, now)
+}
+
+/// True for a pure SYN arriving on a flow that has already closed.
+#[inline(always)]
+fn reopens(pkt: &Packet, f: &Flow) -> bool {
+    pkt.proto == dataplane_common::proto::TCP
+        && pkt.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
+        && f.state == dataplane_common::tcp_state::CLOSING
+}
+
+/// A packet of no known flow: a service's first packet picks a backend and creates the flow.
+///
+/// A BPF-to-BPF call rather than inlined: it is reached from two places, and inlining it twice
+/// let LLVM merge the tails into code the verifier rejects (a register read before any write on
+/// one of the merged paths).
+#[inline(never)]
+fn new_flow(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<(), Verdict> {
+    let pkt = *pkt;
+    let len = u64::from(ctx.len());
     let Some(svc) = lb::service(&pkt) else {
+        forget_stale_reply(&pkt);
         return Ok(());
     };
     let (backend_id, backend) = lb::select(&svc, &pkt, now).map_err(Verdict::Drop)?;
@@ -282,6 +323,36 @@ fn masquerade(ctx: &TcContext, pkt: &Packet, cfg: &NodeConfig, now: u64) -> Resu
     rewrite(ctx, pkt, End::Source, cfg.uplink_addr, port)
 }
 
+/// A client opening a new TCP connection straight to an address and port that a closed
+/// translated flow used as its backend, from the same source port: that flow is over, but its
+/// reply entry lingers for the closing timeout and
+/// would otherwise rewrite this connection's SYN-ACK to come from the VIP, and the client would
+/// reset it. Only SYNs pay for the lookup.
+#[inline(always)]
+fn forget_stale_reply(pkt: &Packet) {
+    if pkt.proto != dataplane_common::proto::TCP || pkt.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) != tcp_flags::SYN {
+        return;
+    }
+    let key = FlowKey {
+        saddr: pkt.daddr,
+        daddr: pkt.saddr,
+        sport: pkt.dport,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        dir: flow_dir::REPLY,
+        _pad: 0,
+    };
+    if let Some(flow) = maps::CONNTRACK.get_ptr(&key) {
+        // SAFETY: valid for this run; two bytes are read.
+        let (kind, state) = unsafe { ((*flow).kind, (*flow).state) };
+        // Only a flow that has closed: the translated SYN of a live flow passes here too (on the
+        // bridge device, already addressed to its backend) while its reply entry is new.
+        if kind & flow_kind::MASK == flow_kind::SERVICE && state == dataplane_common::tcp_state::CLOSING {
+            let _ = maps::CONNTRACK.remove(&key);
+        }
+    }
+}
+
 /// On the first FIN or RST of a TCP flow, takes it out of its backend's open connections (for
 /// `lc`). The original-direction entry records that this happened, whichever side closed.
 #[inline(always)]
@@ -321,20 +392,22 @@ fn closing(pkt: &Packet, f: &Flow, vip: u32, vport: u16) {
 
 #[inline(always)]
 fn count_service(service_id: u32, backend_id: u32, len: u64, new_flow: bool) {
-    let add = |c: *mut ServiceCounters| {
-        // SAFETY: this CPU's value in a per-CPU map, valid for this run.
-        let c = unsafe { &mut *c };
-        c.packets += 1;
-        c.bytes += len;
-        if new_flow {
-            c.new_flows += 1;
-        }
-    };
     if let Some(c) = SERVICE_STATS.get_ptr_mut(&service_id) {
-        add(c);
+        bump(c, len, new_flow);
     }
     if let Some(c) = BACKEND_STATS.get_ptr_mut(&backend_id) {
-        add(c);
+        bump(c, len, new_flow);
+    }
+}
+
+#[inline(always)]
+fn bump(c: *mut ServiceCounters, len: u64, new_flow: bool) {
+    // SAFETY: this CPU's value in a per-CPU map, from a lookup in this run.
+    let c = unsafe { &mut *c };
+    c.packets += 1;
+    c.bytes += len;
+    if new_flow {
+        c.new_flows += 1;
     }
 }
 

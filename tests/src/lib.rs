@@ -268,6 +268,12 @@ impl Pod {
         self.tcp_server(port, Answer::Peer)
     }
 
+    /// A TCP server on `port` answering one line with its own address, then closing first (so
+    /// the TIME_WAIT is the server's and the client may reuse its port at once).
+    pub fn serve_tcp_once(&self, port: u16) -> Server {
+        self.tcp_server(port, Answer::ItselfOnce)
+    }
+
     fn tcp_server(&self, port: u16, answer: Answer) -> Server {
         let me = SocketAddrV4::new(self.addr, port);
         let listener = self.ns.run(move || TcpListener::bind(me).expect("bind the test TCP server"));
@@ -279,10 +285,11 @@ impl Pod {
                     Ok((conn, peer)) => {
                         let stop = stop.clone();
                         let text = match answer {
-                            Answer::Itself => me.to_string(),
+                            Answer::Itself | Answer::ItselfOnce => me.to_string(),
                             Answer::Peer => peer.to_string(),
                         };
-                        handlers.push(std::thread::spawn(move || answer_lines(conn, text, &stop)));
+                        let once = matches!(answer, Answer::ItselfOnce);
+                        handlers.push(std::thread::spawn(move || answer_lines(conn, text, once, &stop)));
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
                     Err(e) => panic!("accept on {me}: {e}"),
@@ -392,10 +399,11 @@ pub fn udp_ask(sock: &UdpSocket, dst: SocketAddrV4) -> (String, SocketAddr) {
 #[derive(Clone, Copy)]
 enum Answer {
     Itself,
+    ItselfOnce,
     Peer,
 }
 
-fn answer_lines(conn: TcpStream, me: String, stop: &AtomicBool) {
+fn answer_lines(conn: TcpStream, me: String, once: bool, stop: &AtomicBool) {
     conn.set_nonblocking(false).expect("make the connection blocking");
     conn.set_read_timeout(Some(Duration::from_millis(50))).expect("set a read timeout");
     let mut writer = conn.try_clone().expect("clone the connection");
@@ -405,7 +413,7 @@ fn answer_lines(conn: TcpStream, me: String, stop: &AtomicBool) {
         match reader.read_line(&mut line) {
             Ok(0) => return,
             Ok(_) => {
-                if writer.write_all(format!("{me}\n").as_bytes()).is_err() {
+                if writer.write_all(format!("{me}\n").as_bytes()).is_err() || once {
                     return;
                 }
                 line.clear();

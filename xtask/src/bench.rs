@@ -20,6 +20,25 @@ pub struct Options {
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum What {
+    /// Service load balancing: direct (baseline), bulkhead, iptables and nftables
+    /// (kube-proxy style), per number of services installed.
+    Datapath {
+        /// Run inside a VM booting Debian's kernel, which has IPVS (not implemented yet).
+        #[arg(long)]
+        vm: bool,
+        /// Numbers of services to install, comma-separated; the last one installed is measured.
+        #[arg(long, default_value = "1,1000,10000,100000")]
+        services: String,
+        /// Seconds per phase (connection rate, then latency).
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Client threads.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Modes to run, comma-separated.
+        #[arg(long, default_value = "direct,bulkhead,iptables,nftables")]
+        modes: String,
+    },
     /// bulkhead-init against tini, tini-static, dumb-init and catatonit.
     Init {
         /// Runs of `INIT -- /bin/true` per program (interleaved with the baseline).
@@ -31,7 +50,29 @@ pub enum What {
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     match &opts.what {
         What::Init { runs } => init(*runs),
+        What::Datapath { vm, services, seconds, concurrency, modes } => {
+            if *vm {
+                bail!("bench datapath --vm: the test VM is not built yet; run without --vm (IPVS needs a kernel that has it)");
+            }
+            datapath(services, *seconds, *concurrency, modes)
+        }
     }
+}
+
+fn datapath(services: &str, seconds: f64, concurrency: usize, modes: &str) -> anyhow::Result<()> {
+    setup::run()?;
+    setup::apt(&["iptables", "nftables"])?;
+    let artifacts = build::run(&build::Options { release: true })?;
+    let root = build::root();
+    let mut cargo = build::host_cargo(&root, &artifacts.ebpf);
+    cargo
+        .args(["run", "--quiet", "--release", "--package", "tests", "--bin", "bulkhead-bench", "--", "datapath"])
+        .args(["--services", services, "--seconds", &seconds.to_string(), "--concurrency", &concurrency.to_string()])
+        .args(["--modes", modes])
+        .arg("--out")
+        .arg(out_dir()?)
+        .env("BULKHEAD_BIN", &artifacts.bulkhead);
+    setup::run_cmd("bench datapath", &mut cargo)
 }
 
 fn out_dir() -> anyhow::Result<PathBuf> {

@@ -335,3 +335,34 @@ fn datapath_events_are_off_by_default_and_show_new_flows_when_enabled() {
     let line = loud.lines().find(|l| l.contains("new flow")).unwrap_or_else(|| panic!("no new-flow event in {loud:?}"));
     assert!(line.contains(&client.to_string()) && line.contains(&backend.replace(':', ":")), "{line}");
 }
+
+#[test]
+fn a_client_reusing_its_port_through_a_vip_gets_a_new_flow() {
+    if skip("a_client_reusing_its_port_through_a_vip_gets_a_new_flow") {
+        return;
+    }
+    let mut node = Node::new();
+    node.add_pod(2);
+    let mut servers = Vec::new();
+    for host in 3..=4 {
+        servers.push(node.add_pod(host).serve_tcp_once(TCP_PORT));
+    }
+    let backends: Vec<String> = node.pods[1..].iter().map(|p| format!("{}:{TCP_PORT}", p.addr)).collect();
+    node.bulkhead_ok(&["service", "add", "198.19.0.10:80/tcp", "-b", &backends[0], "-b", &backends[1]]);
+    let vip = SocketAddrV4::new(VIP, 80);
+    // The server closes first, so the client may reuse port 40000 at once; every connection
+    // must open promptly (a stale flow would cost a SYN retransmit, a second or more).
+    for round in 0..10 {
+        let started = std::time::Instant::now();
+        let mut conn = node.pods[0].tcp_connect_from(vip, 40000);
+        let answer = ask(&mut conn);
+        assert!(backends.contains(&answer), "round {round}: {answer}");
+        assert!(started.elapsed() < std::time::Duration::from_millis(900), "round {round} took {:?}", started.elapsed());
+        drop(conn);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Straight to a backend from the same port afterwards works too.
+    let direct: SocketAddrV4 = backends[0].parse().unwrap();
+    assert_eq!(ask(&mut node.pods[0].tcp_connect_from(direct, 40000)), backends[0]);
+    drop(servers);
+}
