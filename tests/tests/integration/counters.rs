@@ -35,6 +35,23 @@ fn expected(ab: u64, ba: u64) -> [(u64, u64); 4] {
     [(ab, ab * FRAME), (ba, ba * FRAME), (ba, ba * FRAME), (ab, ab * FRAME)]
 }
 
+/// Exchanges traffic until the counter deltas match exactly, at most three times: the kernel's
+/// own control traffic (a late IGMP or neighbour message) can land in a window now and then,
+/// and is counted like any packet. A datapath that miscounts fails every attempt.
+fn assert_counts(node: &Node, ab: usize, ba: usize) {
+    let want = expected(ab as u64, ba as u64);
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let got = exchange(node, ab, ba);
+        if got == want {
+            return;
+        }
+        seen.push(got);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    panic!("counters never matched {want:?}: {seen:?}");
+}
+
 fn two_pod_node(env: &[(&str, &str)]) -> Node {
     let mut node = Node::with_env(env);
     node.add_pod(2);
@@ -48,7 +65,7 @@ fn counts_exactly(test: &str, mode: &str) {
         return;
     }
     let node = two_pod_node(&[("BULKHEAD_TC_MODE", mode)]);
-    assert_eq!(exchange(&node, 50, 20), expected(50, 20));
+    assert_counts(&node, 50, 20);
 }
 
 #[test]
@@ -68,11 +85,11 @@ fn reup_keeps_one_attachment(test: &str, mode: &str) {
         return;
     }
     let node = two_pod_node(&[("BULKHEAD_TC_MODE", mode)]);
-    assert_eq!(exchange(&node, 10, 5), expected(10, 5));
+    assert_counts(&node, 10, 5);
     let total_before = node.counters(&node.pods[0].host_if, "ingress");
     node.bulkhead_ok(&["up", "--bridge", &node.bridge]);
     assert_eq!(node.counters(&node.pods[0].host_if, "ingress"), total_before, "counters were reset");
-    assert_eq!(exchange(&node, 30, 7), expected(30, 7));
+    assert_counts(&node, 30, 7);
 }
 
 #[test]
