@@ -8,6 +8,7 @@ mod build;
 mod run;
 mod setup;
 mod test;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -26,8 +27,8 @@ enum Verb {
     Setup,
     /// Build the eBPF object (nightly), `bulkhead` embedding it, and static `bulkhead-init`.
     Build(build::Options),
-    /// The demo: setup, build, then a bridge with two namespaces and the datapath counting.
-    BuildAndRun(build::Options),
+    /// The demo: setup, build, then a service balanced across three backend namespaces.
+    BuildAndRun(run::DemoOptions),
     /// Setup, build, then every test of the workspace, integration tests included.
     Test(test::Options),
     /// Benchmarks against the usual alternatives, reported as ratios (target/bench/).

@@ -1,16 +1,34 @@
-//! `cargo xtask build-and-run`: setup, build, then the demo scenario against the real kernel.
+//! `cargo xtask build-and-run`: setup, build, then the demo scenario against the real kernel,
+//! here or (`--vm`) inside the test VM booting Debian's kernel.
 
-use crate::{build, setup};
+use std::time::Duration;
 
-pub fn run(opts: &build::Options) -> anyhow::Result<()> {
+use crate::{build, setup, vm};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoOptions {
+    #[command(flatten)]
+    pub build: build::Options,
+    /// Run the demo inside a VM booting Debian's kernel (KVM when it works, else TCG).
+    #[arg(long)]
+    pub vm: bool,
+}
+
+pub fn run(opts: &DemoOptions) -> anyhow::Result<()> {
     setup::run()?;
-    let artifacts = build::run(opts)?;
+    let release = opts.build.release || opts.vm;
+    let artifacts = build::run(&build::Options { release })?;
     let root = build::root();
     let mut cargo = build::host_cargo(&root, &artifacts.ebpf);
+    if opts.vm {
+        setup::run_cmd("build the demo", cargo.args(["build", "--release", "--package", "tests", "--bin", "bulkhead-demo"]))?;
+        let demo = root.join("target/release/bulkhead-demo");
+        let binaries = [(artifacts.bulkhead.clone(), "/bin/bulkhead"), (artifacts.init.clone(), "/bin/bulkhead-init"), (demo, "/bin/bulkhead-demo")];
+        return vm::run("BULKHEAD_BIN=/bin/bulkhead /bin/bulkhead-demo", &binaries, Duration::from_secs(900));
+    }
     cargo.args(["run", "--quiet", "--package", "tests", "--bin", "bulkhead-demo"]);
-    if opts.release {
+    if release {
         cargo.arg("--release");
     }
     setup::run_cmd("demo", cargo.env("BULKHEAD_BIN", &artifacts.bulkhead).env("BULKHEAD_INIT_BIN", &artifacts.init))
 }
-
