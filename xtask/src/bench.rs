@@ -10,6 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+
 use crate::{build, setup};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -23,7 +24,7 @@ pub enum What {
     /// Service load balancing: direct (baseline), bulkhead, iptables and nftables
     /// (kube-proxy style), per number of services installed.
     Datapath {
-        /// Run inside a VM booting Debian's kernel, which has IPVS (not implemented yet).
+        /// Run inside a VM booting Debian's kernel, which has IPVS (adds the ipvs mode).
         #[arg(long)]
         vm: bool,
         /// Numbers of services to install, comma-separated; the last one installed is measured.
@@ -52,7 +53,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         What::Init { runs } => init(*runs),
         What::Datapath { vm, services, seconds, concurrency, modes } => {
             if *vm {
-                bail!("bench datapath --vm: the test VM is not built yet; run without --vm (IPVS needs a kernel that has it)");
+                return datapath_vm(services, *seconds, *concurrency, modes);
             }
             datapath(services, *seconds, *concurrency, modes)
         }
@@ -73,6 +74,44 @@ fn datapath(services: &str, seconds: f64, concurrency: usize, modes: &str) -> an
         .arg(out_dir()?)
         .env("BULKHEAD_BIN", &artifacts.bulkhead);
     setup::run_cmd("bench datapath", &mut cargo)
+}
+
+/// The same benchmark inside the test VM, with IPVS; results come back on the console between
+/// markers and are written next to the local ones as datapath-vm.*.
+fn datapath_vm(services: &str, seconds: f64, concurrency: usize, modes: &str) -> anyhow::Result<()> {
+    setup::run()?;
+    let artifacts = build::run(&build::Options { release: true })?;
+    let root = build::root();
+    let mut cargo = build::host_cargo(&root, &artifacts.ebpf);
+    setup::run_cmd("build the benchmark", cargo.args(["build", "--release", "--package", "tests", "--bin", "bulkhead-bench"]))?;
+    let modes = if modes.contains("ipvs") { modes.to_owned() } else { format!("{modes},ipvs") };
+    let body = format!(
+        "BULKHEAD_BIN=/bin/bulkhead /bin/bulkhead-bench datapath --services {services} --seconds {seconds} \
+--concurrency {concurrency} --modes {modes} --out /tmp/bench || exit 1\n\
+for f in md json svg; do echo \"BENCH-FILE-BEGIN $f\"; cat /tmp/bench/datapath.$f; echo \"BENCH-FILE-END\"; done"
+    );
+    let binaries = [
+        (artifacts.bulkhead.clone(), "/bin/bulkhead"),
+        (artifacts.init.clone(), "/bin/bulkhead-init"),
+        (root.join("target/release/bulkhead-bench"), "/bin/bulkhead-bench"),
+    ];
+    let console = crate::vm::run_capture(&body, &binaries, Duration::from_secs(3 * 3600))?;
+    let dir = out_dir()?;
+    let mut current: Option<(String, String)> = None;
+    for line in console.lines() {
+        if let Some(ext) = line.strip_prefix("BENCH-FILE-BEGIN ") {
+            current = Some((ext.trim().to_owned(), String::new()));
+        } else if line.starts_with("BENCH-FILE-END") {
+            if let Some((ext, text)) = current.take() {
+                fs::write(dir.join(format!("datapath-vm.{ext}")), text)?;
+            }
+        } else if let Some((_, text)) = current.as_mut() {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    println!("written to {}", dir.join("datapath-vm.md").display());
+    Ok(())
 }
 
 fn out_dir() -> anyhow::Result<PathBuf> {

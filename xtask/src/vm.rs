@@ -20,15 +20,17 @@ use anyhow::{Context as _, bail};
 
 use crate::{build, setup};
 
-/// Modules the scenarios need, with their dependencies added from modules.dep.
+/// Modules the scenarios need, with their dependencies added from modules.dep. crc32c comes
+/// first: libcrc32c (under conntrack, IPVS and nf_tables) needs it as a soft dependency, which
+/// modules.dep does not list.
 const MODULES: &[&str] = &[
-    "veth", "bridge", "br_netfilter", "dummy", "sch_ingress", "cls_bpf", "ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_sh", "ip_vs_mh",
+    "crc32c_generic", "veth", "bridge", "br_netfilter", "dummy", "sch_ingress", "cls_bpf", "ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_sh", "ip_vs_mh",
     "nf_conntrack", "nf_nat", "nf_tables", "nft_chain_nat", "nft_ct", "nft_nat", "nft_numgen", "nft_compat",
     "xt_statistic", "xt_tcpudp", "xt_nat", "xt_conntrack", "iptable_nat", "xt_MASQUERADE",
 ];
 
 /// Host programs copied in, with the shared libraries `ldd` names.
-const PROGRAMS: &[&str] = &["/usr/sbin/ip", "/usr/sbin/ipvsadm", "/usr/sbin/ipvsadm-restore", "/usr/sbin/nft", "/usr/sbin/xtables-nft-multi"];
+const PROGRAMS: &[&str] = &["/usr/sbin/ip", "/usr/sbin/ipvsadm", "/usr/sbin/nft", "/usr/sbin/xtables-nft-multi"];
 
 const MARKER: &str = "BULKHEAD-VM-RESULT:";
 const BOOTED: &str = "BULKHEAD-VM-BOOTED";
@@ -245,7 +247,8 @@ export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root\n\
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
 mount -t tmpfs run /run; mount -t tmpfs tmp /tmp; mkdir -p /run/netns /sys/fs/bpf\n\
 mount -t bpf bpf /sys/fs/bpf; mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null\n\
-for m in {modules}; do modprobe $m 2>/dev/null; done\n\
+ln -s /bin/busybox /sbin/modprobe\n\
+for m in {modules}; do modprobe $m || echo \"vm: modprobe $m failed\"; done\n\
 echo {BOOTED} $(cut -d' ' -f1 /proc/uptime)\n\
 (\n{body}\n); rc=$?\n\
 echo {MARKER} $rc\n\
@@ -269,9 +272,9 @@ fn qemu(kernel: &Kernel, initrd: &Path, accel: &str, memory_mib: u32) -> Command
     cmd
 }
 
-/// Boots the VM and streams its console; returns the scenario's exit status, or None when it
-/// produced no result within `limit`.
-fn boot(mut cmd: Command, limit: Duration, echo: bool) -> anyhow::Result<(Option<i32>, Option<Duration>)> {
+/// Boots the VM and streams its console; returns the scenario's exit status (None when it
+/// produced no result within `limit`), when it booted, and the console text.
+fn boot(mut cmd: Command, limit: Duration, echo: bool) -> anyhow::Result<(Option<i32>, Option<Duration>, String)> {
     let started = Instant::now();
     let mut child = cmd.spawn().context("start qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
     let stdout = child.stdout.take().unwrap();
@@ -285,12 +288,15 @@ fn boot(mut cmd: Command, limit: Duration, echo: bool) -> anyhow::Result<(Option
     });
     let mut result = None;
     let mut booted = None;
+    let mut console = String::new();
     while started.elapsed() < limit {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(line) => {
-                if echo {
+                if echo && !line.starts_with("BENCH-FILE") && console.matches("BENCH-FILE-BEGIN").count() == console.matches("BENCH-FILE-END").count() {
                     println!("vm| {line}");
                 }
+                console.push_str(&line);
+                console.push('\n');
                 if line.contains(BOOTED) {
                     booted = Some(started.elapsed());
                 }
@@ -308,7 +314,7 @@ fn boot(mut cmd: Command, limit: Duration, echo: bool) -> anyhow::Result<(Option
     }
     let _ = child.kill();
     let _ = child.wait();
-    Ok((result, booted))
+    Ok((result, booted, console))
 }
 
 /// KVM if a probe boot reaches the scenario within 60 s, else TCG (KVM is present but can hang
@@ -319,13 +325,18 @@ fn accel(kernel: &Kernel, initrd: &Path) -> &'static str {
     }
     let probe = qemu(kernel, initrd, "kvm", 512);
     match boot(probe, Duration::from_secs(60), false) {
-        Ok((_, Some(_))) => "kvm",
+        Ok((_, Some(_), _)) => "kvm",
         _ => "tcg",
     }
 }
 
 /// Runs `body` in the VM with `binaries` inside; fails unless it exits 0.
 pub fn run(body: &str, binaries: &[(PathBuf, &str)], limit: Duration) -> anyhow::Result<()> {
+    run_capture(body, binaries, limit).map(drop)
+}
+
+/// As [`run`], returning the console text.
+pub fn run_capture(body: &str, binaries: &[(PathBuf, &str)], limit: Duration) -> anyhow::Result<String> {
     setup::apt(&["qemu-system-x86", "busybox-static", "ipvsadm", "iptables", "nftables", "kmod"])?;
     let started = Instant::now();
     let kernel = kernel()?;
@@ -333,7 +344,7 @@ pub fn run(body: &str, binaries: &[(PathBuf, &str)], limit: Duration) -> anyhow:
     let accel = accel(&kernel, &probe);
     let initrd = initramfs(&kernel, binaries, &scenario(body))?;
     eprintln!("vm: Linux {} under {accel}", kernel.version);
-    let (result, booted) = boot(qemu(&kernel, &initrd, accel, 2048), limit, true)?;
+    let (result, booted, console) = boot(qemu(&kernel, &initrd, accel, 2048), limit, true)?;
     eprintln!(
         "vm: booted in {}, total {:.1} s, scenario status {}",
         booted.map(|b| format!("{:.1} s", b.as_secs_f64())).unwrap_or_else(|| "(never)".into()),
@@ -341,7 +352,7 @@ pub fn run(body: &str, binaries: &[(PathBuf, &str)], limit: Duration) -> anyhow:
         result.map(|r| r.to_string()).unwrap_or_else(|| "missing".into())
     );
     match result {
-        Some(0) => Ok(()),
+        Some(0) => Ok(console),
         Some(code) => bail!("the VM scenario failed with status {code}"),
         None => bail!("the VM scenario reported no result within {limit:?}"),
     }

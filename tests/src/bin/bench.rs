@@ -26,6 +26,8 @@ use tests::{Netns, Node, Pod};
 
 
 const PORT: u16 = 8080;
+/// Longest an install may take before its row is abandoned.
+const INSTALL_BUDGET: Duration = Duration::from_secs(300);
 const REQUEST: usize = 64;
 /// First request byte: close after the reply (connection-rate phase) or keep the connection.
 const CLOSE: u8 = b'C';
@@ -37,6 +39,7 @@ enum Mode {
     Bulkhead,
     Iptables,
     Nftables,
+    Ipvs,
 }
 
 impl Mode {
@@ -46,6 +49,7 @@ impl Mode {
             Mode::Bulkhead => "bulkhead",
             Mode::Iptables => "iptables",
             Mode::Nftables => "nftables",
+            Mode::Ipvs => "ipvs",
         }
     }
 }
@@ -90,6 +94,7 @@ fn parse_args() -> Result<Args, String> {
                         "bulkhead" => Ok(Mode::Bulkhead),
                         "iptables" => Ok(Mode::Iptables),
                         "nftables" => Ok(Mode::Nftables),
+                        "ipvs" => Ok(Mode::Ipvs),
                         other => Err(format!("unknown mode {other}")),
                     })
                     .collect::<Result<_, _>>()?
@@ -282,7 +287,20 @@ fn run_stdin(node_ns: Option<&Netns>, program: &[&str], input: &str) -> Result<(
         }
     };
     let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().map_err(|e| format!("{program:?}: {e}"))?;
-    child.stdin.take().unwrap().write_all(input.as_bytes()).map_err(|e| format!("{program:?}: {e}"))?;
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_owned();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    // An install that runs past the budget is abandoned: the row says so instead of hanging.
+    let until = Instant::now() + INSTALL_BUDGET;
+    while child.try_wait().map_err(|e| e.to_string())?.is_none() {
+        if Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{program:?} still running after {INSTALL_BUDGET:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = writer.join();
     let out = child.wait_with_output().map_err(|e| format!("{program:?}: {e}"))?;
     if !out.status.success() {
         return Err(format!("{program:?} failed: {}", String::from_utf8_lossy(&out.stderr)));
@@ -311,6 +329,29 @@ fn install(mode: Mode, node: &Node, n: usize) -> Result<(), String> {
                 &[&bin, "--netns", ns.to_str().unwrap(), "--bpffs", pins.to_str().unwrap(), "--state-dir", state.to_str().unwrap(), "service", "restore"],
                 &text,
             )
+        }
+        Mode::Ipvs => {
+            // kube-proxy's IPVS mode: every VIP on a dummy interface (IPVS intercepts traffic
+            // to local addresses), virtual servers with masquerading (NAT) real servers.
+            node.ns.ip(&["link", "add", "kube-ipvs0", "type", "dummy"]);
+            let mut addrs = String::with_capacity(n * 48);
+            let mut rules = String::with_capacity(n * 160);
+            let mut seen = std::collections::HashSet::new();
+            for i in 0..n {
+                let v = vip(i);
+                if seen.insert(*v.ip()) {
+                    let _ = writeln!(addrs, "address add {}/32 dev kube-ipvs0", v.ip());
+                }
+                let _ = writeln!(rules, "-A -t {v} -s rr");
+                for be in &b {
+                    let _ = writeln!(rules, "-a -t {v} -r {be} -m -w 1");
+                }
+            }
+            run_stdin(Some(&node.ns), &[tests::IP, "-batch", "-"], &addrs)?;
+            run_stdin(Some(&node.ns), &["ipvsadm", "-R"], &rules)?;
+            // Track IPVS connections in conntrack, so bridged replies are translated back (the
+            // knob exists once IPVS is in use in the namespace).
+            run_stdin(Some(&node.ns), &["sh", "-c", "echo 1 > /proc/sys/net/ipv4/vs/conntrack"], "")
         }
         Mode::Iptables => {
             // kube-proxy's iptables mode: one rule per service in a services chain, a chain per
@@ -409,9 +450,10 @@ fn measure(mode: Mode, n: usize, args: &Args) -> Row {
     client.ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535");
     // kube-proxy relies on br_netfilter so bridged replies pass conntrack for un-DNAT; the
     // setting is per namespace, and this is the node's own.
-    if matches!(mode, Mode::Iptables | Mode::Nftables) {
+    if matches!(mode, Mode::Iptables | Mode::Nftables | Mode::Ipvs) {
         node.ns.sysctl("net.bridge.bridge-nf-call-iptables", "1");
     }
+
     let mut row = Row {
         mode,
         services: n,
@@ -561,7 +603,16 @@ Latency: request/reply on persistent connections. Ratios are to `direct` at the 
             ));
         }
     }
-    goal("- ipvs: not measured here (this kernel has no IPVS); `--vm` is not implemented yet".into());
+    let ipvs: Vec<&Row> = rows.iter().filter(|r| r.mode == Mode::Ipvs && r.conn_rate > 0.0).collect();
+    if ipvs.is_empty() {
+        goal("- ipvs: not measured in this run (this kernel has no IPVS; use `--vm`)".into());
+    }
+    for r in ipvs {
+        if let Some(b) = bulk.iter().find(|b| b.services == r.services) {
+            let x = b.conn_rate / r.conn_rate;
+            goal(format!("- at {} services bulkhead does {:.2}x the connection rate of ipvs ({}; goal: ahead)", r.services, x, if x > 1.0 { "met" } else { "NOT met" }));
+        }
+    }
     (md, format!("[{}]\n", json.join(",\n")))
 }
 
@@ -579,8 +630,8 @@ fn chart(rows: &[Row], path: &Path) -> Result<(), String> {
         .build_cartesian_2d((1f64..max_n * 1.5).log_scale(), 0f64..max_rate)
         .map_err(|e| e.to_string())?;
     c.configure_mesh().x_desc("services installed").y_desc("connections / s").draw().map_err(|e| e.to_string())?;
-    let colors = [BLACK, BLUE, RED, GREEN];
-    for (k, mode) in [Mode::Direct, Mode::Bulkhead, Mode::Iptables, Mode::Nftables].into_iter().enumerate() {
+    let colors = [BLACK, BLUE, RED, GREEN, MAGENTA];
+    for (k, mode) in [Mode::Direct, Mode::Bulkhead, Mode::Iptables, Mode::Nftables, Mode::Ipvs].into_iter().enumerate() {
         let pts: Vec<(f64, f64)> = rows.iter().filter(|r| r.mode == mode && r.conn_rate > 0.0).map(|r| (r.services.max(1) as f64, r.conn_rate)).collect();
         if pts.is_empty() {
             continue;
