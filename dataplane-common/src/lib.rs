@@ -180,7 +180,7 @@ pub const MAX_SERVICES: u32 = 131_072;
 /// Most backends one service can have.
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 1024;
 /// Most backends in all; backend ids are below this.
-pub const MAX_BACKENDS: u32 = 262_144;
+pub const MAX_BACKENDS: u32 = 524_288;
 /// Capacity of [`map::SLOTS`] (entries are allocated on demand).
 pub const MAX_SLOTS: u32 = 1_048_576;
 /// Longest selection table of one service.

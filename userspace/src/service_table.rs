@@ -76,6 +76,32 @@ fn parse_err(what: &'static str, input: &str, why: impl fmt::Display) -> Service
     ServiceTableError::Parse { what, input: input.to_owned(), why: why.to_string() }
 }
 
+/// Runs a map update, retrying while the kernel answers ENOMEM.
+///
+/// Maps without preallocation take their elements from the BPF memory allocator, whose per-CPU
+/// caches are refilled asynchronously (irq_work); a burst of updates from user space, such as a
+/// restore of thousands of services, can drain them and get a transient ENOMEM with plenty of
+/// memory free (seen on 6.18; amazon-linux-2023 issue 1129 describes the same on 6.12). A short
+/// pause lets the refill run.
+fn retrying<T>(mut update: impl FnMut() -> Result<T, MapError>) -> Result<T, MapError> {
+    let mut pause = Duration::from_micros(50);
+    for _ in 0..200 {
+        match update() {
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOMEM) => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+    update()
+}
+
+/// `value` on each of `cpus` CPUs, as a per-CPU map update takes it.
+fn zeroed<T: aya::Pod>(cpus: usize, value: T) -> Result<PerCpuValues<T>, MapError> {
+    PerCpuValues::try_from(vec![value; cpus]).map_err(MapError::IoError)
+}
+
 fn map_err(action: &'static str, map: &'static str) -> impl FnOnce(MapError) -> ServiceTableError {
     move |source| ServiceTableError::Map { action, map, source }
 }
@@ -440,10 +466,10 @@ impl Entry {
 
     /// Writes the service entry, and its NodePort face, so new flows see the current table.
     fn publish(&self, maps: &mut ServiceMaps) -> Result<()> {
-        maps.services.insert(self.key, self.value, 0).map_err(map_err("write service", "SERVICES"))?;
+        retrying(|| maps.services.insert(self.key, self.value, 0)).map_err(map_err("write service", "SERVICES"))?;
         if let Some(np) = self.nodeport {
             let value = Service { flags: self.value.flags | service_flags::NODEPORT, ..self.value };
-            maps.services.insert(np, value, 0).map_err(map_err("write node port", "SERVICES"))?;
+            retrying(|| maps.services.insert(np, value, 0)).map_err(map_err("write node port", "SERVICES"))?;
         }
         Ok(())
     }
@@ -630,13 +656,13 @@ impl ServiceTable {
             nodeport: spec.nodeport.map(|port| ServiceKey { addr: 0, port: port.to_be(), ..spec.vaddr.key() }),
             backends: Vec::new(),
         };
-        self.maps
-            .service_stats
-            .insert(id, self.zeroed(ServiceCounters::default())?, 0)
+        let n = self.nr_cpus;
+        retrying(|| self.maps.service_stats.insert(id, zeroed(n, ServiceCounters::default())?, 0))
             .map_err(map_err("create counters", "SERVICE_STATS"))?;
         undo.push(Undo::ServiceStats(id));
         if spec.scheduler == Scheduler::Rr {
-            self.maps.rr_cursors.insert(id, self.zeroed(0u32)?, 0).map_err(map_err("create cursor", "RR_CURSORS"))?;
+            let n = self.nr_cpus;
+            retrying(|| self.maps.rr_cursors.insert(id, zeroed(n, 0u32)?, 0)).map_err(map_err("create cursor", "RR_CURSORS"))?;
             undo.push(Undo::Cursor(id));
         }
         self.service_ids.insert(id);
@@ -656,22 +682,14 @@ impl ServiceTable {
         Ok(())
     }
 
-    fn zeroed<T: aya::Pod>(&self, value: T) -> Result<PerCpuValues<T>> {
-        PerCpuValues::try_from(vec![value; self.nr_cpus]).map_err(|e| ServiceTableError::Map {
-            action: "build per-CPU values",
-            map: "per-CPU",
-            source: MapError::IoError(e),
-        })
-    }
 
     fn insert_backend(&mut self, spec: &BackendSpec, service_id: u32, undo: &mut Vec<Undo>) -> Result<u32> {
         let id = allocate(&self.backend_ids, MAX_BACKENDS).ok_or(ServiceTableError::Full { what: "backends", max: MAX_BACKENDS })?;
-        self.maps
-            .backend_stats
-            .insert(id, self.zeroed(ServiceCounters::default())?, 0)
+        let n = self.nr_cpus;
+        retrying(|| self.maps.backend_stats.insert(id, zeroed(n, ServiceCounters::default())?, 0))
             .map_err(map_err("create counters", "BACKEND_STATS"))?;
         undo.push(Undo::BackendStats(id));
-        self.maps.backends.insert(id, new_backend(spec, service_id), 0).map_err(map_err("create backend", "BACKENDS"))?;
+        retrying(|| self.maps.backends.insert(id, new_backend(spec, service_id), 0)).map_err(map_err("create backend", "BACKENDS"))?;
         undo.push(Undo::Backend(id));
         let _ = self.maps.backend_conns.set(id, 0, 0);
         self.backend_ids.insert(id);
@@ -691,7 +709,7 @@ impl ServiceTable {
         let generation = if entry.value.table_len == 0 { entry.value.generation } else { entry.value.generation ^ 1 };
         for (slot, id) in table.iter().enumerate() {
             let key = SlotKey { service_id: entry.value.id, generation, slot: slot as u32 };
-            self.maps.slots.insert(key, *id, 0).map_err(map_err("write selection table", "SLOTS"))?;
+            retrying(|| self.maps.slots.insert(key, *id, 0)).map_err(map_err("write selection table", "SLOTS"))?;
             undo.push(Undo::Slot(key));
         }
         if entry.value.table_len != 0 && generation != entry.value.generation {
@@ -785,7 +803,7 @@ impl ServiceTable {
                 let (id, b) = &mut entry.backends[i];
                 b.weight = spec.weight;
                 b.state = backend_state::ACTIVE;
-                self.maps.backends.insert(*id, *b, 0).map_err(map_err("update backend", "BACKENDS"))?;
+                retrying(|| self.maps.backends.insert(*id, *b, 0)).map_err(map_err("update backend", "BACKENDS"))?;
             }
             None => {
                 let max = if entry.value.scheduler == scheduler::LC { MAX_LC_BACKENDS } else { MAX_BACKENDS_PER_SERVICE as usize };
@@ -819,7 +837,7 @@ impl ServiceTable {
         let i = entry.find(addr).ok_or(ServiceTableError::UnknownBackend { service: *vaddr, backend: addr })?;
         let (id, b) = &mut entry.backends[i];
         b.state = backend_state::DRAINING;
-        self.maps.backends.insert(*id, *b, 0).map_err(map_err("update backend", "BACKENDS"))?;
+        retrying(|| self.maps.backends.insert(*id, *b, 0)).map_err(map_err("update backend", "BACKENDS"))?;
         self.republish(*vaddr, entry)
     }
 

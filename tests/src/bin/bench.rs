@@ -528,8 +528,8 @@ Latency: request/reply on persistent connections. Ratios are to `direct` at the 
         args.concurrency,
         args.seconds
     );
-    md.push_str("| mode | services | install | conn/s | / direct | p50 (us) | p99 (us) | p99 / direct | spread | SYN retrans | retrans | errors | note |\n");
-    md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|\n");
+    md.push_str("| mode | services | install | conn/s | / direct | p50 (us) | p50 / direct | p99 (us) | p99 / direct | spread | SYN retrans | retrans | errors | note |\n");
+    md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|\n");
     let mut json = Vec::new();
     for r in rows {
         let d = direct(r.services);
@@ -540,13 +540,14 @@ Latency: request/reply on persistent connections. Ratios are to `direct` at the 
         let install = r.install.map(|d| format!("{:.3} s", d.as_secs_f64())).unwrap_or_else(|| "-".into());
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {:.0} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} |",
             r.mode.name(),
             r.services,
             install,
             r.conn_rate,
             ratio(r.conn_rate, d.map(|d| d.conn_rate)),
             r.p50_us,
+            ratio(r.p50_us, d.map(|d| d.p50_us)),
             r.p99_us,
             ratio(r.p99_us, d.map(|d| d.p99_us)),
             r.spread.iter().map(u64::to_string).collect::<Vec<_>>().join("/"),
@@ -577,6 +578,10 @@ Latency: request/reply on persistent connections. Ratios are to `direct` at the 
         md.push_str(&text);
         md.push('\n');
     };
+    for r in bulk.iter().filter(|r| r.conn_rate == 0.0) {
+        goal(format!("- bulkhead at {} services: not measured ({})", r.services, r.note.lines().next().unwrap_or("")));
+    }
+    let bulk: Vec<&Row> = bulk.into_iter().filter(|r| r.conn_rate > 0.0).collect();
     for r in &bulk {
         if let Some(d) = direct(r.services).filter(|d| d.conn_rate > 0.0) {
             let x = r.conn_rate / d.conn_rate;
