@@ -328,11 +328,11 @@ fn conntrack(paths: &Paths, cmd: ConntrackCommand, out: &mut impl Write) -> anyh
         }
         ConntrackCommand::Flush { service } => {
             let n = match service {
-                None => table.flush_flows(|_| true),
+                None => table.flush_flows(|_, _| true),
                 Some(s) => {
                     let vaddr: VirtualAddr = s.parse()?;
                     let id = table.service_id(&vaddr).with_context(|| format!("flush flows of {vaddr}"))?;
-                    table.flush_flows(|f| f.service_id == id)
+                    table.flush_flows(|_, f| f.service_id == id)
                 }
             };
             writeln!(out, "flushed {n} flows")?;

@@ -778,7 +778,7 @@ impl ServiceTable {
             generation: entry.value.generation,
             slot,
         }));
-        self.flush_flows(|f| f.service_id == entry.value.id);
+        self.flush_flows(|_, f| f.service_id == entry.value.id);
         for (id, _) in &entry.backends {
             self.forget_backend(*id);
         }
@@ -841,24 +841,30 @@ impl ServiceTable {
         self.republish(*vaddr, entry)
     }
 
-    /// Removes a backend. Established flows keep going to it unless `force`, which also drops
-    /// their conntrack entries (their next packets pick a new backend, or are reset by it).
+    /// Removes a backend. Established TCP connections keep going to it unless `force`, which
+    /// also drops their conntrack entries (their next packets pick a new backend, or are reset
+    /// by it); UDP flows pinned to it are always dropped, so they move on their next datagram.
     pub fn delete_backend(&mut self, vaddr: &VirtualAddr, addr: SocketAddrV4, force: bool) -> Result<()> {
         let mut entry = self.entry(vaddr)?;
         let i = entry.find(addr).ok_or(ServiceTableError::UnknownBackend { service: *vaddr, backend: addr })?;
         let (id, _) = entry.backends.remove(i);
         self.republish(*vaddr, entry)?;
         if force {
-            self.flush_flows(|f| f.backend_id == id);
+            self.flush_flows(|_, f| f.backend_id == id);
+        } else {
+            // UDP has no end of flow to wait for: a client that keeps its socket (a DNS
+            // resolver) would send to the removed backend until the entry times out, which is
+            // kube-proxy's longest-standing bug. Its next datagram picks a live backend instead.
+            self.flush_flows(|k, f| f.backend_id == id && k.proto == proto::UDP);
         }
         self.forget_backend(id);
         Ok(())
     }
 
     /// Removes conntrack entries (both directions) whose flow matches; returns how many flows.
-    pub fn flush_flows(&mut self, matches: impl Fn(&Flow) -> bool) -> usize {
+    pub fn flush_flows(&mut self, matches: impl Fn(&FlowKey, &Flow) -> bool) -> usize {
         let doomed: Vec<(FlowKey, Flow)> =
-            self.maps.conntrack.iter().filter_map(|r| r.ok()).filter(|(_, f)| matches(f)).collect();
+            self.maps.conntrack.iter().filter_map(|r| r.ok()).filter(|(k, f)| matches(k, f)).collect();
         let mut flows = 0;
         for (k, f) in &doomed {
             if self.maps.conntrack.remove(k).is_ok() && k.dir == flow_dir::ORIGINAL {

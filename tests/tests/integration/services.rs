@@ -366,3 +366,49 @@ fn a_client_reusing_its_port_through_a_vip_gets_a_new_flow() {
     assert_eq!(ask(&mut node.pods[0].tcp_connect_from(direct, 40000)), backends[0]);
     drop(servers);
 }
+
+#[test]
+fn udp_flows_move_when_their_backend_is_removed() {
+    if skip("udp_flows_move_when_their_backend_is_removed") {
+        return;
+    }
+    // Servers are owned here so one can be stopped, as when its pod goes away.
+    let mut node = Node::new();
+    node.add_pod(2);
+    let mut servers: Vec<Option<tests::Server>> = Vec::new();
+    for host in 3..=4 {
+        servers.push(Some(node.add_pod(host).serve_udp(UDP_PORT)));
+    }
+    let backends: Vec<String> = node.pods[1..].iter().map(|p| format!("{}:{UDP_PORT}", p.addr)).collect();
+    let svc = "198.19.0.10:53/udp";
+    node.bulkhead_ok(&["service", "add", svc, "-b", &backends[0], "-b", &backends[1]]);
+    let vip = SocketAddrV4::new(VIP, 53);
+    let sock = node.pods[0].udp_client();
+    let (first, _) = udp_ask(&sock, vip);
+    let gone = backends.iter().position(|b| *b == first).unwrap();
+    // The backend's pod goes away, then the backend is removed (gracefully, no --force).
+    servers[gone] = None;
+    node.bulkhead_ok(&["backend", "del", svc, &first]);
+    let (next, from) = udp_ask(&sock, vip);
+    assert_eq!(next, backends[1 - gone], "the flow was not moved off the removed backend");
+    assert_eq!(from, vip.into());
+}
+
+#[test]
+fn a_service_without_backends_works_once_one_is_added() {
+    if skip("a_service_without_backends_works_once_one_is_added") {
+        return;
+    }
+    let c = Cluster::new(1);
+    let svc = "198.19.0.10:53/udp";
+    c.node.bulkhead_ok(&["service", "add", svc]);
+    let vip = SocketAddrV4::new(VIP, 53);
+    let sock = c.client().udp_client();
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(300))).unwrap();
+    sock.send_to(b"?", vip).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(sock.recv_from(&mut buf).is_err(), "an answer from a service without backends");
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+    c.node.bulkhead_ok(&["backend", "add", svc, &c.backend(0, UDP_PORT)]);
+    assert_eq!(udp_ask(&sock, vip).0, c.backend(0, UDP_PORT), "the next datagram after a backend appeared");
+}
