@@ -63,6 +63,8 @@ enum Verdict {
     Pass(Reason),
     /// Drop it.
     Drop(Reason),
+    /// Send it out of this interface (a packet turned into its own answer).
+    Redirect(u32),
 }
 
 #[inline(always)]
@@ -80,6 +82,8 @@ fn verdict(ctx: &TcContext, result: Result<(), Verdict>) -> i32 {
             debug!(ctx, "drop: reason {}", reason as u32);
             TC_ACT_SHOT
         }
+        // SAFETY: bpf_redirect with an interface index and no flags (egress of that device).
+        Err(Verdict::Redirect(ifindex)) => unsafe { aya_ebpf::helpers::bpf_redirect(ifindex, 0) as i32 },
     }
 }
 
@@ -164,12 +168,50 @@ fn try_ingress(ctx: &TcContext) -> Result<(), Verdict> {
     new_flow(ctx, &pkt, now)
 }
 
+/// A pure SYN: the first packet of a TCP connection.
+#[inline(always)]
+fn is_syn(pkt: &Packet) -> bool {
+    pkt.proto == dataplane_common::proto::TCP && pkt.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
+}
+
+/// Refuses a connection to a service without backends at once, as a closed port would: the
+/// SYN becomes the RST|ACK answering it and goes back out of the interface it arrived on.
+/// Swapping addresses and ports leaves both checksums as they are; only the sequence numbers
+/// and flags change, and are updated incrementally. (UDP is still dropped: an ICMP port
+/// unreachable would need the packet to grow.)
+#[inline(always)]
+fn refuse(ctx: &TcContext, pkt: &Packet) -> Result<(), Verdict> {
+    let fail = |_| Verdict::Drop(Reason::RewriteFailed);
+    let macs: [u8; 12] = ctx.load(0).map_err(fail)?;
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&macs[6..]);
+    swapped[6..].copy_from_slice(&macs[..6]);
+    ctx.store(0, &swapped, 0).map_err(fail)?;
+    ctx.store(parse::IP_SRC_OFF, &pkt.daddr, 0).map_err(fail)?;
+    ctx.store(parse::IP_DST_OFF, &pkt.saddr, 0).map_err(fail)?;
+    ctx.store(pkt.l4_off, &pkt.dport, 0).map_err(fail)?;
+    ctx.store(pkt.l4_off + 2, &pkt.sport, 0).map_err(fail)?;
+    let seq: u32 = ctx.load(pkt.l4_off + 4).map_err(fail)?;
+    let old_ack: u32 = ctx.load(pkt.l4_off + 8).map_err(fail)?;
+    // RST|ACK acknowledging the SYN: seq 0, ack = their seq + 1.
+    let ack = (u32::from_be(seq).wrapping_add(1)).to_be();
+    let zero = 0u32;
+    let old_flags: u16 = ctx.load(pkt.l4_off + 12).map_err(fail)?;
+    let flags = (old_flags & 0xff00u16.to_be()) | u16::from(tcp_flags::RST | tcp_flags::ACK).to_be();
+    let csum = pkt.l4_csum_off;
+    ctx.l4_csum_replace(csum, u64::from(seq), u64::from(zero), 4).map_err(fail)?;
+    ctx.l4_csum_replace(csum, u64::from(old_ack), u64::from(ack), 4).map_err(fail)?;
+    ctx.l4_csum_replace(csum, u64::from(old_flags), u64::from(flags), 2).map_err(fail)?;
+    ctx.store(pkt.l4_off + 4, &zero, 0).map_err(fail)?;
+    ctx.store(pkt.l4_off + 8, &ack, 0).map_err(fail)?;
+    ctx.store(pkt.l4_off + 12, &flags, 0).map_err(fail)?;
+    Err(Verdict::Redirect(ifindex(ctx)))
+}
+
 /// True for a pure SYN arriving on a flow that has already closed.
 #[inline(always)]
 fn reopens(pkt: &Packet, f: &Flow) -> bool {
-    pkt.proto == dataplane_common::proto::TCP
-        && pkt.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
-        && f.state == dataplane_common::tcp_state::CLOSING
+    is_syn(pkt) && f.state == dataplane_common::tcp_state::CLOSING
 }
 
 /// A packet of no known flow: a service's first packet picks a backend and creates the flow.
@@ -185,7 +227,14 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<(), Verdict> {
         forget_stale_reply(&pkt);
         return Ok(());
     };
-    let (backend_id, backend) = lb::select(&svc, &pkt, now).map_err(Verdict::Drop)?;
+    let (backend_id, backend) = match lb::select(&svc, &pkt, now) {
+        Ok(found) => found,
+        Err(Reason::NoBackend) if is_syn(&pkt) => {
+            count_reason(Reason::NoBackend);
+            return refuse(ctx, &pkt);
+        }
+        Err(reason) => return Err(Verdict::Drop(reason)),
+    };
     let cfg = conntrack::config();
     let mut kind = if cfg.uplink_ifindex != 0 && ifindex(ctx) == cfg.uplink_ifindex {
         flow_kind::NODEPORT

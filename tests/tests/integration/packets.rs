@@ -17,6 +17,7 @@ use tests::{
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
 
 fn sock(s: &str) -> SocketAddrV4 {
     s.parse().unwrap()
@@ -36,14 +37,16 @@ fn datapath(pins: &BpffsDir) -> Datapath {
         };
         table.add(&spec).unwrap();
     }
+    for vaddr in ["198.19.0.11:80/tcp", "198.19.0.11:80/udp"] {
     table.add(&ServiceSpec {
-        vaddr: "198.19.0.11:80/tcp".parse().unwrap(),
+        vaddr: vaddr.parse().unwrap(),
         scheduler: Default::default(),
         affinity_secs: 0,
         nodeport: None,
         backends: vec![],
     })
     .unwrap();
+    }
     dp
 }
 
@@ -80,8 +83,18 @@ fn translation_keeps_checksums_correct() {
     check(&dp, L4::UdpNoChecksum, "198.18.0.2:40002", "198.19.0.10:53", TC_ACT_OK, "198.18.0.2:40002", "198.18.0.3:5353");
     // Not a service: untouched.
     check(&dp, L4::Tcp(SYN), "198.18.0.2:40003", "198.18.0.4:80", TC_ACT_OK, "198.18.0.2:40003", "198.18.0.4:80");
-    // A service without backends drops (issue: rejecting it at once is datapath-correctness work).
-    check(&dp, L4::Tcp(SYN), "198.18.0.2:40004", "198.19.0.11:80", TC_ACT_SHOT, "", "");
+    // A service without backends refuses a SYN at once: the frame comes back as RST|ACK from the
+    // VIP, redirected out of the interface it arrived on, with correct checksums.
+    let syn = frame(sock("198.18.0.2:40004"), sock("198.19.0.11:80"), L4::Tcp(SYN), b"");
+    let (verdict, out) = dp.run_ingress(&syn).unwrap();
+    assert_eq!(verdict, TC_ACT_REDIRECT, "no-backend SYN verdict");
+    assert_eq!(endpoints(&out), (sock("198.19.0.11:80"), sock("198.18.0.2:40004")));
+    assert_eq!(out[14 + 20 + 13], 0x14, "flags should be RST|ACK");
+    assert_eq!(u32::from_be_bytes(out[14 + 20 + 8..14 + 20 + 12].try_into().unwrap()), 1001, "ack = seq + 1");
+    assert_eq!(&out[0..6], &syn[6..12], "destination MAC is the sender's");
+    assert!(checksums_ok(&out), "bad checksum on the RST");
+    // Other packets to it are dropped.
+    check(&dp, L4::Udp, "198.18.0.2:40005", "198.19.0.11:80", TC_ACT_SHOT, "", "");
 }
 
 #[test]

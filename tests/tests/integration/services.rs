@@ -412,3 +412,21 @@ fn a_service_without_backends_works_once_one_is_added() {
     c.node.bulkhead_ok(&["backend", "add", svc, &c.backend(0, UDP_PORT)]);
     assert_eq!(udp_ask(&sock, vip).0, c.backend(0, UDP_PORT), "the next datagram after a backend appeared");
 }
+
+#[test]
+fn a_connection_to_a_service_without_backends_is_refused_at_once() {
+    if skip("a_connection_to_a_service_without_backends_is_refused_at_once") {
+        return;
+    }
+    let c = Cluster::new(1);
+    c.node.bulkhead_ok(&["service", "add", "198.19.0.10:80/tcp"]);
+    let vip = SocketAddrV4::new(VIP, 80);
+    let started = std::time::Instant::now();
+    let err = c
+        .client()
+        .ns
+        .run(move || std::net::TcpStream::connect_timeout(&vip.into(), std::time::Duration::from_secs(3)))
+        .expect_err("connected to a service without backends");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_millis(500), "refusal took {:?}", started.elapsed());
+}
