@@ -14,6 +14,17 @@ pub struct DemoOptions {
     pub vm: bool,
 }
 
+/// The demo inside the test VM (Debian's kernel, bulkhead-init as PID 1); `artifacts` must be a
+/// release build.
+pub fn vm_demo(artifacts: &build::Artifacts) -> anyhow::Result<()> {
+    let root = build::root();
+    let mut cargo = build::host_cargo(&root, &artifacts.ebpf);
+    setup::run_cmd("build the demo", cargo.args(["build", "--release", "--package", "tests", "--bin", "bulkhead-demo"]))?;
+    let demo = root.join("target/release/bulkhead-demo");
+    let binaries = [(artifacts.bulkhead.clone(), "/bin/bulkhead"), (artifacts.init.clone(), "/bin/bulkhead-init"), (demo, "/bin/bulkhead-demo")];
+    vm::run("BULKHEAD_BIN=/bin/bulkhead /bin/bulkhead-demo", &binaries, Duration::from_secs(900))
+}
+
 pub fn run(opts: &DemoOptions) -> anyhow::Result<()> {
     setup::run()?;
     let release = opts.build.release || opts.vm;
@@ -21,10 +32,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<()> {
     let root = build::root();
     let mut cargo = build::host_cargo(&root, &artifacts.ebpf);
     if opts.vm {
-        setup::run_cmd("build the demo", cargo.args(["build", "--release", "--package", "tests", "--bin", "bulkhead-demo"]))?;
-        let demo = root.join("target/release/bulkhead-demo");
-        let binaries = [(artifacts.bulkhead.clone(), "/bin/bulkhead"), (artifacts.init.clone(), "/bin/bulkhead-init"), (demo, "/bin/bulkhead-demo")];
-        return vm::run("BULKHEAD_BIN=/bin/bulkhead /bin/bulkhead-demo", &binaries, Duration::from_secs(900));
+        return vm_demo(&artifacts);
     }
     cargo.args(["run", "--quiet", "--package", "tests", "--bin", "bulkhead-demo"]);
     if release {

@@ -1,7 +1,8 @@
 //! `cargo xtask test`: setup, build, then the workspace's tests.
 //!
 //! Integration tests find the built binaries through environment variables set here, and run
-//! one at a time (each builds real namespaces and attaches real programs).
+//! one at a time (each builds real namespaces and attaches real programs). The last ring boots
+//! the test VM and runs the demo there.
 
 use anyhow::Context as _;
 
@@ -12,6 +13,10 @@ pub struct Options {
     /// Skip `setup` (for quick reruns on a machine already set up).
     #[arg(long)]
     pub no_setup: bool,
+    /// Skip the last ring: the demo inside the test VM (Debian's kernel, IPVS modules, netlink
+    /// tc, bulkhead-init as PID 1), about two minutes under TCG.
+    #[arg(long)]
+    pub no_vm: bool,
     /// Passed to the test binaries (e.g. a test name filter).
     #[arg(last = true)]
     pub args: Vec<String>,
@@ -29,5 +34,22 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         .args(&opts.args)
         .env("BULKHEAD_BIN", &artifacts.bulkhead)
         .env("BULKHEAD_INIT_BIN", &artifacts.init);
-    setup::run_cmd("cargo test", &mut cargo).context("tests failed")
+    setup::run_cmd("cargo test", &mut cargo).context("tests failed")?;
+    if opts.no_vm {
+        eprintln!("test: SKIP the VM demo: --no-vm");
+        return Ok(());
+    }
+    if !nix_root() {
+        eprintln!("test: SKIP the VM demo: needs root to install qemu and build the initramfs");
+        return Ok(());
+    }
+    let release = build::run(&build::Options { release: true })?;
+    crate::run::vm_demo(&release).context("the VM demo failed")?;
+    eprintln!("test: the VM demo passed");
+    Ok(())
+}
+
+fn nix_root() -> bool {
+    // The id command is everywhere; xtask keeps its dependencies few.
+    std::process::Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }

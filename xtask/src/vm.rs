@@ -317,14 +317,14 @@ fn boot(mut cmd: Command, limit: Duration, echo: bool) -> anyhow::Result<(Option
     Ok((result, booted, console))
 }
 
-/// KVM if a probe boot reaches the scenario within 60 s, else TCG (KVM is present but can hang
-/// on some hosts).
+/// KVM if a probe boot reaches the scenario within 30 s (TCG itself needs about 14), else TCG:
+/// KVM is present on some hosts but hangs.
 fn accel(kernel: &Kernel, initrd: &Path) -> &'static str {
     if !Path::new("/dev/kvm").exists() {
         return "tcg";
     }
     let probe = qemu(kernel, initrd, "kvm", 512);
-    match boot(probe, Duration::from_secs(60), false) {
+    match boot(probe, Duration::from_secs(30), false) {
         Ok((_, Some(_), _)) => "kvm",
         _ => "tcg",
     }
