@@ -125,3 +125,129 @@ fn truncated_and_foreign_frames_pass_unchanged() {
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
     assert_eq!(dp.run_ingress(&arp).unwrap(), (TC_ACT_OK, arp.clone()));
 }
+
+/// xorshift64*: deterministic, so a failure names the seed that reproduces it.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Offsets (in a 20-byte-IP-header frame) the datapath may legitimately change.
+fn translatable(i: usize, tcp: bool) -> bool {
+    let l4 = 14 + 20;
+    (14 + 10..14 + 12).contains(&i) // IP checksum
+        || (14 + 12..14 + 20).contains(&i) // addresses
+        || (l4..l4 + 4).contains(&i) // ports
+        || (tcp && (l4 + 16..l4 + 18).contains(&i))
+        || (!tcp && (l4 + 6..l4 + 8).contains(&i))
+}
+
+#[test]
+fn a_hundred_thousand_generated_packets_keep_the_invariants() {
+    if tests::skip("a_hundred_thousand_generated_packets_keep_the_invariants") {
+        return;
+    }
+    let pins = BpffsDir::new();
+    let dp = datapath(&pins);
+    let seed = 0x5eed_b01c_u64;
+    let mut rng = Rng(seed);
+    let backends = [sock("198.18.0.3:8080"), sock("198.18.0.3:5353")];
+    let vips = [sock("198.19.0.10:80"), sock("198.19.0.10:53"), sock("198.19.0.11:80")];
+    let (mut translated, mut refused, mut dropped) = (0u32, 0u32, 0u32);
+    for n in 0..100_000u32 {
+        let kind = rng.below(10);
+        let mut frame_in = if kind < 2 {
+            // Random bytes; half of them claim IPv4 to get past the first check.
+            let len = 34 + rng.below(120) as usize;
+            let mut f: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            if rng.below(2) == 0 {
+                f[12] = 0x08;
+                f[13] = 0x00;
+            }
+            f
+        } else {
+            let src_host = 2 + rng.below(3) as u8; // sometimes a backend, so replies happen
+            let l4 = match rng.below(4) {
+                0 => L4::Udp,
+                1 => L4::UdpNoChecksum,
+                _ => L4::Tcp([SYN, ACK, SYN | ACK, 0x11, 0x04, 0x18, rng.next() as u8][rng.below(7) as usize]),
+            };
+            let dst = match rng.below(3) {
+                0 => vips[rng.below(3) as usize],
+                1 => backends[rng.below(2) as usize],
+                _ => SocketAddrV4::new(std::net::Ipv4Addr::new(198, 18, 0, rng.below(6) as u8), 1 + rng.below(65535) as u16),
+            };
+            let src = SocketAddrV4::new(std::net::Ipv4Addr::new(198, 18, 0, src_host), match src_host {
+                3 => [8080, 5353][rng.below(2) as usize],
+                _ => 30000 + rng.below(64) as u16,
+            });
+            let payload: Vec<u8> = (0..rng.below(64)).map(|_| rng.next() as u8).collect();
+            frame(src, dst, l4, &payload)
+        };
+        // Damage some valid frames: a header byte, or the tail.
+        if kind >= 2 && rng.below(5) == 0 {
+            match rng.below(3) {
+                0 => {
+                    let i = 14 + rng.below(20) as usize;
+                    frame_in[i] = rng.next() as u8;
+                }
+                1 => frame_in.truncate(34 + rng.below(frame_in.len() as u64 - 33) as usize),
+                _ => frame_in[14 + 6] |= 0x20, // more fragments
+            }
+        }
+        let (verdict, out) = dp.run_ingress(&frame_in).unwrap_or_else(|e| panic!("packet {n} (seed {seed:#x}): {e:?}"));
+        let ctx = || format!("packet {n} (seed {seed:#x}): {frame_in:02x?} -> {out:02x?}");
+        assert!(matches!(verdict, TC_ACT_OK | TC_ACT_SHOT | TC_ACT_REDIRECT), "verdict {verdict}: {}", ctx());
+        assert_eq!(out.len(), frame_in.len(), "length changed: {}", ctx());
+        match verdict {
+            TC_ACT_SHOT => dropped += 1,
+            TC_ACT_REDIRECT => {
+                refused += 1;
+                // tc runs before the stack checks checksums; a damaged frame stays damaged.
+                if checksums_ok(&frame_in) {
+                    assert!(checksums_ok(&out), "bad checksum on a refusal: {}", ctx());
+                }
+                assert_eq!(endpoints(&out), (endpoints(&frame_in).1, endpoints(&frame_in).0), "a refusal must answer the sender: {}", ctx());
+            }
+            _ if out != frame_in => {
+                translated += 1;
+                let ipv4_20 = frame_in[12..14] == [0x08, 0x00] && frame_in[14] == 0x45;
+                assert!(ipv4_20, "a frame that is not plain IPv4 was changed: {}", ctx());
+                let tcp = frame_in[14 + 9] == 6;
+                for i in 0..out.len() {
+                    assert!(out[i] == frame_in[i] || translatable(i, tcp), "byte {i} changed: {}", ctx());
+                }
+                if checksums_ok(&frame_in) {
+                    assert!(checksums_ok(&out), "checksum broken by translation: {}", ctx());
+                }
+                let (before, after) = (endpoints(&frame_in), endpoints(&out));
+                let to_backend = after.0 == before.0 && backends.contains(&after.1) && vips.contains(&before.1);
+                let from_vip = after.1 == before.1 && vips.contains(&after.0) && backends.contains(&before.0);
+                // Hairpin: a backend reaching its own service appears to itself as the VIP (same
+                // port), and its replies go back to it from the VIP.
+                let hairpin = backends.contains(&after.1)
+                    && vips.contains(&before.1)
+                    && after.1.ip() == before.0.ip()
+                    && after.0 == SocketAddrV4::new(*before.1.ip(), before.0.port());
+                let hairpin_reply = vips.contains(&after.0)
+                    && backends.contains(&before.0)
+                    && before.1.ip() == after.0.ip()
+                    && after.1 == SocketAddrV4::new(*before.0.ip(), before.1.port());
+                assert!(to_backend || from_vip || hairpin || hairpin_reply, "mistranslation {before:?} -> {after:?}: {}", ctx());
+            }
+            _ => {}
+        }
+    }
+    eprintln!("100000 packets: {translated} translated, {refused} refused, {dropped} dropped");
+    assert!(translated > 1000 && refused > 100, "the generator missed the interesting paths");
+}
