@@ -56,6 +56,10 @@ pub enum Command {
         /// packet path pays nothing for them. Kept across restarts.
         #[arg(long, value_enum)]
         datapath_log: Option<LogLevel>,
+        /// Conntrack timeouts in seconds, e.g. `udp=30,tcp-established=3600` (also tcp-syn,
+        /// tcp-closing); unnamed ones keep their values (defaults 60, 21600, 10, 60).
+        #[arg(long, value_name = "NAME=SECONDS,...", value_parser = parse_timeouts)]
+        conntrack_timeouts: Option<Timeouts>,
     },
     /// Detach everything, unpin, and delete the bridge if `up` created it.
     Down,
@@ -148,6 +152,30 @@ pub enum ConntrackCommand {
     },
 }
 
+/// Conntrack timeouts from the command line (one value holding the whole list; clap would read
+/// a bare `Vec` as repeated occurrences).
+#[derive(Clone, Debug)]
+pub struct Timeouts(pub Vec<(String, u32)>);
+
+/// `udp=30,tcp-established=3600` -> [("udp", 30), ("tcp-established", 3600)].
+fn parse_timeouts(input: &str) -> Result<Timeouts, String> {
+    input
+        .split(',')
+        .map(|pair| {
+            let (name, secs) = pair.split_once('=').ok_or_else(|| format!("{pair:?} is not NAME=SECONDS"))?;
+            if !loader::TIMEOUT_NAMES.contains(&name) {
+                return Err(format!("unknown timeout {name:?} (expected one of {:?})", loader::TIMEOUT_NAMES));
+            }
+            let secs: u32 = secs.parse().map_err(|_| format!("{secs:?} is not a number of seconds"))?;
+            if secs == 0 {
+                return Err(format!("{name} must be at least 1 second"));
+            }
+            Ok((name.to_owned(), secs))
+        })
+        .collect::<Result<_, _>>()
+        .map(Timeouts)
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -193,8 +221,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let failed = checks.iter().any(|c| c.status == doctor::Status::Missing);
             return Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS });
         }
-        Command::Up { bridge, subnet, uplink, datapath_log } => {
-            let opts = node::UpOptions { subnet: Some(&subnet), uplink: uplink.as_deref(), datapath_log };
+        Command::Up { bridge, subnet, uplink, datapath_log, conntrack_timeouts } => {
+            let opts = node::UpOptions {
+                subnet: Some(&subnet),
+                uplink: uplink.as_deref(),
+                datapath_log,
+                timeouts: conntrack_timeouts.map(|t| t.0).unwrap_or_default(),
+            };
             let record = node::up(&paths, &bridge, &opts).with_context(|| format!("bring up bridge {bridge}"))?;
             writeln!(
                 out,

@@ -89,6 +89,8 @@ pub enum LoaderError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("unknown conntrack timeout {name} (expected one of {TIMEOUT_NAMES:?})")]
+    BadTimeout { name: String },
     #[error("cannot read datapath events")]
     Events {
         #[source]
@@ -467,7 +469,12 @@ pub struct NodeSettings {
     pub uplink: Option<(u32, std::net::Ipv4Addr)>,
     /// Every IPv4 address of the node, where NodePorts answer.
     pub node_addrs: Vec<std::net::Ipv4Addr>,
+    /// Conntrack timeouts to change, as (name, seconds); see [`TIMEOUT_NAMES`].
+    pub timeouts: Vec<(String, u32)>,
 }
+
+/// Names of the conntrack timeouts `up --conntrack-timeouts` sets.
+pub const TIMEOUT_NAMES: [&str; 4] = ["tcp-syn", "tcp-established", "tcp-closing", "udp"];
 
 /// Writes the node settings into the config and address maps, keeping configured timeouts
 /// (defaults when none were set yet).
@@ -487,6 +494,16 @@ pub fn configure(dir: &Path, settings: &NodeSettings) -> Result<(), LoaderError>
         None => (0, 0),
     };
     (cfg.uplink_ifindex, cfg.uplink_addr) = settings.uplink.map(|(i, a)| (i, be(a))).unwrap_or((0, 0));
+    for (name, secs) in &settings.timeouts {
+        let slot = match name.as_str() {
+            "tcp-syn" => &mut cfg.tcp_syn_timeout,
+            "tcp-established" => &mut cfg.tcp_established_timeout,
+            "tcp-closing" => &mut cfg.tcp_closing_timeout,
+            "udp" => &mut cfg.udp_timeout,
+            _ => return Err(LoaderError::BadTimeout { name: name.clone() }),
+        };
+        *slot = (*secs).max(1);
+    }
     config.set(0, cfg, 0).map_err(err)?;
 
     let err = |source| LoaderError::Map { name: map::NODE_ADDRS, source };

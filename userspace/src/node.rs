@@ -122,6 +122,8 @@ pub struct UpOptions<'a> {
     pub subnet: Option<&'a str>,
     pub uplink: Option<&'a str>,
     pub datapath_log: Option<LogLevel>,
+    /// Conntrack timeouts to change, as (name, seconds); the others keep their values.
+    pub timeouts: Vec<(String, u32)>,
 }
 
 pub fn up(paths: &Paths, bridge: &str, opts: &UpOptions<'_>) -> Result<NodeRecord, NodeError> {
@@ -173,7 +175,9 @@ pub fn up(paths: &Paths, bridge: &str, opts: &UpOptions<'_>) -> Result<NodeRecor
         datapath_log,
         attached: previous.map(|p| p.attached).unwrap_or_default(),
     };
-    loader::configure(&paths.bpffs, &settings(&ip, &record)?)?;
+    let mut node_settings = settings(&ip, &record)?;
+    node_settings.timeouts = opts.timeouts.clone();
+    loader::configure(&paths.bpffs, &node_settings)?;
     let ports = ip
         .bridge_ports(bridge)
         .map_err(|source| NodeError::Link { action: "list the ports of", ifname: bridge.into(), source })?;
@@ -209,7 +213,7 @@ fn settings(ip: &Ip, record: &NodeRecord) -> Result<loader::NodeSettings, NodeEr
         .into_iter()
         .map(|a| a.0)
         .collect();
-    Ok(loader::NodeSettings { pod_subnet, uplink, node_addrs })
+    Ok(loader::NodeSettings { pod_subnet, uplink, node_addrs, timeouts: Vec::new() })
 }
 
 /// Attaches the datapath to one more interface (a veth plugged into the bridge later).

@@ -430,3 +430,27 @@ fn a_connection_to_a_service_without_backends_is_refused_at_once() {
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     assert!(started.elapsed() < std::time::Duration::from_millis(500), "refusal took {:?}", started.elapsed());
 }
+
+#[test]
+fn conntrack_timeouts_are_configurable_and_idle_flows_expire() {
+    if skip("conntrack_timeouts_are_configurable_and_idle_flows_expire") {
+        return;
+    }
+    let c = Cluster::new(3);
+    c.node.bulkhead_ok(&["up", "--bridge", &c.node.bridge, "--conntrack-timeouts", "udp=1"]);
+    let vip = c.add_service(53, "udp", &["--scheduler", "rr"]);
+    let sock = c.client().udp_client();
+    let first = udp_ask(&sock, vip).0;
+    assert_eq!(udp_ask(&sock, vip).0, first, "a live flow moved");
+    let list = |c: &Cluster| -> usize {
+        let v: serde_json::Value = serde_json::from_str(&c.node.bulkhead_ok(&["conntrack", "list", "--json"])).unwrap();
+        v.as_array().unwrap().len()
+    };
+    assert_eq!(list(&c), 1);
+    // Idle past the 1 s timeout: the entry is dead, and rr schedules the next datagram afresh.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert_eq!(list(&c), 0, "an expired flow is still listed");
+    assert_ne!(udp_ask(&sock, vip).0, first, "the expired flow kept its backend (rr should move on)");
+    let bad = c.node.bulkhead(&["up", "--bridge", &c.node.bridge, "--conntrack-timeouts", "tcp-fin=3"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown timeout"), "{bad:?}");
+}
