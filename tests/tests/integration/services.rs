@@ -438,7 +438,8 @@ fn conntrack_timeouts_are_configurable_and_idle_flows_expire() {
     }
     let c = Cluster::new(3);
     c.node.bulkhead_ok(&["up", "--bridge", &c.node.bridge, "--conntrack-timeouts", "udp=1"]);
-    let vip = c.add_service(53, "udp", &["--scheduler", "rr"]);
+    let vip = c.add_service(53, "udp", &[]);
+    let flows = |c: &Cluster| c.list()[0]["new_flows"].as_u64().unwrap();
     let sock = c.client().udp_client();
     let first = udp_ask(&sock, vip).0;
     assert_eq!(udp_ask(&sock, vip).0, first, "a live flow moved");
@@ -447,10 +448,13 @@ fn conntrack_timeouts_are_configurable_and_idle_flows_expire() {
         v.as_array().unwrap().len()
     };
     assert_eq!(list(&c), 1);
-    // Idle past the 1 s timeout: the entry is dead, and rr schedules the next datagram afresh.
+    assert_eq!(flows(&c), 1);
+    // Idle past the 1 s timeout: the entry is dead, and the next datagram starts a new flow
+    // (counted as one; hashing sends it to the same backend again).
     std::thread::sleep(std::time::Duration::from_millis(2500));
     assert_eq!(list(&c), 0, "an expired flow is still listed");
-    assert_ne!(udp_ask(&sock, vip).0, first, "the expired flow kept its backend (rr should move on)");
+    assert_eq!(udp_ask(&sock, vip).0, first);
+    assert_eq!(flows(&c), 2, "the datagram after the timeout did not start a new flow");
     let bad = c.node.bulkhead(&["up", "--bridge", &c.node.bridge, "--conntrack-timeouts", "tcp-fin=3"]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown timeout"), "{bad:?}");
 }
