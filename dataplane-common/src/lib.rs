@@ -40,11 +40,17 @@ pub mod map {
     ///
     /// [`Backend`]: crate::Backend
     pub const BACKENDS: &str = "BACKENDS";
-    /// Connection tracking (LRU): [`FlowKey`] -> [`Flow`], one entry per direction.
+    /// Connection tracking of TCP flows (LRU): [`FlowKey`] -> [`Flow`], one entry per
+    /// direction. TCP and other flows have separate tables, so a flood of UDP flows evicts
+    /// UDP entries only.
     ///
     /// [`FlowKey`]: crate::FlowKey
     /// [`Flow`]: crate::Flow
-    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const CONNTRACK_TCP: &str = "CONNTRACK_TCP";
+    /// Connection tracking of UDP flows (LRU), as [`CONNTRACK_TCP`].
+    pub const CONNTRACK_UDP: &str = "CONNTRACK_UDP";
+    /// Per-CPU conntrack event counters, indexed by [`ct_event`](crate::ct_event).
+    pub const CT_EVENTS: &str = "CT_EVENTS";
     /// Session affinity (LRU): [`AffinityKey`] -> [`Affinity`].
     ///
     /// [`AffinityKey`]: crate::AffinityKey
@@ -70,9 +76,9 @@ pub mod map {
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
 
     /// Every map, for unpinning and listing.
-    pub const ALL: [&str; 13] = [
-        IFACE_STATS, REASONS, SERVICES, SLOTS, BACKENDS, BACKEND_CONNS, CONNTRACK, AFFINITY, SERVICE_STATS,
-        BACKEND_STATS, RR_CURSORS, CONFIG, NODE_ADDRS,
+    pub const ALL: [&str; 15] = [
+        IFACE_STATS, REASONS, SERVICES, SLOTS, BACKENDS, BACKEND_CONNS, CONNTRACK_TCP, CONNTRACK_UDP, CT_EVENTS,
+        AFFINITY, SERVICE_STATS, BACKEND_STATS, RR_CURSORS, CONFIG, NODE_ADDRS,
     ];
 }
 
@@ -185,8 +191,22 @@ pub const MAX_BACKENDS: u32 = 524_288;
 pub const MAX_SLOTS: u32 = 1_048_576;
 /// Longest selection table of one service.
 pub const MAX_TABLE: u32 = 65_521;
-/// Capacity of [`map::CONNTRACK`] (two entries per connection).
-pub const CONNTRACK_SIZE: u32 = 524_288;
+/// Capacity of each conntrack table (two entries per flow).
+pub const CONNTRACK_SIZE: u32 = 262_144;
+
+/// Conntrack event counters in [`map::CT_EVENTS`]: per table (TCP at `+ 0`, UDP at `+ 1`).
+pub mod ct_event {
+    /// Entries inserted.
+    pub const INSERTS: u32 = 0;
+    /// Inserts the table refused.
+    pub const INSERT_FAILURES: u32 = 2;
+    /// Entries the datapath removed (a closed flow's tuple reused).
+    pub const REMOVALS: u32 = 4;
+    /// Entries user space removed (flush, backend removal); written by user space.
+    pub const USER_REMOVALS: u32 = 6;
+    /// Slots in the map.
+    pub const SLOTS: u32 = 8;
+}
 /// Capacity of [`map::NODE_ADDRS`].
 pub const MAX_NODE_ADDRS: u32 = 64;
 /// Ephemeral range masquerade picks source ports from when a flow's own port is taken.

@@ -5,10 +5,10 @@
 //! timeouts in the node config; the LRU evicts the coldest when full.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use dataplane_common::{Flow, FlowKey, NodeConfig, proto, tcp_state};
+use dataplane_common::{Flow, FlowKey, NodeConfig, ct_event, proto, tcp_state};
 
 use crate::{
-    maps::{CONFIG, CONNTRACK},
+    maps::{CONFIG, CONNTRACK_TCP, CONNTRACK_UDP, CT_EVENTS},
     parse::{Packet, tcp_flags},
 };
 
@@ -63,10 +63,48 @@ fn timeout_ns(flow: &Flow, protocol: u8) -> u64 {
     u64::from(secs) * NS_PER_SEC
 }
 
+/// The table for a protocol: TCP flows apart from the rest.
+#[inline(always)]
+fn table(protocol: u8) -> &'static aya_ebpf::maps::LruHashMap<FlowKey, Flow> {
+    if protocol == proto::TCP { &CONNTRACK_TCP } else { &CONNTRACK_UDP }
+}
+
+/// Counts a conntrack event for `protocol`'s table.
+#[inline(always)]
+fn count(event: u32, protocol: u8) {
+    let slot = event + u32::from(protocol != proto::TCP);
+    if let Some(c) = CT_EVENTS.get_ptr_mut(slot) {
+        // SAFETY: this CPU's slot of a per-CPU array, valid for this run.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Inserts one entry, counting it (or its failure).
+#[inline(always)]
+pub fn insert(key: &FlowKey, flow: &Flow, flags: u64) -> Result<(), i32> {
+    let r = table(key.proto).insert(key, flow, flags);
+    count(if r.is_ok() { ct_event::INSERTS } else { ct_event::INSERT_FAILURES }, key.proto);
+    r
+}
+
+/// Removes one entry (a closed flow whose tuple is being reused).
+#[inline(always)]
+pub fn remove(key: &FlowKey) {
+    if table(key.proto).remove(key).is_ok() {
+        count(ct_event::REMOVALS, key.proto);
+    }
+}
+
+/// The entry for `key`, live or not.
+#[inline(always)]
+pub fn get(key: &FlowKey) -> Option<*mut Flow> {
+    table(key.proto).get_ptr_mut(key)
+}
+
 /// Looks up a live entry for `key`; an expired one counts as absent.
 #[inline(always)]
 pub fn lookup(key: &FlowKey, now: u64) -> Option<*mut Flow> {
-    let flow = CONNTRACK.get_ptr_mut(key)?;
+    let flow = get(key)?;
     // SAFETY: a pointer from a successful lookup stays valid for this program run.
     let f = unsafe { &*flow };
     if now.saturating_sub(f.last_seen_ns) > timeout_ns(f, key.proto) {
@@ -119,8 +157,8 @@ pub fn initial_state(pkt: &Packet) -> u8 {
 /// Inserts both entries of a new flow; fails when the map refuses them.
 #[inline(always)]
 pub fn create(orig: &FlowKey, orig_flow: &Flow, reply: &FlowKey, reply_flow: &Flow) -> Result<(), i32> {
-    CONNTRACK.insert(reply, reply_flow, 0)?;
-    CONNTRACK.insert(orig, orig_flow, 0)
+    insert(reply, reply_flow, 0)?;
+    insert(orig, orig_flow, 0)
 }
 
 /// `BPF_NOEXIST`: insert only if the key is new.
@@ -130,11 +168,13 @@ const NOEXIST: u64 = 1;
 /// expired owner is replaced). Masquerade uses this to find a collision-free source port.
 #[inline(always)]
 pub fn claim(reply: &FlowKey, reply_flow: &Flow, now: u64) -> bool {
-    if CONNTRACK.insert(reply, reply_flow, NOEXIST).is_ok() {
+    // A taken tuple is the expected case here, not a failure worth counting.
+    if table(reply.proto).insert(reply, reply_flow, NOEXIST).is_ok() {
+        count(ct_event::INSERTS, reply.proto);
         return true;
     }
     if lookup(reply, now).is_none() {
-        return CONNTRACK.insert(reply, reply_flow, 0).is_ok();
+        return insert(reply, reply_flow, 0).is_ok();
     }
     false
 }

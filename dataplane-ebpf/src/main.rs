@@ -151,8 +151,8 @@ fn try_ingress(ctx: &TcContext) -> Result<(), Verdict> {
                 dir: flow_dir::REPLY,
                 _pad: 0,
             };
-            let _ = maps::CONNTRACK.remove(&reply_key);
-            let _ = maps::CONNTRACK.remove(&orig_key);
+            conntrack::remove(&reply_key);
+            conntrack::remove(&orig_key);
             return new_flow(ctx, &pkt, now);
         }
         conntrack::touch(flow, &pkt, now);
@@ -366,7 +366,7 @@ fn masquerade(ctx: &TcContext, pkt: &Packet, cfg: &NodeConfig, now: u64) -> Resu
         return Err(Verdict::Drop(Reason::NoMasqueradePort));
     }
     let orig = Flow { nat_addr: cfg.uplink_addr, nat_port: port, ..reply };
-    if maps::CONNTRACK.insert(&conntrack::key(pkt, flow_dir::ORIGINAL), &orig, 0).is_err() {
+    if conntrack::insert(&conntrack::key(pkt, flow_dir::ORIGINAL), &orig, 0).is_err() {
         count_reason(Reason::ConntrackFull);
     }
     rewrite(ctx, pkt, End::Source, cfg.uplink_addr, port)
@@ -391,13 +391,13 @@ fn forget_stale_reply(pkt: &Packet) {
         dir: flow_dir::REPLY,
         _pad: 0,
     };
-    if let Some(flow) = maps::CONNTRACK.get_ptr(&key) {
+    if let Some(flow) = conntrack::get(&key) {
         // SAFETY: valid for this run; two bytes are read.
         let (kind, state) = unsafe { ((*flow).kind, (*flow).state) };
         // Only a flow that has closed: the translated SYN of a live flow passes here too (on the
         // bridge device, already addressed to its backend) while its reply entry is new.
         if kind & flow_kind::MASK == flow_kind::SERVICE && state == dataplane_common::tcp_state::CLOSING {
-            let _ = maps::CONNTRACK.remove(&key);
+            conntrack::remove(&key);
         }
     }
 }
@@ -428,7 +428,7 @@ fn closing(pkt: &Packet, f: &Flow, vip: u32, vport: u16) {
         dir: flow_dir::ORIGINAL,
         _pad: 0,
     };
-    if let Some(orig) = maps::CONNTRACK.get_ptr_mut(&key) {
+    if let Some(orig) = conntrack::get(&key) {
         // SAFETY: valid for this run. Two CPUs may both see `counted == 0` and decrement twice;
         // the count is advisory (it only steers `lc`).
         let o = unsafe { &mut *orig };

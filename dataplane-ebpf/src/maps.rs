@@ -13,7 +13,7 @@ use aya_ebpf::{
 use dataplane_common::{
     AFFINITY_SIZE, Affinity, AffinityKey, Backend, CONNTRACK_SIZE, Counters, Flow, FlowKey, IfaceKey,
     MAX_BACKENDS, MAX_IFACES, MAX_NODE_ADDRS, MAX_REASONS, MAX_SERVICES, MAX_SLOTS, NodeConfig, Service, ServiceCounters,
-    ServiceKey, SlotKey,
+    ServiceKey, SlotKey, ct_event,
 };
 
 /// See [`dataplane_common::map::IFACE_STATS`].
@@ -40,9 +40,17 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(MAX_BACKENDS, BPF_F
 #[map(name = "BACKEND_CONNS")]
 pub static BACKEND_CONNS: Array<u64> = Array::pinned(MAX_BACKENDS, 0);
 
-/// See [`dataplane_common::map::CONNTRACK`].
-#[map(name = "CONNTRACK")]
-pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_SIZE, 0);
+/// See [`dataplane_common::map::CONNTRACK_TCP`].
+#[map(name = "CONNTRACK_TCP")]
+pub static CONNTRACK_TCP: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_SIZE, 0);
+
+/// See [`dataplane_common::map::CONNTRACK_UDP`].
+#[map(name = "CONNTRACK_UDP")]
+pub static CONNTRACK_UDP: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_SIZE, 0);
+
+/// See [`dataplane_common::map::CT_EVENTS`].
+#[map(name = "CT_EVENTS")]
+pub static CT_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(ct_event::SLOTS, 0);
 
 /// See [`dataplane_common::map::AFFINITY`].
 #[map(name = "AFFINITY")]

@@ -145,6 +145,11 @@ pub enum ConntrackCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Size and activity of the TCP and UDP tables: entries, inserts, failures, evictions.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
     /// Forget tracked flows (all, or one service's).
     Flush {
         #[arg(long)]
@@ -356,6 +361,21 @@ fn conntrack(paths: &Paths, cmd: ConntrackCommand, out: &mut impl Write) -> anyh
                     f.backend.to_string(),
                     f.state,
                     f.expires_in_secs
+                )?;
+            }
+        }
+        ConntrackCommand::Stats { json } => {
+            let stats = table.conntrack_stats();
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&stats)?)?;
+                return Ok(());
+            }
+            writeln!(out, "{:<6}{:>10}{:>10}{:>10}{:>12}{:>10}{:>10}{:>11}", "TABLE", "CAPACITY", "ENTRIES", "LIVE", "INSERTS", "FAILED", "REMOVED", "EVICTED")?;
+            for s in stats {
+                writeln!(
+                    out,
+                    "{:<6}{:>10}{:>10}{:>10}{:>12}{:>10}{:>10}{:>11}",
+                    s.table, s.capacity, s.entries, s.live, s.inserts, s.insert_failures, s.removals, s.evictions
                 )?;
             }
         }

@@ -19,8 +19,8 @@ use std::{
 
 use aya::maps::{MapError, PerCpuValues};
 use dataplane_common::{
-    Backend, Flow, FlowKey, MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, MAX_TABLE, Service,
-    ServiceCounters, ServiceKey, SlotKey, backend_state, flow_dir, flow_kind, proto, scheduler, service_flags,
+    Backend, CONNTRACK_SIZE, Flow, FlowKey, MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, MAX_TABLE, Service,
+    ServiceCounters, ServiceKey, SlotKey, backend_state, ct_event, flow_dir, flow_kind, proto, scheduler, service_flags,
     tcp_state,
 };
 
@@ -863,21 +863,79 @@ impl ServiceTable {
 
     /// Removes conntrack entries (both directions) whose flow matches; returns how many flows.
     pub fn flush_flows(&mut self, matches: impl Fn(&FlowKey, &Flow) -> bool) -> usize {
-        let doomed: Vec<(FlowKey, Flow)> =
-            self.maps.conntrack.iter().filter_map(|r| r.ok()).filter(|(k, f)| matches(k, f)).collect();
         let mut flows = 0;
-        for (k, f) in &doomed {
-            if self.maps.conntrack.remove(k).is_ok() && k.dir == flow_dir::ORIGINAL {
-                flows += 1;
-                if f.kind & flow_kind::CLOSE_COUNTED == 0 && k.proto == proto::TCP {
-                    // Still open: it no longer counts against its backend.
-                    if let Ok(n) = self.maps.backend_conns.get(&f.backend_id, 0) {
-                        let _ = self.maps.backend_conns.set(f.backend_id, n.saturating_sub(1), 0);
+        for t in 0..2 {
+            let doomed: Vec<(FlowKey, Flow)> =
+                self.maps.conntrack[t].iter().filter_map(|r| r.ok()).filter(|(k, f)| matches(k, f)).collect();
+            let mut removed = 0u64;
+            for (k, f) in &doomed {
+                if self.maps.conntrack[t].remove(k).is_err() {
+                    continue;
+                }
+                removed += 1;
+                if k.dir == flow_dir::ORIGINAL {
+                    flows += 1;
+                    if f.kind & flow_kind::CLOSE_COUNTED == 0 && k.proto == proto::TCP {
+                        // Still open: it no longer counts against its backend.
+                        if let Ok(n) = self.maps.backend_conns.get(&f.backend_id, 0) {
+                            let _ = self.maps.backend_conns.set(f.backend_id, n.saturating_sub(1), 0);
+                        }
                     }
                 }
             }
+            self.count_user_removals(t, removed);
         }
         flows
+    }
+
+    /// Adds to the user-space removal counter of table `t` (kept on CPU 0's slot; only user
+    /// space writes it, one command at a time).
+    fn count_user_removals(&mut self, t: usize, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let slot = ct_event::USER_REMOVALS + t as u32;
+        if let Ok(values) = self.maps.ct_events.get(&slot, 0) {
+            let mut v: Vec<u64> = values.iter().copied().collect();
+            v[0] += n;
+            if let Ok(values) = PerCpuValues::try_from(v) {
+                let _ = self.maps.ct_events.set(slot, values, 0);
+            }
+        }
+    }
+
+    /// Size and activity of both conntrack tables.
+    pub fn conntrack_stats(&self) -> Vec<ConntrackStats> {
+        let now = monotonic_ns();
+        let cfg = self.maps.config.get(&0, 0).unwrap_or_default();
+        let event = |slot: u32| -> u64 { self.maps.ct_events.get(&slot, 0).map(|v| v.iter().sum()).unwrap_or(0) };
+        (0..2)
+            .map(|t| {
+                let (mut entries, mut live) = (0u64, 0u64);
+                for (k, f) in self.maps.conntrack[t].iter().filter_map(|r| r.ok()) {
+                    entries += 1;
+                    if let Some(p) = Proto::from_number(k.proto) {
+                        if now.saturating_sub(f.last_seen_ns) / 1_000_000_000 <= u64::from(flow_timeout(&cfg, p, f.state)) {
+                            live += 1;
+                        }
+                    }
+                }
+                let t32 = t as u32;
+                let inserts = event(ct_event::INSERTS + t32);
+                let removals = event(ct_event::REMOVALS + t32) + event(ct_event::USER_REMOVALS + t32);
+                ConntrackStats {
+                    table: if t == 0 { "tcp" } else { "udp" },
+                    capacity: u64::from(CONNTRACK_SIZE),
+                    entries,
+                    live,
+                    inserts,
+                    insert_failures: event(ct_event::INSERT_FAILURES + t32),
+                    removals,
+                    // Every entry ever inserted is in the table, was removed, or was evicted.
+                    evictions: inserts.saturating_sub(entries + removals),
+                }
+            })
+            .collect()
     }
 
     /// Tracked flows, original direction, that have not expired.
@@ -889,6 +947,7 @@ impl ServiceTable {
             .maps
             .conntrack
             .iter()
+            .flat_map(|table| table.iter())
             .filter_map(|r| r.ok())
             .filter(|(k, _)| k.dir == flow_dir::ORIGINAL)
             .filter_map(|(k, f)| {
@@ -1111,6 +1170,23 @@ fn flow_state_name(proto: Proto, state: u8) -> &'static str {
 fn monotonic_ns() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+/// One conntrack table as `bulkhead conntrack stats` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ConntrackStats {
+    pub table: &'static str,
+    pub capacity: u64,
+    /// Entries present (two per flow), expired or not.
+    pub entries: u64,
+    /// Entries within their timeout.
+    pub live: u64,
+    pub inserts: u64,
+    pub insert_failures: u64,
+    /// Entries removed on purpose (reused tuples, flushes, backend removals).
+    pub removals: u64,
+    /// Entries the LRU pushed out to make room.
+    pub evictions: u64,
 }
 
 /// One tracked flow as `bulkhead conntrack list` shows it.

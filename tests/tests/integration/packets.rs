@@ -251,3 +251,30 @@ fn a_hundred_thousand_generated_packets_keep_the_invariants() {
     eprintln!("100000 packets: {translated} translated, {refused} refused, {dropped} dropped");
     assert!(translated > 1000 && refused > 100, "the generator missed the interesting paths");
 }
+
+#[test]
+fn a_udp_flood_cannot_evict_tcp_flows() {
+    if tests::skip("a_udp_flood_cannot_evict_tcp_flows") {
+        return;
+    }
+    let pins = BpffsDir::new();
+    let dp = datapath(&pins);
+    let syn = frame(sock("198.18.0.2:40000"), sock("198.19.0.10:80"), L4::Tcp(SYN), b"");
+    assert_eq!(dp.run_ingress(&syn).unwrap().0, TC_ACT_OK);
+    // 300,000 UDP flows, two entries each: more than the UDP table (and more than one table
+    // shared by both protocols would hold).
+    for i in 0..300_000u32 {
+        let src = SocketAddrV4::new(std::net::Ipv4Addr::from(0xc612_0000 | (i >> 14)), 1024 + (i & 0x3fff) as u16);
+        let datagram = frame(src, sock("198.19.0.10:53"), L4::Udp, b"flood");
+        assert_eq!(dp.run_ingress(&datagram).unwrap().0, TC_ACT_OK);
+    }
+    let table = ServiceTable::open(pins.path()).unwrap();
+    let tcp: Vec<_> = table.flows().into_iter().filter(|f| f.client == sock("198.18.0.2:40000")).collect();
+    assert_eq!(tcp.len(), 1, "the TCP flow was evicted by the UDP flood");
+    let stats = table.conntrack_stats();
+    let (t, u) = (&stats[0], &stats[1]);
+    assert_eq!((t.table, t.inserts, t.evictions, t.insert_failures), ("tcp", 2, 0, 0), "{t:?}");
+    assert_eq!(u.table, "udp");
+    assert_eq!(u.inserts, 600_000, "{u:?}");
+    assert!(u.entries <= u.capacity && u.evictions >= 600_000 - u.capacity, "{u:?}");
+}

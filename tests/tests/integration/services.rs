@@ -297,6 +297,10 @@ fn conntrack_lists_translated_flows_and_flushes_them() {
     assert_eq!(flows[0]["backend"], backend);
     assert_eq!(flows[0]["state"], "established");
     assert!(c.node.bulkhead_ok(&["conntrack", "flush"]).contains("flushed 1 flows"));
+    let stats: serde_json::Value = serde_json::from_str(&c.node.bulkhead_ok(&["conntrack", "stats", "--json"])).unwrap();
+    let tcp = &stats[0];
+    assert_eq!(tcp["table"], "tcp");
+    assert_eq!((tcp["inserts"].as_u64(), tcp["removals"].as_u64(), tcp["entries"].as_u64()), (Some(2), Some(2), Some(0)), "{stats}");
     let empty: serde_json::Value = serde_json::from_str(&c.node.bulkhead_ok(&["conntrack", "list", "--json"])).unwrap();
     assert_eq!(empty.as_array().unwrap().len(), 0);
 }
