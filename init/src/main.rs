@@ -169,12 +169,6 @@ struct Config {
     setsid: bool,
 }
 
-/// How parsing ended when it did not produce a program to run.
-enum Exit {
-    /// Exit with this code (after printing what was asked, or an error).
-    Code(c_int),
-}
-
 const SIGNALS: [(&[u8], c_int); 30] = [
     (b"HUP", libc::SIGHUP),
     (b"INT", libc::SIGINT),
@@ -300,21 +294,22 @@ Version 2.0, at your option.
     );
 }
 
-fn bad_option(what: &[u8], option: &[u8]) -> Exit {
+fn bad_option(what: &[u8], option: &[u8]) -> c_int {
     if let Some(mut l) = msg(Level::Fatal) {
         l.s(what).s(option).s(b"\n");
     }
-    Exit::Code(1)
+    1
 }
 
 /// Parses the command line as tini does (options stop at the first non-option or `--`),
-/// returning the index of the program in `argv`.
-fn parse_args(argc: usize, argv: *const *const c_char, cfg: &mut Config) -> Result<usize, Exit> {
+/// returning the index of the program in `argv`, or the code to exit with (after printing what
+/// was asked for, or an error).
+fn parse_args(argc: usize, argv: *const *const c_char, cfg: &mut Config) -> Result<usize, c_int> {
     // SAFETY: the kernel passes `argc` valid pointers in `argv`.
     let arg = |i: usize| bytes(unsafe { *argv.add(i) });
     if argc == 2 && arg(1) == b"--version" {
         Line::new(1).s(VERSION).s(b"\n");
-        return Err(Exit::Code(0));
+        return Err(0);
     }
     let mut i = 1;
     while i < argc {
@@ -339,7 +334,7 @@ fn parse_args(argc: usize, argv: *const *const c_char, cfg: &mut Config) -> Resu
             match name {
                 b"help" => {
                     usage(1);
-                    return Err(Exit::Code(0));
+                    return Err(0);
                 }
                 b"forward-all" => cfg.forward_all = true,
                 b"setsid" => cfg.setsid = true,
@@ -363,7 +358,7 @@ fn parse_args(argc: usize, argv: *const *const c_char, cfg: &mut Config) -> Resu
                 _ => {
                     Line::new(2).s(NAME).s(b": unrecognized option '").s(a).s(b"'\n");
                     usage(2);
-                    return Err(Exit::Code(1));
+                    return Err(1);
                 }
             }
             i += 1;
@@ -379,11 +374,11 @@ fn parse_args(argc: usize, argv: *const *const c_char, cfg: &mut Config) -> Resu
             match c {
                 b'h' => {
                     usage(1);
-                    return Err(Exit::Code(0));
+                    return Err(0);
                 }
                 b'l' => {
                     license();
-                    return Err(Exit::Code(0));
+                    return Err(0);
                 }
                 b's' => cfg.subreaper = true,
                 b'v' => {
@@ -402,7 +397,7 @@ fn parse_args(argc: usize, argv: *const *const c_char, cfg: &mut Config) -> Resu
                         if i >= argc {
                             Line::new(2).s(NAME).s(b": option requires an argument -- '").s(&[c]).s(b"'\n");
                             usage(2);
-                            return Err(Exit::Code(1));
+                            return Err(1);
                         }
                         arg(i)
                     };
@@ -416,7 +411,7 @@ fn parse_args(argc: usize, argv: *const *const c_char, cfg: &mut Config) -> Resu
                 _ => {
                     Line::new(2).s(NAME).s(b": invalid option -- '").s(&[c]).s(b"'\n");
                     usage(2);
-                    return Err(Exit::Code(1));
+                    return Err(1);
                 }
             }
         }
@@ -424,7 +419,7 @@ fn parse_args(argc: usize, argv: *const *const c_char, cfg: &mut Config) -> Resu
     }
     if i >= argc {
         usage(2);
-        return Err(Exit::Code(1));
+        return Err(1);
     }
     Ok(i)
 }
@@ -933,7 +928,7 @@ fn real_main(argc: usize, argv: *const *const c_char) -> c_int {
     };
     let program = match parse_args(argc, argv, &mut cfg) {
         Ok(i) => i,
-        Err(Exit::Code(code)) => return code,
+        Err(code) => return code,
     };
     parse_env(&mut cfg);
     let set = collected_signals();

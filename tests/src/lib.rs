@@ -324,7 +324,7 @@ impl Pod {
         let stream = self
             .ns
             .run(move || {
-                let sock = socket2_connect(sport, dst)?;
+                let sock = connect_from_port(sport, dst)?;
                 Ok::<_, std::io::Error>(sock)
             })
             .unwrap_or_else(|e| panic!("connect to {dst}: {e}"));
@@ -346,7 +346,7 @@ impl Pod {
 }
 
 /// Connects a TCP socket bound to `sport` (SO_REUSEADDR, so tests can reuse it) to `dst`.
-fn socket2_connect(sport: u16, dst: SocketAddrV4) -> std::io::Result<TcpStream> {
+fn connect_from_port(sport: u16, dst: SocketAddrV4) -> std::io::Result<TcpStream> {
     use std::os::fd::FromRawFd;
     if sport == 0 {
         return TcpStream::connect_timeout(&dst.into(), Duration::from_secs(3));

@@ -285,11 +285,10 @@ impl Datapath {
                         .map_err(|source| LoaderError::Pin { path: pin.clone(), source })?;
                 }
                 TcMode::Netlink => {
-                    if let Err(source) = tc::qdisc_add_clsact(ifname) {
-                        if !is_exists(&source) {
+                    if let Err(source) = tc::qdisc_add_clsact(ifname)
+                        && !is_exists(&source) {
                             return Err(LoaderError::Clsact { ifname: ifname.to_owned(), source });
                         }
-                    }
                     // cls_bpf has no atomic swap by name: drop the old filter, then add the new.
                     detach_netlink(ifname, hook, name)?;
                     let id = prog

@@ -6,7 +6,7 @@
 
 use std::{
     fs, io,
-    path::{Path, PathBuf},
+    path::PathBuf,
 };
 
 use serde::{Deserialize, Serialize};
@@ -252,9 +252,4 @@ pub fn down(paths: &Paths) -> Result<NodeRecord, NodeError> {
     let path = paths.record();
     fs::remove_file(&path).map_err(|source| NodeError::Record { action: "remove", path, source })?;
     Ok(record)
-}
-
-/// True when `dir` holds a pinned datapath.
-pub fn is_loaded(dir: &Path) -> bool {
-    dir.join("progs").join(dataplane_common::program::INGRESS).exists()
 }

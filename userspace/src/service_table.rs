@@ -821,7 +821,9 @@ impl ServiceTable {
                 entry.backends.push((id, new_backend(spec, entry.value.id)));
                 if let Err(e) = self.republish(*vaddr, entry) {
                     self.rollback(undo);
-                    self.entries.get_mut(vaddr).map(|e| e.backends.retain(|(b, _)| *b != id));
+                    if let Some(e) = self.entries.get_mut(vaddr) {
+                        e.backends.retain(|(b, _)| *b != id);
+                    }
                     return Err(e);
                 }
                 return Ok(());
@@ -914,11 +916,10 @@ impl ServiceTable {
                 let (mut entries, mut live) = (0u64, 0u64);
                 for (k, f) in self.maps.conntrack[t].iter().filter_map(|r| r.ok()) {
                     entries += 1;
-                    if let Some(p) = Proto::from_number(k.proto) {
-                        if now.saturating_sub(f.last_seen_ns) / 1_000_000_000 <= u64::from(flow_timeout(&cfg, p, f.state)) {
+                    if let Some(p) = Proto::from_number(k.proto)
+                        && now.saturating_sub(f.last_seen_ns) / 1_000_000_000 <= u64::from(flow_timeout(&cfg, p, f.state)) {
                             live += 1;
                         }
-                    }
                 }
                 let t32 = t as u32;
                 let inserts = event(ct_event::INSERTS + t32);

@@ -85,5 +85,5 @@ fn build_ebpf(root: &Path) -> anyhow::Result<PathBuf> {
     )?;
     let object = target_dir.join("bpfel-unknown-none").join("release").join("dataplane-ebpf");
     anyhow::ensure!(object.is_file(), "build eBPF object: {} was not produced", object.display());
-    Ok(object.canonicalize().with_context(|| format!("resolve {}", object.display()))?)
+    object.canonicalize().with_context(|| format!("resolve {}", object.display()))
 }

@@ -39,7 +39,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         eprintln!("test: SKIP the VM demo: --no-vm");
         return Ok(());
     }
-    if !nix_root() {
+    if !is_root() {
         eprintln!("test: SKIP the VM demo: needs root to install qemu and build the initramfs");
         return Ok(());
     }
@@ -49,7 +49,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn nix_root() -> bool {
-    // The id command is everywhere; xtask keeps its dependencies few.
+fn is_root() -> bool {
+    // `id -u` rather than a libc dependency: xtask keeps its dependencies few.
     std::process::Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }

@@ -140,11 +140,11 @@ impl Tree {
             cpio.extend_from_slice(header.as_bytes());
             cpio.extend_from_slice(name.as_bytes());
             cpio.push(0);
-            while cpio.len() % 4 != 0 {
+            while !cpio.len().is_multiple_of(4) {
                 cpio.push(0);
             }
             cpio.extend_from_slice(data);
-            while cpio.len() % 4 != 0 {
+            while !cpio.len().is_multiple_of(4) {
                 cpio.push(0);
             }
         };
