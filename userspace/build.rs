@@ -15,7 +15,8 @@ fn main() {
             path
         }
         None => {
-            let empty = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("empty.o");
+            let empty =
+                PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("empty.o");
             fs::write(&empty, b"").expect("write the empty placeholder object");
             empty
         }

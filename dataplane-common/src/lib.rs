@@ -74,11 +74,47 @@ pub mod map {
     pub const CONFIG: &str = "CONFIG";
     /// The node's own IPv4 addresses (network order `u32` -> `u32` 1), where NodePorts answer.
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
+    /// Translations of fragmented datagrams (LRU): [`FragKey`] -> [`FragNat`], written when the
+    /// first fragment (the one with the ports) is translated, read by the later fragments.
+    ///
+    /// [`FragKey`]: crate::FragKey
+    /// [`FragNat`]: crate::FragNat
+    pub const FRAGMENTS: &str = "FRAGMENTS";
+    /// Pods on this node (network order address -> [`Endpoint`]): where a translated packet can
+    /// be handed straight to the pod's interface instead of through the bridge and the stack.
+    ///
+    /// [`Endpoint`]: crate::Endpoint
+    pub const ENDPOINTS: &str = "ENDPOINTS";
 
     /// Every map, for unpinning and listing.
-    pub const ALL: [&str; 15] = [
-        IFACE_STATS, REASONS, SERVICES, SLOTS, BACKENDS, BACKEND_CONNS, CONNTRACK_TCP, CONNTRACK_UDP, CT_EVENTS,
-        AFFINITY, SERVICE_STATS, BACKEND_STATS, RR_CURSORS, CONFIG, NODE_ADDRS,
+    pub const ALL: [&str; 17] = [
+        IFACE_STATS,
+        REASONS,
+        SERVICES,
+        SLOTS,
+        BACKENDS,
+        BACKEND_CONNS,
+        CONNTRACK_TCP,
+        CONNTRACK_UDP,
+        CT_EVENTS,
+        AFFINITY,
+        SERVICE_STATS,
+        BACKEND_STATS,
+        RR_CURSORS,
+        CONFIG,
+        NODE_ADDRS,
+        FRAGMENTS,
+        ENDPOINTS,
+    ];
+
+    /// Value sizes every released layout of a map has had, oldest first: the last is the
+    /// current one. A map pinned with an older size is migrated when a new build loads: each
+    /// newer layout only appended fields whose zero value means "as before", so an old value
+    /// is carried over zero-extended. A map not listed has never changed.
+    pub const LAYOUT_HISTORY: [(&str, &[u32]); 3] = [
+        (CONNTRACK_TCP, &[24, 32]),
+        (CONNTRACK_UDP, &[24, 32]),
+        (CONFIG, &[32, 40]),
     ];
 }
 
@@ -134,7 +170,8 @@ pub enum Reason {
     NotIpv4 = 1,
     /// IPv4 but neither TCP nor UDP: passed unchanged.
     OtherProtocol = 2,
-    /// A fragment (not translated yet): passed unchanged.
+    /// A later fragment of a datagram whose first fragment was not translated here (out of
+    /// order, or not a service flow): passed unchanged.
     Fragment = 3,
     /// A new flow to a service with no usable backend: dropped.
     NoBackend = 4,
@@ -396,8 +433,14 @@ pub struct Flow {
     pub backend_id: u32,
     /// `bpf_ktime_get_ns` when a packet of the flow was last seen in this direction.
     pub last_seen_ns: u64,
+    /// Client port translation, network order, zero for none. On an original entry: the port
+    /// the client's source port becomes (its own was taken: the same client port already
+    /// reaches the same backend through another VIP). On a reply entry: the client's own port,
+    /// restored as the reply's destination.
+    pub peer_port: u16,
+    pub _pad: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<Flow>() == 24);
+const _: () = assert!(core::mem::size_of::<Flow>() == 32);
 
 /// Key of [`map::AFFINITY`].
 #[repr(C)]
@@ -456,8 +499,20 @@ pub struct NodeConfig {
     /// masquerade source.
     pub uplink_ifindex: u32,
     pub uplink_addr: u32,
+    /// [`node_flags`].
+    pub flags: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 40);
+
+/// Bits of [`NodeConfig::flags`]; zero is the default behaviour.
+pub mod node_flags {
+    /// Never hand packets straight to a pod's interface (see [`map::ENDPOINTS`]); always go
+    /// through the bridge and the node's stack.
+    ///
+    /// [`map::ENDPOINTS`]: crate::map::ENDPOINTS
+    pub const NO_BYPASS: u32 = 1;
+}
 
 impl NodeConfig {
     /// All zero: a config map nobody has written yet.
@@ -471,22 +526,73 @@ impl NodeConfig {
             pod_mask: 0,
             uplink_ifindex: 0,
             uplink_addr: 0,
+            flags: 0,
+            _pad: 0,
         }
     }
 }
 
+impl NodeConfig {
+    /// The defaults: timeouts of the same order of magnitude as Linux's nf_conntrack and
+    /// Cilium's, nothing else set.
+    pub const DEFAULT: NodeConfig = NodeConfig {
+        tcp_syn_timeout: 60,
+        tcp_established_timeout: 6 * 3600,
+        tcp_closing_timeout: 10,
+        udp_timeout: 60,
+        ..NodeConfig::zeroed()
+    };
+}
+
 impl Default for NodeConfig {
     fn default() -> Self {
-        // The same order of magnitude as Linux's nf_conntrack and Cilium's defaults.
-        NodeConfig {
-            tcp_syn_timeout: 60,
-            tcp_established_timeout: 6 * 3600,
-            tcp_closing_timeout: 10,
-            udp_timeout: 60,
-            ..NodeConfig::zeroed()
-        }
+        NodeConfig::DEFAULT
     }
 }
+
+/// Capacity of [`map::FRAGMENTS`]: datagrams in flight in fragments at once.
+pub const FRAGMENTS_SIZE: u32 = 8192;
+
+/// Key of [`map::FRAGMENTS`]: what identifies the fragments of one datagram (RFC 791), as
+/// they arrive, before translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    /// Network order.
+    pub saddr: u32,
+    /// Network order.
+    pub daddr: u32,
+    /// The IP identification field, network order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
+
+/// Value of [`map::FRAGMENTS`]: the addresses the first fragment left with.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragNat {
+    pub saddr: u32,
+    pub daddr: u32,
+}
+const _: () = assert!(core::mem::size_of::<FragNat>() == 8);
+
+/// Capacity of [`map::ENDPOINTS`].
+pub const MAX_ENDPOINTS: u32 = 65_536;
+
+/// Value of [`map::ENDPOINTS`]: how to hand a packet to a pod directly.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The host side of the pod's veth pair (its peer is the pod's interface).
+    pub ifindex: u32,
+    /// The pod interface's MAC address.
+    pub mac: [u8; 6],
+    /// The MAC the pod knows its gateway by (the bridge's).
+    pub gateway_mac: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 16);
 
 /// 32-bit mixing hash (the finalizer of MurmurHash3), shared by both sides so user space can
 /// predict which slot a flow takes.
@@ -536,4 +642,10 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NodeConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FragKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FragNat {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Endpoint {}
 }

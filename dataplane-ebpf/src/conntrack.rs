@@ -4,8 +4,10 @@
 //! entry (backend -> client) holds the VIP to restore. Entries expire by protocol state using the
 //! timeouts in the node config; the LRU evicts the coldest when full.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
-use dataplane_common::{Flow, FlowKey, NodeConfig, ct_event, proto, tcp_state};
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use dataplane_common::{
+    Flow, FlowKey, MASQ_PORT_MAX, MASQ_PORT_MIN, NodeConfig, ct_event, proto, tcp_state,
+};
 
 use crate::{
     maps::{CONFIG, CONNTRACK_TCP, CONNTRACK_UDP, CT_EVENTS},
@@ -37,24 +39,32 @@ pub fn key(pkt: &Packet, dir: u8) -> FlowKey {
     }
 }
 
+/// What `config` reads when the map cannot be read (never: an array's entries always exist).
+static UNSET: NodeConfig = NodeConfig::zeroed();
+
+/// The node settings, read in place: copying them out would cost every caller's stack frame
+/// 40 bytes, and the entry points' frames are what the verifier's 512-byte limit is spent on.
 #[inline(always)]
-pub fn config() -> NodeConfig {
+pub fn config() -> &'static NodeConfig {
     match CONFIG.get(0) {
-        Some(c) => *c,
-        None => NodeConfig::zeroed(),
+        Some(c) => c,
+        None => &UNSET,
     }
 }
 
 /// The node's timeouts; a field left at zero (config never written) takes its default.
 #[inline(always)]
 fn timeout_ns(flow: &Flow, protocol: u8) -> u64 {
-    let defaults = NodeConfig::default();
+    let defaults = NodeConfig::DEFAULT;
     let cfg = config();
     let pick = |set: u32, default: u32| if set == 0 { default } else { set };
     let secs = if protocol == proto::TCP {
         match flow.state {
             tcp_state::SYN_SENT => pick(cfg.tcp_syn_timeout, defaults.tcp_syn_timeout),
-            tcp_state::ESTABLISHED => pick(cfg.tcp_established_timeout, defaults.tcp_established_timeout),
+            tcp_state::ESTABLISHED => pick(
+                cfg.tcp_established_timeout,
+                defaults.tcp_established_timeout,
+            ),
             _ => pick(cfg.tcp_closing_timeout, defaults.tcp_closing_timeout),
         }
     } else {
@@ -66,7 +76,11 @@ fn timeout_ns(flow: &Flow, protocol: u8) -> u64 {
 /// The table for a protocol: TCP flows apart from the rest.
 #[inline(always)]
 fn table(protocol: u8) -> &'static aya_ebpf::maps::LruHashMap<FlowKey, Flow> {
-    if protocol == proto::TCP { &CONNTRACK_TCP } else { &CONNTRACK_UDP }
+    if protocol == proto::TCP {
+        &CONNTRACK_TCP
+    } else {
+        &CONNTRACK_UDP
+    }
 }
 
 /// Counts a conntrack event for `protocol`'s table.
@@ -83,7 +97,14 @@ fn count(event: u32, protocol: u8) {
 #[inline(always)]
 pub fn insert(key: &FlowKey, flow: &Flow, flags: u64) -> Result<(), i32> {
     let r = table(key.proto).insert(key, flow, flags);
-    count(if r.is_ok() { ct_event::INSERTS } else { ct_event::INSERT_FAILURES }, key.proto);
+    count(
+        if r.is_ok() {
+            ct_event::INSERTS
+        } else {
+            ct_event::INSERT_FAILURES
+        },
+        key.proto,
+    );
     r
 }
 
@@ -154,11 +175,72 @@ pub fn initial_state(pkt: &Packet) -> u8 {
     }
 }
 
-/// Inserts both entries of a new flow; fails when the map refuses them.
+/// Why a new service flow got no entries.
+pub enum CreateError {
+    /// The table refused the insert.
+    Full,
+    /// Another flow owns the reply tuple and no free client port was found.
+    NoFreePort,
+}
+
+/// Inserts both entries of a new service flow.
+///
+/// The reply tuple (backend -> client) must name one flow only. It can already be taken by a
+/// live flow of another VIP: the same client port reaching the same backend through two
+/// services (Linux picks ephemeral ports per destination, so this is ordinary). The backend
+/// would then see two connections on one tuple. The new flow's client port is translated to a
+/// free one instead: `orig.peer_port` gets the port the client appears with, `reply.peer_port`
+/// the client's own, and `reply_key` is updated to match.
 #[inline(always)]
-pub fn create(orig: &FlowKey, orig_flow: &Flow, reply: &FlowKey, reply_flow: &Flow) -> Result<(), i32> {
-    insert(reply, reply_flow, 0)?;
-    insert(orig, orig_flow, 0)
+pub fn create(
+    orig_key: &FlowKey,
+    orig: &mut Flow,
+    reply_key: &mut FlowKey,
+    reply: &mut Flow,
+    now: u64,
+) -> Result<(), CreateError> {
+    let taken = table(reply_key.proto)
+        .insert(&*reply_key, &*reply, NOEXIST)
+        .is_err();
+    if !taken {
+        count(ct_event::INSERTS, reply_key.proto);
+    } else {
+        let other_vip = match lookup(reply_key, now) {
+            // SAFETY: valid for this run; two fields are read.
+            Some(f) => unsafe {
+                (*f).nat_addr != reply.nat_addr || (*f).nat_port != reply.nat_port
+            },
+            None => false,
+        };
+        if other_vip {
+            reply.peer_port = reply_key.dport;
+            let mut claimed = false;
+            for _ in 0..8u32 {
+                reply_key.dport = random_port();
+                if claim(reply_key, reply, now) {
+                    claimed = true;
+                    break;
+                }
+            }
+            if !claimed {
+                return Err(CreateError::NoFreePort);
+            }
+            orig.peer_port = reply_key.dport;
+        } else {
+            // Expired, or this same flow's (its original entry was evicted): take it over.
+            insert(reply_key, reply, 0).map_err(|_| CreateError::Full)?;
+        }
+    }
+    insert(orig_key, orig, 0).map_err(|_| CreateError::Full)
+}
+
+/// A random port (network order) from the ephemeral range translations pick from.
+#[inline(always)]
+pub fn random_port() -> u16 {
+    let span = u32::from(MASQ_PORT_MAX - MASQ_PORT_MIN) + 1;
+    // SAFETY: a helper without arguments.
+    let r = unsafe { bpf_get_prandom_u32() };
+    (MASQ_PORT_MIN + (r % span) as u16).to_be()
 }
 
 /// `BPF_NOEXIST`: insert only if the key is new.
@@ -169,7 +251,10 @@ const NOEXIST: u64 = 1;
 #[inline(always)]
 pub fn claim(reply: &FlowKey, reply_flow: &Flow, now: u64) -> bool {
     // A taken tuple is the expected case here, not a failure worth counting.
-    if table(reply.proto).insert(reply, reply_flow, NOEXIST).is_ok() {
+    if table(reply.proto)
+        .insert(reply, reply_flow, NOEXIST)
+        .is_ok()
+    {
         count(ct_event::INSERTS, reply.proto);
         return true;
     }

@@ -7,8 +7,8 @@
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_loop};
 use aya_ebpf_cty::c_void;
 use dataplane_common::{
-    Affinity, AffinityKey, Backend, Reason, Service, ServiceKey, SlotKey, backend_state, flow_hash, mix32,
-    scheduler,
+    Affinity, AffinityKey, Backend, Reason, Service, ServiceKey, SlotKey, backend_state, flow_hash,
+    mix32, scheduler,
 };
 
 use crate::{
@@ -22,7 +22,12 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 /// addresses.
 #[inline(always)]
 pub fn service(pkt: &Packet) -> Option<Service> {
-    let key = ServiceKey { addr: pkt.daddr, port: pkt.dport, proto: pkt.proto, _pad: 0 };
+    let key = ServiceKey {
+        addr: pkt.daddr,
+        port: pkt.dport,
+        proto: pkt.proto,
+        _pad: 0,
+    };
     // SAFETY: the pointer from a successful lookup is valid for this run; copying the value out
     // keeps later reads consistent even if user space replaces the element meanwhile.
     if let Some(p) = SERVICES.get_ptr(&key) {
@@ -69,8 +74,19 @@ pub fn select(svc: &Service, pkt: &Packet, now: u64) -> Result<(u32, Backend), R
 #[inline(always)]
 fn remember(svc: &Service, pkt: &Packet, id: u32, now: u64) {
     if svc.affinity_secs != 0 {
-        let key = AffinityKey { service_id: svc.id, client: pkt.saddr };
-        let _ = AFFINITY.insert(&key, &Affinity { backend_id: id, _pad: 0, last_seen_ns: now }, 0);
+        let key = AffinityKey {
+            service_id: svc.id,
+            client: pkt.saddr,
+        };
+        let _ = AFFINITY.insert(
+            &key,
+            &Affinity {
+                backend_id: id,
+                _pad: 0,
+                last_seen_ns: now,
+            },
+            0,
+        );
     }
 }
 
@@ -104,11 +120,20 @@ fn least_connections(svc: &Service) -> Result<(u32, Backend), Reason> {
         best_conns: 0,
         found: 0,
     };
-    let len = if svc.table_len < LC_SCAN { svc.table_len } else { LC_SCAN };
+    let len = if svc.table_len < LC_SCAN {
+        svc.table_len
+    } else {
+        LC_SCAN
+    };
     // SAFETY: `lc_step` has the callback signature bpf_loop expects, and `scan` outlives the
     // call; the kernel passes the pointer back unchanged.
     unsafe {
-        bpf_loop(len, lc_step as *mut c_void, (&mut scan as *mut LcScan).cast(), 0);
+        bpf_loop(
+            len,
+            lc_step as *mut c_void,
+            (&mut scan as *mut LcScan).cast(),
+            0,
+        );
     }
     if scan.found == 0 {
         return Err(Reason::NoBackend);
@@ -119,12 +144,22 @@ fn least_connections(svc: &Service) -> Result<(u32, Backend), Reason> {
 extern "C" fn lc_step(index: u32, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the `LcScan` that `least_connections` handed to bpf_loop.
     let scan = unsafe { &mut *(ctx as *mut LcScan) };
-    let key = SlotKey { service_id: scan.service_id, generation: scan.generation, slot: index };
+    let key = SlotKey {
+        service_id: scan.service_id,
+        generation: scan.generation,
+        slot: index,
+    };
     // SAFETY: lookup results are valid for this run and copied out.
-    let Some(id) = (unsafe { SLOTS.get(&key) }).copied() else { return 0 };
-    let Some(b) = (unsafe { BACKENDS.get(&id) }).copied() else { return 0 };
+    let Some(id) = (unsafe { SLOTS.get(&key) }).copied() else {
+        return 0;
+    };
+    let Some(b) = (unsafe { BACKENDS.get(&id) }).copied() else {
+        return 0;
+    };
     let conns = open_connections(id);
-    if scan.found == 0 || conns * u64::from(scan.best_weight) < scan.best_conns * u64::from(b.weight) {
+    if scan.found == 0
+        || conns * u64::from(scan.best_weight) < scan.best_conns * u64::from(b.weight)
+    {
         scan.best_id = id;
         scan.best_weight = u32::from(b.weight);
         scan.best_conns = conns;
@@ -160,7 +195,11 @@ pub fn count_connection(id: u32, opened: bool) {
 /// The backend id at `index` of the service's current table.
 #[inline(always)]
 fn slot(svc: &Service, index: u32) -> Result<u32, Reason> {
-    let key = SlotKey { service_id: svc.id, generation: svc.generation, slot: index };
+    let key = SlotKey {
+        service_id: svc.id,
+        generation: svc.generation,
+        slot: index,
+    };
     // SAFETY: lookup result valid for this run; u32 copy.
     if let Some(id) = unsafe { SLOTS.get(&key) } {
         return Ok(*id);
@@ -181,7 +220,10 @@ pub fn backend(id: u32) -> Result<Backend, Reason> {
 
 #[inline(always)]
 fn sticky_backend(svc: &Service, pkt: &Packet, now: u64) -> Option<(u32, Backend)> {
-    let key = AffinityKey { service_id: svc.id, client: pkt.saddr };
+    let key = AffinityKey {
+        service_id: svc.id,
+        client: pkt.saddr,
+    };
     let entry = AFFINITY.get_ptr_mut(&key)?;
     // SAFETY: valid for this run; racing writers store whole valid values.
     let a = unsafe { &mut *entry };

@@ -12,49 +12,88 @@
 //!    both conntrack entries, and is translated like 2;
 //! 4. anything else passes unchanged.
 //!
+//! A translated packet whose destination is a pod of this node is handed straight to the pod's
+//! interface (`deliver`), skipping the bridge and the node's stack.
+//!
 //! Egress on the uplink: NodePort replies get the node's address and port back as their source,
 //! and pod traffic leaving the node is masqueraded. Egress elsewhere only counts.
+//!
+//! On both hooks, ICMP errors about translated flows are translated back (`icmp`), and later
+//! fragments of a datagram follow the translation of its first (`frag`).
 
 #![no_std]
 #![no_main]
 // For `atomic_xadd`: core's atomic types lack read-modify-write methods on the BPF target.
 #![feature(core_intrinsics)]
-#![expect(internal_features, reason = "BPF atomics are only reachable through the intrinsic")]
+#![expect(
+    internal_features,
+    reason = "BPF atomics are only reachable through the intrinsic"
+)]
 
 mod conntrack;
+mod frag;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod refuse;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_get_prandom_u32,
+    helpers::{bpf_redirect, bpf_redirect_peer},
     macros::classifier,
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
 use dataplane_common::{
-    Counters, Flow, FlowKey, IfaceKey, MASQ_PORT_MAX, MASQ_PORT_MIN, NodeConfig, Reason, ServiceCounters, direction,
-    flow_dir, flow_kind,
+    Counters, Flow, FlowKey, IfaceKey, NodeConfig, Reason, ServiceCounters, direction, flow_dir,
+    flow_kind, node_flags,
 };
 
 use crate::{
-    maps::{BACKEND_STATS, IFACE_STATS, REASONS, SERVICE_STATS},
+    maps::{BACKEND_STATS, ENDPOINTS, IFACE_STATS, REASONS, SERVICE_STATS},
     nat::End,
-    parse::{Packet, tcp_flags},
+    parse::{IP_CSUM_OFF, IP_DST_OFF, IP_TTL_OFF, Packet, tcp_flags},
 };
 
 #[classifier]
 pub fn bulkhead_ingress(ctx: TcContext) -> i32 {
     count_iface(&ctx, direction::INGRESS);
-    verdict(&ctx, try_ingress(&ctx))
+    let result = match parse::parse(&ctx) {
+        Ok(pkt) => frag::remembering(&ctx, &pkt, try_ingress(&ctx, &pkt)),
+        Err(Reason::OtherProtocol) => match icmp::translate_error(&ctx, icmp::hook::INGRESS) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Verdict::Pass(Reason::OtherProtocol)),
+            Err(v) => Err(v),
+        },
+        Err(Reason::Fragment) => frag::follow(&ctx),
+        Err(reason) => Err(Verdict::Pass(reason)),
+    };
+    verdict(&ctx, result)
 }
 
 #[classifier]
 pub fn bulkhead_egress(ctx: TcContext) -> i32 {
     count_iface(&ctx, direction::EGRESS);
-    verdict(&ctx, try_egress(&ctx))
+    let cfg = conntrack::config();
+    let uplink = cfg.uplink_ifindex != 0 && ifindex(&ctx) == cfg.uplink_ifindex;
+    // Only the uplink translates at egress; elsewhere only ICMP errors (the node's own, about a
+    // flow it forwarded) are looked at, and nothing else is counted twice.
+    let result = match parse::parse(&ctx) {
+        Ok(pkt) if uplink => frag::remembering(&ctx, &pkt, try_egress(&ctx, &pkt, cfg)),
+        Err(Reason::OtherProtocol) => {
+            let at = if uplink {
+                icmp::hook::EGRESS_UPLINK
+            } else {
+                icmp::hook::EGRESS
+            };
+            icmp::translate_error(&ctx, at).map(|_| ())
+        }
+        Err(Reason::Fragment) if uplink => frag::follow(&ctx),
+        _ => Ok(()),
+    };
+    verdict(&ctx, result)
 }
 
 /// Why a packet was not (or not fully) handled.
@@ -63,8 +102,10 @@ enum Verdict {
     Pass(Reason),
     /// Drop it.
     Drop(Reason),
-    /// Send it out of this interface (a packet turned into its own answer).
-    Redirect(u32),
+    /// Hand it to the peer of this veth (a pod's interface), in the pod's namespace.
+    RedirectPeer(u32),
+    /// A new flow to a service without backends: answer it as a closed port would.
+    Refuse,
 }
 
 #[inline(always)]
@@ -82,8 +123,19 @@ fn verdict(ctx: &TcContext, result: Result<(), Verdict>) -> i32 {
             debug!(ctx, "drop: reason {}", reason as u32);
             TC_ACT_SHOT
         }
-        // SAFETY: bpf_redirect with an interface index and no flags (egress of that device).
-        Err(Verdict::Redirect(ifindex)) => unsafe { aya_ebpf::helpers::bpf_redirect(ifindex, 0) as i32 },
+        // SAFETY: an interface index user space registered as a veth; no flags (required).
+        Err(Verdict::RedirectPeer(ifindex)) => unsafe { bpf_redirect_peer(ifindex, 0) as i32 },
+        Err(Verdict::Refuse) => {
+            count_reason(Reason::NoBackend);
+            match refuse::answer(ctx) {
+                Ok(ifindex) => {
+                    // SAFETY: an interface index and no flags: out of the interface the packet
+                    // came in on (its egress).
+                    unsafe { bpf_redirect(ifindex, 0) as i32 }
+                }
+                Err(()) => TC_ACT_SHOT,
+            }
+        }
     }
 }
 
@@ -100,8 +152,7 @@ fn ifindex(ctx: &TcContext) -> u32 {
 }
 
 #[inline(always)]
-fn try_ingress(ctx: &TcContext) -> Result<(), Verdict> {
-    let pkt = parse::parse(ctx).map_err(Verdict::Pass)?;
+fn try_ingress(ctx: &TcContext, pkt: &Packet) -> Result<(), Verdict> {
     let now = conntrack::now();
     let len = u64::from(ctx.len());
 
@@ -113,11 +164,23 @@ fn try_ingress(ctx: &TcContext) -> Result<(), Verdict> {
                 conntrack::touch(flow, &pkt, now);
                 closing(&pkt, &f, f.nat_addr, f.nat_port);
                 rewrite(ctx, &pkt, End::Source, f.nat_addr, f.nat_port)?;
-                if f.kind & flow_kind::HAIRPIN != 0 {
-                    // The client is the backend itself: give it back its own address.
-                    rewrite(ctx, &pkt, End::Destination, pkt.saddr, pkt.dport)?;
+                let hairpin = f.kind & flow_kind::HAIRPIN != 0;
+                if hairpin || f.peer_port != 0 {
+                    // A hairpinned client is the backend itself: give it back its own address;
+                    // a client whose port was translated gets its own port back.
+                    let addr = if hairpin { pkt.saddr } else { pkt.daddr };
+                    rewrite(
+                        ctx,
+                        &pkt,
+                        End::Destination,
+                        addr,
+                        port_or(f.peer_port, pkt.dport),
+                    )?;
                 }
                 count_service(f.service_id, f.backend_id, len, false);
+                if !hairpin {
+                    return deliver(ctx, &pkt, false);
+                }
             }
             flow_kind::MASQUERADE => {
                 conntrack::touch(flow, &pkt, now);
@@ -146,66 +209,107 @@ fn try_ingress(ctx: &TcContext) -> Result<(), Verdict> {
                 saddr: f.nat_addr,
                 daddr: if hairpin { pkt.daddr } else { pkt.saddr },
                 sport: f.nat_port,
-                dport: pkt.sport,
+                dport: port_or(f.peer_port, pkt.sport),
                 proto: pkt.proto,
                 dir: flow_dir::REPLY,
                 _pad: 0,
             };
             conntrack::remove(&reply_key);
             conntrack::remove(&orig_key);
-            return new_flow(ctx, &pkt, now);
+            return start_flow(ctx, &pkt, now);
         }
         conntrack::touch(flow, &pkt, now);
         closing(&pkt, &f, pkt.daddr, pkt.dport);
         rewrite(ctx, &pkt, End::Destination, f.nat_addr, f.nat_port)?;
-        if f.kind & flow_kind::HAIRPIN != 0 {
-            rewrite(ctx, &pkt, End::Source, pkt.daddr, pkt.sport)?;
-        }
+        let hairpin = f.kind & flow_kind::HAIRPIN != 0;
+        translate_client(ctx, &pkt, hairpin, f.peer_port)?;
         count_service(f.service_id, f.backend_id, len, false);
+        if f.kind & (flow_kind::MASK | flow_kind::HAIRPIN) == flow_kind::SERVICE {
+            return deliver(ctx, &pkt, true);
+        }
         return Ok(());
     }
 
-    new_flow(ctx, &pkt, now)
+    start_flow(ctx, &pkt, now)
+}
+
+/// `new_flow`, then the stack bypass for the flow it created.
+#[inline(always)]
+fn start_flow(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<(), Verdict> {
+    if new_flow(ctx, pkt, now)? {
+        return deliver(ctx, pkt, true);
+    }
+    Ok(())
+}
+
+/// `port` if set (non-zero), else `own`.
+#[inline(always)]
+fn port_or(port: u16, own: u16) -> u16 {
+    if port != 0 { port } else { own }
+}
+
+/// The source side of an original-direction translation: a hairpinned client appears as the
+/// VIP, and a client whose port collided gets its translated port.
+#[inline(always)]
+fn translate_client(
+    ctx: &TcContext,
+    pkt: &Packet,
+    hairpin: bool,
+    peer_port: u16,
+) -> Result<(), Verdict> {
+    if !hairpin && peer_port == 0 {
+        return Ok(());
+    }
+    let addr = if hairpin { pkt.daddr } else { pkt.saddr };
+    rewrite(ctx, pkt, End::Source, addr, port_or(peer_port, pkt.sport))
+}
+
+/// Stack bypass: a translated packet for a pod of this node goes straight to the pod's
+/// interface (`bpf_redirect_peer`: from this ingress hook to the ingress of the veth's other
+/// end, in the pod's namespace) with the MAC addresses the bridge and the node's routing would
+/// have given it, and the TTL decremented when the node would have routed it. Skips the
+/// bridge, the node's routing and netfilter. Anything else (no endpoint registered, bypass
+/// turned off, a first fragment, a TTL about to expire) takes the normal path.
+#[inline(always)]
+fn deliver(ctx: &TcContext, pkt: &Packet, routed: bool) -> Result<(), Verdict> {
+    let cfg = conntrack::config();
+    if cfg.flags & node_flags::NO_BYPASS != 0 || pkt.first_fragment {
+        return Ok(());
+    }
+    let Ok(daddr) = ctx.load::<u32>(IP_DST_OFF) else {
+        return Ok(());
+    };
+    // SAFETY: a lookup result, copied out at once.
+    let Some(ep) = (unsafe { ENDPOINTS.get(&daddr) }).copied() else {
+        return Ok(());
+    };
+    if ep.ifindex == ifindex(ctx) {
+        return Ok(());
+    }
+    let fail = |_| Verdict::Drop(Reason::RewriteFailed);
+    if routed {
+        // TTL and protocol share a checksum word; as raw memory the TTL is its low byte.
+        let word: u16 = ctx.load(IP_TTL_OFF).map_err(fail)?;
+        if word & 0xff <= 1 {
+            return Ok(()); // the stack sends the time-exceeded error
+        }
+        let next = word - 1;
+        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(word), u64::from(next), 2)
+            .map_err(fail)?;
+        ctx.store(IP_TTL_OFF, &next, 0).map_err(fail)?;
+    }
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&ep.mac);
+    macs[6..].copy_from_slice(&ep.gateway_mac);
+    ctx.store(0, &macs, 0).map_err(fail)?;
+    Err(Verdict::RedirectPeer(ep.ifindex))
 }
 
 /// A pure SYN: the first packet of a TCP connection.
 #[inline(always)]
-fn is_syn(pkt: &Packet) -> bool {
-    pkt.proto == dataplane_common::proto::TCP && pkt.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
-}
-
-/// Refuses a connection to a service without backends at once, as a closed port would: the
-/// SYN becomes the RST|ACK answering it and goes back out of the interface it arrived on.
-/// Swapping addresses and ports leaves both checksums as they are; only the sequence numbers
-/// and flags change, and are updated incrementally. (UDP is still dropped: an ICMP port
-/// unreachable would need the packet to grow.)
-#[inline(always)]
-fn refuse(ctx: &TcContext, pkt: &Packet) -> Result<(), Verdict> {
-    let fail = |_| Verdict::Drop(Reason::RewriteFailed);
-    let macs: [u8; 12] = ctx.load(0).map_err(fail)?;
-    let mut swapped = [0u8; 12];
-    swapped[..6].copy_from_slice(&macs[6..]);
-    swapped[6..].copy_from_slice(&macs[..6]);
-    ctx.store(0, &swapped, 0).map_err(fail)?;
-    ctx.store(parse::IP_SRC_OFF, &pkt.daddr, 0).map_err(fail)?;
-    ctx.store(parse::IP_DST_OFF, &pkt.saddr, 0).map_err(fail)?;
-    ctx.store(pkt.l4_off, &pkt.dport, 0).map_err(fail)?;
-    ctx.store(pkt.l4_off + 2, &pkt.sport, 0).map_err(fail)?;
-    let seq: u32 = ctx.load(pkt.l4_off + 4).map_err(fail)?;
-    let old_ack: u32 = ctx.load(pkt.l4_off + 8).map_err(fail)?;
-    // RST|ACK acknowledging the SYN: seq 0, ack = their seq + 1.
-    let ack = (u32::from_be(seq).wrapping_add(1)).to_be();
-    let zero = 0u32;
-    let old_flags: u16 = ctx.load(pkt.l4_off + 12).map_err(fail)?;
-    let flags = (old_flags & 0xff00u16.to_be()) | u16::from(tcp_flags::RST | tcp_flags::ACK).to_be();
-    let csum = pkt.l4_csum_off;
-    ctx.l4_csum_replace(csum, u64::from(seq), u64::from(zero), 4).map_err(fail)?;
-    ctx.l4_csum_replace(csum, u64::from(old_ack), u64::from(ack), 4).map_err(fail)?;
-    ctx.l4_csum_replace(csum, u64::from(old_flags), u64::from(flags), 2).map_err(fail)?;
-    ctx.store(pkt.l4_off + 4, &zero, 0).map_err(fail)?;
-    ctx.store(pkt.l4_off + 8, &ack, 0).map_err(fail)?;
-    ctx.store(pkt.l4_off + 12, &flags, 0).map_err(fail)?;
-    Err(Verdict::Redirect(ifindex(ctx)))
+pub(crate) fn is_syn(pkt: &Packet) -> bool {
+    pkt.proto == dataplane_common::proto::TCP
+        && pkt.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
 }
 
 /// True for a pure SYN arriving on a flow that has already closed.
@@ -219,19 +323,20 @@ fn reopens(pkt: &Packet, f: &Flow) -> bool {
 /// A BPF-to-BPF call rather than inlined: it is reached from two places, and inlining it twice
 /// let LLVM merge the tails into code the verifier rejects (a register read before any write on
 /// one of the merged paths).
+///
+/// `Ok(true)`: a service flow that may bypass the stack (the caller calls `deliver`, which
+/// keeps its stack frame out of this one's).
 #[inline(never)]
-fn new_flow(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<(), Verdict> {
-    let pkt = *pkt;
+fn new_flow(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<bool, Verdict> {
     let len = u64::from(ctx.len());
     let Some(svc) = lb::service(&pkt) else {
         forget_stale_reply(&pkt);
-        return Ok(());
+        return Ok(false);
     };
     let (backend_id, backend) = match lb::select(&svc, &pkt, now) {
         Ok(found) => found,
-        Err(Reason::NoBackend) if is_syn(&pkt) => {
-            count_reason(Reason::NoBackend);
-            return refuse(ctx, &pkt);
+        Err(Reason::NoBackend) if is_syn(&pkt) || pkt.proto == dataplane_common::proto::UDP => {
+            return Err(Verdict::Refuse);
         }
         Err(reason) => return Err(Verdict::Drop(reason)),
     };
@@ -245,7 +350,7 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<(), Verdict> {
     if hairpin {
         kind |= flow_kind::HAIRPIN;
     }
-    let orig = Flow {
+    let mut orig = Flow {
         nat_addr: backend.addr,
         nat_port: backend.port,
         kind,
@@ -253,11 +358,17 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<(), Verdict> {
         service_id: svc.id,
         backend_id,
         last_seen_ns: now,
+        peer_port: 0,
+        _pad: [0; 6],
     };
-    let reply = Flow { nat_addr: pkt.daddr, nat_port: pkt.dport, ..orig };
+    let mut reply = Flow {
+        nat_addr: pkt.daddr,
+        nat_port: pkt.dport,
+        ..orig
+    };
     // A hairpinned client appears to the backend as the VIP, so its replies go to the VIP.
     let reply_dst = if hairpin { pkt.daddr } else { pkt.saddr };
-    let reply_key = FlowKey {
+    let mut reply_key = FlowKey {
         saddr: backend.addr,
         daddr: reply_dst,
         sport: backend.port,
@@ -266,15 +377,24 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<(), Verdict> {
         dir: flow_dir::REPLY,
         _pad: 0,
     };
-    match conntrack::create(&conntrack::key(&pkt, flow_dir::ORIGINAL), &orig, &reply_key, &reply) {
+    match conntrack::create(
+        &conntrack::key(&pkt, flow_dir::ORIGINAL),
+        &mut orig,
+        &mut reply_key,
+        &mut reply,
+        now,
+    ) {
         Ok(()) => lb::count_connection(backend_id, true),
+        // The backend already has a live flow from this client port (through another VIP) and
+        // no free port was found to tell the two apart: forwarding would merge them.
+        Err(conntrack::CreateError::NoFreePort) => {
+            return Err(Verdict::Drop(Reason::NoMasqueradePort));
+        }
         // Without entries the flow still reaches a consistent backend while hashing picks it.
-        Err(_) => count_reason(Reason::ConntrackFull),
+        Err(conntrack::CreateError::Full) => count_reason(Reason::ConntrackFull),
     }
     rewrite(ctx, &pkt, End::Destination, backend.addr, backend.port)?;
-    if hairpin {
-        rewrite(ctx, &pkt, End::Source, pkt.daddr, pkt.sport)?;
-    }
+    translate_client(ctx, &pkt, hairpin, orig.peer_port)?;
     count_service(svc.id, backend_id, len, true);
     debug!(
         ctx,
@@ -287,16 +407,12 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<(), Verdict> {
         u16::from_be(backend.port),
         kind
     );
-    Ok(())
+    Ok(kind == flow_kind::SERVICE)
 }
 
+/// Egress on the uplink.
 #[inline(always)]
-fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
-    let cfg = conntrack::config();
-    if cfg.uplink_ifindex == 0 || ifindex(ctx) != cfg.uplink_ifindex {
-        return Ok(());
-    }
-    let pkt = parse::parse(ctx).map_err(Verdict::Pass)?;
+fn try_egress(ctx: &TcContext, pkt: &Packet, cfg: &NodeConfig) -> Result<(), Verdict> {
     let now = conntrack::now();
 
     if let Some(flow) = conntrack::lookup(&conntrack::key(&pkt, flow_dir::REPLY), now) {
@@ -306,6 +422,9 @@ fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
             conntrack::touch(flow, &pkt, now);
             closing(&pkt, &f, f.nat_addr, f.nat_port);
             rewrite(ctx, &pkt, End::Source, f.nat_addr, f.nat_port)?;
+            if f.peer_port != 0 {
+                rewrite(ctx, &pkt, End::Destination, pkt.daddr, f.peer_port)?;
+            }
             count_service(f.service_id, f.backend_id, u64::from(ctx.len()), false);
         }
         return Ok(());
@@ -319,8 +438,11 @@ fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
         }
         return Ok(());
     }
-    if cfg.pod_mask != 0 && pkt.saddr & cfg.pod_mask == cfg.pod_net && pkt.daddr & cfg.pod_mask != cfg.pod_net {
-        masquerade(ctx, &pkt, &cfg, now)?;
+    if cfg.pod_mask != 0
+        && pkt.saddr & cfg.pod_mask == cfg.pod_net
+        && pkt.daddr & cfg.pod_mask != cfg.pod_net
+    {
+        masquerade(ctx, &pkt, cfg, now)?;
     }
     Ok(())
 }
@@ -338,15 +460,14 @@ fn masquerade(ctx: &TcContext, pkt: &Packet, cfg: &NodeConfig, now: u64) -> Resu
         service_id: 0,
         backend_id: 0,
         last_seen_ns: now,
+        peer_port: 0,
+        _pad: [0; 6],
     };
-    let span = u32::from(MASQ_PORT_MAX - MASQ_PORT_MIN) + 1;
     let mut port = pkt.sport;
     let mut claimed = false;
     for attempt in 0..8u32 {
         if attempt > 0 {
-            // SAFETY: a helper without arguments.
-            let r = unsafe { bpf_get_prandom_u32() };
-            port = (MASQ_PORT_MIN + (r % span) as u16).to_be();
+            port = conntrack::random_port();
         }
         let key = FlowKey {
             saddr: pkt.daddr,
@@ -365,7 +486,11 @@ fn masquerade(ctx: &TcContext, pkt: &Packet, cfg: &NodeConfig, now: u64) -> Resu
     if !claimed {
         return Err(Verdict::Drop(Reason::NoMasqueradePort));
     }
-    let orig = Flow { nat_addr: cfg.uplink_addr, nat_port: port, ..reply };
+    let orig = Flow {
+        nat_addr: cfg.uplink_addr,
+        nat_port: port,
+        ..reply
+    };
     if conntrack::insert(&conntrack::key(pkt, flow_dir::ORIGINAL), &orig, 0).is_err() {
         count_reason(Reason::ConntrackFull);
     }
@@ -379,7 +504,9 @@ fn masquerade(ctx: &TcContext, pkt: &Packet, cfg: &NodeConfig, now: u64) -> Resu
 /// reset it. Only SYNs pay for the lookup.
 #[inline(always)]
 fn forget_stale_reply(pkt: &Packet) {
-    if pkt.proto != dataplane_common::proto::TCP || pkt.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) != tcp_flags::SYN {
+    if pkt.proto != dataplane_common::proto::TCP
+        || pkt.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) != tcp_flags::SYN
+    {
         return;
     }
     let key = FlowKey {
@@ -396,7 +523,9 @@ fn forget_stale_reply(pkt: &Packet) {
         let (kind, state) = unsafe { ((*flow).kind, (*flow).state) };
         // Only a flow that has closed: the translated SYN of a live flow passes here too (on the
         // bridge device, already addressed to its backend) while its reply entry is new.
-        if kind & flow_kind::MASK == flow_kind::SERVICE && state == dataplane_common::tcp_state::CLOSING {
+        if kind & flow_kind::MASK == flow_kind::SERVICE
+            && state == dataplane_common::tcp_state::CLOSING
+        {
             conntrack::remove(&key);
         }
     }
@@ -411,7 +540,8 @@ fn closing(pkt: &Packet, f: &Flow, vip: u32, vport: u16) {
     }
     // The original key, rebuilt from either direction: client -> VIP.
     let (mut client, cport) = if f.nat_addr == vip && f.nat_port == vport {
-        (pkt.daddr, pkt.dport) // a reply: the client is its destination
+        // A reply: the client is its destination (with its own port, if it was translated).
+        (pkt.daddr, port_or(f.peer_port, pkt.dport))
     } else {
         (pkt.saddr, pkt.sport)
     };
@@ -463,7 +593,10 @@ fn bump(c: *mut ServiceCounters, len: u64, new_flow: bool) {
 /// Adds this packet to its interface's per-CPU counters, creating the entry on first sight.
 #[inline(always)]
 fn count_iface(ctx: &TcContext, dir: u32) {
-    let key = IfaceKey { ifindex: ifindex(ctx), direction: dir };
+    let key = IfaceKey {
+        ifindex: ifindex(ctx),
+        direction: dir,
+    };
     let len = u64::from(ctx.len());
     match IFACE_STATS.get_ptr_mut(&key) {
         Some(c) => {
@@ -476,7 +609,14 @@ fn count_iface(ctx: &TcContext, dir: u32) {
         }
         None => {
             // A full map only loses counts; the packet itself is unaffected.
-            let _ = IFACE_STATS.insert(&key, &Counters { packets: 1, bytes: len }, 0);
+            let _ = IFACE_STATS.insert(
+                &key,
+                &Counters {
+                    packets: 1,
+                    bytes: len,
+                },
+                0,
+            );
         }
     }
 }

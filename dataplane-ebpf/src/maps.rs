@@ -11,14 +11,16 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use dataplane_common::{
-    AFFINITY_SIZE, Affinity, AffinityKey, Backend, CONNTRACK_SIZE, Counters, Flow, FlowKey, IfaceKey,
-    MAX_BACKENDS, MAX_IFACES, MAX_NODE_ADDRS, MAX_REASONS, MAX_SERVICES, MAX_SLOTS, NodeConfig, Service, ServiceCounters,
-    ServiceKey, SlotKey, ct_event,
+    AFFINITY_SIZE, Affinity, AffinityKey, Backend, CONNTRACK_SIZE, Counters, Endpoint,
+    FRAGMENTS_SIZE, Flow, FlowKey, FragKey, FragNat, IfaceKey, MAX_BACKENDS, MAX_ENDPOINTS,
+    MAX_IFACES, MAX_NODE_ADDRS, MAX_REASONS, MAX_SERVICES, MAX_SLOTS, NodeConfig, Service,
+    ServiceCounters, ServiceKey, SlotKey, ct_event,
 };
 
 /// See [`dataplane_common::map::IFACE_STATS`].
 #[map(name = "IFACE_STATS")]
-pub static IFACE_STATS: PerCpuHashMap<IfaceKey, Counters> = PerCpuHashMap::pinned(MAX_IFACES * 2, 0);
+pub static IFACE_STATS: PerCpuHashMap<IfaceKey, Counters> =
+    PerCpuHashMap::pinned(MAX_IFACES * 2, 0);
 
 /// See [`dataplane_common::map::REASONS`].
 #[map(name = "REASONS")]
@@ -26,7 +28,8 @@ pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(MAX_REASONS, 0);
 
 /// See [`dataplane_common::map::SERVICES`].
 #[map(name = "SERVICES")]
-pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(MAX_SERVICES * 2, BPF_F_NO_PREALLOC);
+pub static SERVICES: HashMap<ServiceKey, Service> =
+    HashMap::pinned(MAX_SERVICES * 2, BPF_F_NO_PREALLOC);
 
 /// See [`dataplane_common::map::SLOTS`].
 #[map(name = "SLOTS")]
@@ -72,7 +75,8 @@ pub static BACKEND_STATS: PerCpuHashMap<u32, ServiceCounters> =
 
 /// See [`dataplane_common::map::RR_CURSORS`].
 #[map(name = "RR_CURSORS")]
-pub static RR_CURSORS: PerCpuHashMap<u32, u32> = PerCpuHashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+pub static RR_CURSORS: PerCpuHashMap<u32, u32> =
+    PerCpuHashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
 
 /// See [`dataplane_common::map::NODE_ADDRS`].
 #[map(name = "NODE_ADDRS")]
@@ -81,3 +85,11 @@ pub static NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(MAX_NODE_ADDRS, BPF_F
 /// See [`dataplane_common::map::CONFIG`].
 #[map(name = "CONFIG")]
 pub static CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
+
+/// See [`dataplane_common::map::FRAGMENTS`].
+#[map(name = "FRAGMENTS")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragNat> = LruHashMap::pinned(FRAGMENTS_SIZE, 0);
+
+/// See [`dataplane_common::map::ENDPOINTS`].
+#[map(name = "ENDPOINTS")]
+pub static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(MAX_ENDPOINTS, BPF_F_NO_PREALLOC);

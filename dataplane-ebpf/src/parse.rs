@@ -16,6 +16,13 @@ const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 pub const IP_CSUM_OFF: usize = L3_OFF + 10;
 pub const IP_SRC_OFF: usize = L3_OFF + 12;
 pub const IP_DST_OFF: usize = L3_OFF + 16;
+pub const IP_ID_OFF: usize = L3_OFF + 4;
+pub const IP_FRAG_OFF: usize = L3_OFF + 6;
+pub const IP_TTL_OFF: usize = L3_OFF + 8;
+pub const IP_PROTO_OFF: usize = L3_OFF + 9;
+/// Bits of the IPv4 flags-and-offset field (host order).
+pub const MORE_FRAGMENTS: u16 = 0x2000;
+pub const FRAG_OFFSET: u16 = 0x1fff;
 
 /// Returns a pointer to a `T` at `offset` bytes into the packet, or `None` when the packet is
 /// too short to hold it.
@@ -30,7 +37,7 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
 }
 
 #[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+pub fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
     let p = ptr_at::<T>(ctx, offset)?;
     // SAFETY: `ptr_at` checked that the whole `T` lies inside the packet.
     Some(unsafe { p.read_unaligned() })
@@ -46,12 +53,31 @@ pub struct Packet {
     pub proto: u8,
     /// TCP flags byte (zero for UDP).
     pub tcp_flags: u8,
-    /// Offset of the L4 header from the start of the frame.
-    pub l4_off: usize,
+    /// Offset of the L4 header from the start of the frame (16 bits: a `Packet` lives in the
+    /// entry points' stack frames, which the verifier limits).
+    l4_off: u16,
     /// Offset of the L4 checksum from the start of the frame.
-    pub l4_csum_off: usize,
+    l4_csum_off: u16,
     /// True for UDP datagrams sent without a checksum (zero), which must stay zero.
     pub udp_no_csum: bool,
+    /// The first fragment of a fragmented datagram: later fragments follow its translation.
+    pub first_fragment: bool,
+    /// The IP identification field (network order), which ties fragments together.
+    pub ip_id: u16,
+}
+
+impl Packet {
+    /// Offset of the L4 header from the start of the frame.
+    #[inline(always)]
+    pub fn l4(&self) -> usize {
+        usize::from(self.l4_off)
+    }
+
+    /// Offset of the L4 checksum from the start of the frame.
+    #[inline(always)]
+    pub fn l4_csum(&self) -> usize {
+        usize::from(self.l4_csum_off)
+    }
 }
 
 /// TCP flag bits in [`Packet::tcp_flags`].
@@ -75,6 +101,7 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, Reason> {
     if ver_ihl >> 4 != 4 || ihl < 20 {
         return Err(Reason::Truncated);
     }
+    let ip_id: u16 = read(ctx, L3_OFF + 4).ok_or(Reason::Truncated)?;
     let frag: u16 = read(ctx, L3_OFF + 6).ok_or(Reason::Truncated)?;
     let protocol: u8 = read(ctx, L3_OFF + 9).ok_or(Reason::Truncated)?;
     let saddr: u32 = read(ctx, IP_SRC_OFF).ok_or(Reason::Truncated)?;
@@ -82,10 +109,13 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, Reason> {
     if protocol != proto::TCP && protocol != proto::UDP {
         return Err(Reason::OtherProtocol);
     }
-    // More-fragments flag or a non-zero offset (network order 0x3fff).
-    if u16::from_be(frag) & 0x3fff != 0 {
+    // A non-zero fragment offset: no L4 header here (see `frag::follow`). The first fragment
+    // (offset zero, more-fragments set) has the ports and is translated like any packet.
+    let frag = u16::from_be(frag);
+    if frag & FRAG_OFFSET != 0 {
         return Err(Reason::Fragment);
     }
+    let first_fragment = frag & MORE_FRAGMENTS != 0;
     let l4_off = L3_OFF + ihl;
     let sport: u16 = read(ctx, l4_off).ok_or(Reason::Truncated)?;
     let dport: u16 = read(ctx, l4_off + 2).ok_or(Reason::Truncated)?;
@@ -99,5 +129,17 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, Reason> {
         let csum: u16 = read(ctx, l4_off + 6).ok_or(Reason::Truncated)?;
         (0, l4_off + 6, csum == 0)
     };
-    Ok(Packet { saddr, daddr, sport, dport, proto: protocol, tcp_flags, l4_off, l4_csum_off, udp_no_csum })
+    Ok(Packet {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        proto: protocol,
+        tcp_flags,
+        l4_off: l4_off as u16,
+        l4_csum_off: l4_csum_off as u16,
+        udp_no_csum,
+        first_fragment,
+        ip_id,
+    })
 }

@@ -49,7 +49,11 @@ struct Line {
 
 impl Line {
     fn new(fd: c_int) -> Self {
-        Line { fd, buf: [0; 512], len: 0 }
+        Line {
+            fd,
+            buf: [0; 512],
+            len: 0,
+        }
     }
 
     fn s(&mut self, bytes: &[u8]) -> &mut Self {
@@ -101,7 +105,13 @@ impl Drop for Line {
         let mut off = 0;
         while off < self.len {
             // SAFETY: writing initialised bytes of our own buffer.
-            let n = unsafe { libc::write(self.fd, self.buf[off..self.len].as_ptr().cast(), self.len - off) };
+            let n = unsafe {
+                libc::write(
+                    self.fd,
+                    self.buf[off..self.len].as_ptr().cast(),
+                    self.len - off,
+                )
+            };
             if n <= 0 {
                 return;
             }
@@ -140,7 +150,11 @@ fn msg(level: Level) -> Option<Line> {
     };
     let mut line = Line::new(fd);
     // SAFETY: getpid has no preconditions.
-    line.s(tag).s(NAME).s(b" (").n(i64::from(unsafe { libc::getpid() })).s(b")] ");
+    line.s(tag)
+        .s(NAME)
+        .s(b" (")
+        .n(i64::from(unsafe { libc::getpid() }))
+        .s(b")] ");
     Some(line)
 }
 
@@ -213,7 +227,9 @@ fn signal_number(name: &[u8], bare: bool) -> Option<c_int> {
         return Some(*n);
     }
     if bare {
-        return parse_u32(name).filter(|n| (1..=64).contains(n)).map(|n| n as c_int);
+        return parse_u32(name)
+            .filter(|n| (1..=64).contains(n))
+            .map(|n| n as c_int);
     }
     None
 }
@@ -222,7 +238,9 @@ fn parse_u32(s: &[u8]) -> Option<u32> {
     if s.is_empty() || s.len() > 9 {
         return None;
     }
-    s.iter().try_fold(0u32, |acc, &b| b.is_ascii_digit().then(|| acc * 10 + u32::from(b - b'0')))
+    s.iter().try_fold(0u32, |acc, &b| {
+        b.is_ascii_digit().then(|| acc * 10 + u32::from(b - b'0'))
+    })
 }
 
 /// Bytes of the NUL-terminated `p` (without the NUL).
@@ -341,22 +359,37 @@ fn parse_args(argc: usize, argv: *const *const c_char, cfg: &mut Config) -> Resu
                 b"wait-all" => {
                     cfg.wait_all = Some(match inline {
                         None => WAIT_ALL_DEFAULT,
-                        Some(v) => parse_u32(v).ok_or_else(|| bad_option(b"Not a valid value for --wait-all: ", v))?,
+                        Some(v) => parse_u32(v)
+                            .ok_or_else(|| bad_option(b"Not a valid value for --wait-all: ", v))?,
                     });
                 }
                 b"grace-period" => {
                     let v = value(&mut i).ok_or_else(|| bad_option(b"Missing value for ", a))?;
-                    cfg.grace = Some(parse_u32(v).ok_or_else(|| bad_option(b"Not a valid value for --grace-period: ", v))?);
+                    cfg.grace =
+                        Some(parse_u32(v).ok_or_else(|| {
+                            bad_option(b"Not a valid value for --grace-period: ", v)
+                        })?);
                 }
                 b"rewrite" => {
                     let v = value(&mut i).ok_or_else(|| bad_option(b"Missing value for ", a))?;
                     let colon = v.iter().position(|&b| b == b':');
-                    let pair = colon.and_then(|c| Some((signal_number(&v[..c], true)?, signal_number(&v[c + 1..], true)?)));
-                    let (from, to) = pair.ok_or_else(|| bad_option(b"Not a valid value for --rewrite (FROM:TO): ", v))?;
+                    let pair = colon.and_then(|c| {
+                        Some((
+                            signal_number(&v[..c], true)?,
+                            signal_number(&v[c + 1..], true)?,
+                        ))
+                    });
+                    let (from, to) = pair.ok_or_else(|| {
+                        bad_option(b"Not a valid value for --rewrite (FROM:TO): ", v)
+                    })?;
                     cfg.rewrite[from as usize] = to as u8;
                 }
                 _ => {
-                    Line::new(2).s(NAME).s(b": unrecognized option '").s(a).s(b"'\n");
+                    Line::new(2)
+                        .s(NAME)
+                        .s(b": unrecognized option '")
+                        .s(a)
+                        .s(b"'\n");
                     usage(2);
                     return Err(1);
                 }
@@ -395,21 +428,32 @@ fn parse_args(argc: usize, argv: *const *const c_char, cfg: &mut Config) -> Resu
                     } else {
                         i += 1;
                         if i >= argc {
-                            Line::new(2).s(NAME).s(b": option requires an argument -- '").s(&[c]).s(b"'\n");
+                            Line::new(2)
+                                .s(NAME)
+                                .s(b": option requires an argument -- '")
+                                .s(&[c])
+                                .s(b"'\n");
                             usage(2);
                             return Err(1);
                         }
                         arg(i)
                     };
                     if c == b'p' {
-                        cfg.pdeathsig = signal_number(v, false).ok_or_else(|| bad_option(b"Not a valid option for -p: ", v))?;
+                        cfg.pdeathsig = signal_number(v, false)
+                            .ok_or_else(|| bad_option(b"Not a valid option for -p: ", v))?;
                     } else {
-                        let code = parse_u32(v).filter(|n| *n <= 255).ok_or_else(|| bad_option(b"Not a valid option for -e: ", v))?;
+                        let code = parse_u32(v)
+                            .filter(|n| *n <= 255)
+                            .ok_or_else(|| bad_option(b"Not a valid option for -e: ", v))?;
                         cfg.expect[(code / 32) as usize] |= 1 << (code % 32);
                     }
                 }
                 _ => {
-                    Line::new(2).s(NAME).s(b": invalid option -- '").s(&[c]).s(b"'\n");
+                    Line::new(2)
+                        .s(NAME)
+                        .s(b": invalid option -- '")
+                        .s(&[c])
+                        .s(b"'\n");
                     usage(2);
                     return Err(1);
                 }
@@ -550,7 +594,9 @@ fn exec_child(cfg: &Config, saved: &Saved, argv: *const *const c_char) -> c_int 
             || libc::sigaction(libc::SIGTTOU, &saved.ttou, ptr::null_mut()) != 0
         {
             if let Some(mut l) = msg(Level::Fatal) {
-                l.s(b"Restoring child signal state failed: '").errno().s(b"'\n");
+                l.s(b"Restoring child signal state failed: '")
+                    .errno()
+                    .s(b"'\n");
             }
             return 1;
         }
@@ -586,7 +632,10 @@ fn descendants(out: &mut [pid_t]) -> usize {
     // SAFETY: open/getdents64/read/close with local buffers and their lengths; getdents64
     // records are walked by their own length fields within the bytes the kernel returned.
     unsafe {
-        let dir = libc::open(b"/proc\0".as_ptr().cast(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC);
+        let dir = libc::open(
+            b"/proc\0".as_ptr().cast(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
         if dir < 0 {
             return 0;
         }
@@ -594,7 +643,8 @@ fn descendants(out: &mut [pid_t]) -> usize {
         // other use for malloc.
         let mut ents = [0u8; 4096];
         'read: loop {
-            let got = libc::syscall(libc::SYS_getdents64, dir, ents.as_mut_ptr(), ents.len()) as isize;
+            let got =
+                libc::syscall(libc::SYS_getdents64, dir, ents.as_mut_ptr(), ents.len()) as isize;
             if got <= 0 {
                 break;
             }
@@ -605,7 +655,10 @@ fn descendants(out: &mut [pid_t]) -> usize {
                     break 'read;
                 }
                 let name_bytes = &ents[off + 19..(off + reclen).min(got as usize)];
-                let name = &name_bytes[..name_bytes.iter().position(|&b| b == 0).unwrap_or(name_bytes.len())];
+                let name = &name_bytes[..name_bytes
+                    .iter()
+                    .position(|&b| b == 0)
+                    .unwrap_or(name_bytes.len())];
                 off += reclen;
                 let Some(pid) = parse_u32(name) else { continue };
                 let mut path = [0u8; 32];
@@ -628,8 +681,12 @@ fn descendants(out: &mut [pid_t]) -> usize {
                 }
                 // "pid (comm) state ppid ...": comm may hold anything, so parse after the last ')'.
                 let stat = &buf[..r as usize];
-                let Some(close) = stat.iter().rposition(|&b| b == b')') else { continue };
-                let mut fields = stat[close + 1..].split(|&b| b == b' ').filter(|f| !f.is_empty());
+                let Some(close) = stat.iter().rposition(|&b| b == b')') else {
+                    continue;
+                };
+                let mut fields = stat[close + 1..]
+                    .split(|&b| b == b' ')
+                    .filter(|f| !f.is_empty());
                 if let Some(ppid) = fields.nth(1).and_then(parse_u32) {
                     pids[n] = pid as pid_t;
                     parents[n] = ppid as pid_t;
@@ -702,12 +759,20 @@ impl Init<'_> {
             _ => sig,
         };
         if let Some(mut l) = msg(Level::Debug) {
-            l.s(b"Passing signal: ").n(i64::from(sig)).s(b" as ").n(i64::from(out)).s(b"\n");
+            l.s(b"Passing signal: ")
+                .n(i64::from(sig))
+                .s(b" as ")
+                .n(i64::from(out))
+                .s(b"\n");
         }
         if self.cfg.forward_all || self.exit_code.is_some() {
             signal_all(out);
         } else {
-            let target = if self.cfg.kill_group { -self.child } else { self.child };
+            let target = if self.cfg.kill_group {
+                -self.child
+            } else {
+                self.child
+            };
             // SAFETY: kill with a valid signal number.
             if unsafe { libc::kill(target, out) } != 0 {
                 if errno() == libc::ESRCH {
@@ -716,7 +781,9 @@ impl Init<'_> {
                     }
                 } else {
                     if let Some(mut l) = msg(Level::Fatal) {
-                        l.s(b"Unexpected error when forwarding signal: '").errno().s(b"'\n");
+                        l.s(b"Unexpected error when forwarding signal: '")
+                            .errno()
+                            .s(b"'\n");
                     }
                     return Err(1);
                 }
@@ -765,12 +832,16 @@ impl Init<'_> {
                 } % 256;
                 let remapped = self.cfg.expect[(code / 32) as usize] & (1 << (code % 32)) != 0;
                 if let Some(mut l) = msg(Level::Info) {
-                    l.s(b"Main child exited with status ").n(i64::from(code)).s(b"\n");
+                    l.s(b"Main child exited with status ")
+                        .n(i64::from(code))
+                        .s(b"\n");
                 }
                 self.exit_code = Some(if remapped { 0 } else { code });
             } else if self.cfg.warn_on_reap {
                 if let Some(mut l) = msg(Level::Warn) {
-                    l.s(b"Reaped zombie process with pid=").n(i64::from(pid)).s(b"\n");
+                    l.s(b"Reaped zombie process with pid=")
+                        .n(i64::from(pid))
+                        .s(b"\n");
                 }
             }
         }
@@ -789,7 +860,10 @@ impl Init<'_> {
                 None => libc::sigwaitinfo(set, &mut info),
                 Some(at) => {
                     let left = (at - now_ms()).max(0);
-                    let ts = libc::timespec { tv_sec: left / 1000, tv_nsec: (left % 1000) * 1_000_000 };
+                    let ts = libc::timespec {
+                        tv_sec: left / 1000,
+                        tv_nsec: (left % 1000) * 1_000_000,
+                    };
                     libc::sigtimedwait(set, &mut info, &ts)
                 }
             }
@@ -801,7 +875,9 @@ impl Init<'_> {
             libc::EAGAIN | libc::EINTR => Ok(None),
             _ => {
                 if let Some(mut l) = msg(Level::Fatal) {
-                    l.s(b"Unexpected error in sigtimedwait: '").errno().s(b"'\n");
+                    l.s(b"Unexpected error in sigtimedwait: '")
+                        .errno()
+                        .s(b"'\n");
                 }
                 Err(1)
             }
@@ -841,7 +917,9 @@ impl Init<'_> {
                 (Some(secs), None) if !self.no_children => {
                     // The program is done; ask the rest of the tree to finish.
                     if let Some(mut l) = msg(Level::Info) {
-                        l.s(b"Waiting up to ").n(i64::from(secs)).s(b"s for the remaining processes\n");
+                        l.s(b"Waiting up to ")
+                            .n(i64::from(secs))
+                            .s(b"s for the remaining processes\n");
                     }
                     signal_all(libc::SIGTERM);
                     self.wait_all_until = Some(now + i64::from(secs) * 1000);
@@ -880,7 +958,10 @@ impl Init<'_> {
                 return;
             }
             if pid == 0 {
-                let ts = libc::timespec { tv_sec: 0, tv_nsec: 5_000_000 };
+                let ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 5_000_000,
+                };
                 // SAFETY: nanosleep with a valid duration.
                 unsafe { libc::nanosleep(&ts, ptr::null_mut()) };
             }
@@ -937,16 +1018,22 @@ fn real_main(argc: usize, argv: *const *const c_char) -> c_int {
         Err(code) => return code,
     };
     // SAFETY: prctl with documented arguments.
-    if cfg.pdeathsig != 0 && unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, cfg.pdeathsig as libc::c_ulong) } != 0 {
+    if cfg.pdeathsig != 0
+        && unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, cfg.pdeathsig as libc::c_ulong) } != 0
+    {
         if let Some(mut l) = msg(Level::Fatal) {
             l.s(b"Failed to set up parent death signal\n");
         }
         return 1;
     }
     // SAFETY: as above.
-    if cfg.subreaper && unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) } != 0 {
+    if cfg.subreaper
+        && unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) } != 0
+    {
         if let Some(mut l) = msg(Level::Fatal) {
-            l.s(b"Failed to register as child subreaper: ").errno().s(b"\n");
+            l.s(b"Failed to register as child subreaper: ")
+                .errno()
+                .s(b"\n");
         }
         return 1;
     }
@@ -969,9 +1056,20 @@ fn real_main(argc: usize, argv: *const *const c_char) -> c_int {
     }
     if let Some(mut l) = msg(Level::Info) {
         // SAFETY: child_argv[0] is the program name.
-        l.s(b"Spawned child process '").c(unsafe { *child_argv }).s(b"' with pid '").n(i64::from(pid)).s(b"'\n");
+        l.s(b"Spawned child process '")
+            .c(unsafe { *child_argv })
+            .s(b"' with pid '")
+            .n(i64::from(pid))
+            .s(b"'\n");
     }
-    let mut init = Init { cfg: &cfg, child: pid, exit_code: None, kill_at: None, wait_all_until: None, no_children: false };
+    let mut init = Init {
+        cfg: &cfg,
+        child: pid,
+        exit_code: None,
+        kill_at: None,
+        wait_all_until: None,
+        no_children: false,
+    };
     init.run(&set)
 }
 

@@ -37,7 +37,9 @@ pub fn skip_reason() -> Option<String> {
         return Some("BULKHEAD_BIN is not set; run the tests through `cargo xtask test`".into());
     }
     if !Path::new(IP).is_file() {
-        return Some(format!("{IP} (iproute2) is missing; `cargo xtask setup` installs it"));
+        return Some(format!(
+            "{IP} (iproute2) is missing; `cargo xtask setup` installs it"
+        ));
     }
     None
 }
@@ -56,7 +58,9 @@ pub fn skip(test: &str) -> bool {
 
 /// The `bulkhead` binary built by `cargo xtask build`.
 pub fn bulkhead_bin() -> Option<PathBuf> {
-    std::env::var_os("BULKHEAD_BIN").map(PathBuf::from).filter(|p| p.is_file())
+    std::env::var_os("BULKHEAD_BIN")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
 }
 
 /// A name unique to this process and call, at most 15 bytes (the interface name limit) for a
@@ -71,14 +75,20 @@ pub fn unique_name(prefix: &str) -> String {
 
 /// Runs a command and panics with its stderr when it fails.
 pub fn run_ok<S: AsRef<OsStr>>(program: &str, args: &[S]) -> String {
-    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
     assert_ok(program, args, &out);
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn assert_ok<S: AsRef<OsStr>>(program: &str, args: &[S], out: &Output) {
     if !out.status.success() {
-        let args: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
+        let args: Vec<_> = args
+            .iter()
+            .map(|a| a.as_ref().to_string_lossy().into_owned())
+            .collect();
         panic!(
             "`{program} {}` failed ({}):\n{}{}",
             args.join(" "),
@@ -133,7 +143,8 @@ impl Netns {
     /// Runs `f` on a thread that has entered this namespace. Sockets it creates stay in the
     /// namespace and can be used from any thread afterwards.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let file = fs::File::open(self.path()).unwrap_or_else(|e| panic!("open netns {}: {e}", self.name));
+        let file =
+            fs::File::open(self.path()).unwrap_or_else(|e| panic!("open netns {}: {e}", self.name));
         std::thread::spawn(move || {
             setns(&file, CloneFlags::CLONE_NEWNET).expect("setns into the test namespace");
             f()
@@ -170,8 +181,14 @@ impl BpffsDir {
     pub fn new() -> Self {
         let path = std::env::temp_dir().join(unique_name("bpf"));
         fs::create_dir_all(&path).expect("create the bpffs mount point");
-        nix::mount::mount(Some("bpf"), &path, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .expect("mount bpffs for the test");
+        nix::mount::mount(
+            Some("bpf"),
+            &path,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount bpffs for the test");
         BpffsDir { path }
     }
 
@@ -251,7 +268,8 @@ impl Pod {
     pub fn udp_socket(&self, port: u16) -> UdpSocket {
         self.ns.run(move || {
             let sock = UdpSocket::bind(("0.0.0.0", port)).expect("bind a UDP socket");
-            sock.set_read_timeout(Some(Duration::from_secs(2))).expect("set a read timeout");
+            sock.set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("set a read timeout");
             sock
         })
     }
@@ -276,8 +294,12 @@ impl Pod {
 
     fn tcp_server(&self, port: u16, answer: Answer) -> Server {
         let me = SocketAddrV4::new(self.addr, port);
-        let listener = self.ns.run(move || TcpListener::bind(me).expect("bind the test TCP server"));
-        listener.set_nonblocking(true).expect("make the listener non-blocking");
+        let listener = self
+            .ns
+            .run(move || TcpListener::bind(me).expect("bind the test TCP server"));
+        listener
+            .set_nonblocking(true)
+            .expect("make the listener non-blocking");
         Server::spawn(move |stop| {
             let mut handlers = Vec::new();
             while !stop.load(Ordering::Relaxed) {
@@ -289,9 +311,13 @@ impl Pod {
                             Answer::Peer => peer.to_string(),
                         };
                         let once = matches!(answer, Answer::ItselfOnce);
-                        handlers.push(std::thread::spawn(move || answer_lines(conn, text, once, &stop)));
+                        handlers.push(std::thread::spawn(move || {
+                            answer_lines(conn, text, once, &stop)
+                        }));
                     }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
                     Err(e) => panic!("accept on {me}: {e}"),
                 }
             }
@@ -302,8 +328,11 @@ impl Pod {
     /// A UDP server on `port` answering every datagram with `ADDR:PORT` of itself.
     pub fn serve_udp(&self, port: u16) -> Server {
         let me = SocketAddrV4::new(self.addr, port);
-        let sock = self.ns.run(move || UdpSocket::bind(me).expect("bind the test UDP server"));
-        sock.set_read_timeout(Some(Duration::from_millis(20))).expect("set a read timeout");
+        let sock = self
+            .ns
+            .run(move || UdpSocket::bind(me).expect("bind the test UDP server"));
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("set a read timeout");
         Server::spawn(move |stop| {
             let mut buf = [0u8; 2048];
             while !stop.load(Ordering::Relaxed) {
@@ -328,7 +357,9 @@ impl Pod {
                 Ok::<_, std::io::Error>(sock)
             })
             .unwrap_or_else(|e| panic!("connect to {dst}: {e}"));
-        stream.set_read_timeout(Some(Duration::from_secs(3))).expect("set a read timeout");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("set a read timeout");
         stream
     }
 
@@ -339,8 +370,11 @@ impl Pod {
 
     /// A UDP socket of this pod bound to an ephemeral port.
     pub fn udp_client(&self) -> UdpSocket {
-        let sock = self.ns.run(|| UdpSocket::bind("0.0.0.0:0").expect("bind a UDP client"));
-        sock.set_read_timeout(Some(Duration::from_secs(2))).expect("set a read timeout");
+        let sock = self
+            .ns
+            .run(|| UdpSocket::bind("0.0.0.0:0").expect("bind a UDP client"));
+        sock.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("set a read timeout");
         sock
     }
 }
@@ -360,11 +394,19 @@ fn connect_from_port(sport: u16, dst: SocketAddrV4) -> std::io::Result<TcpStream
         }
         let stream = TcpStream::from_raw_fd(fd);
         let one: libc::c_int = 1;
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&one as *const libc::c_int).cast(), 4);
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            4,
+        );
         let sin = |a: SocketAddrV4| libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: a.port().to_be(),
-            sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*a.ip()).to_be(),
+            },
             sin_zero: [0; 8],
         };
         let local = sin(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, sport));
@@ -384,7 +426,9 @@ fn connect_from_port(sport: u16, dst: SocketAddrV4) -> std::io::Result<TcpStream
 pub fn ask(stream: &mut TcpStream) -> String {
     stream.write_all(b"?\n").expect("send a request");
     let mut line = String::new();
-    BufReader::new(stream.try_clone().expect("clone the stream")).read_line(&mut line).expect("read the answer");
+    BufReader::new(stream.try_clone().expect("clone the stream"))
+        .read_line(&mut line)
+        .expect("read the answer");
     line.trim().to_owned()
 }
 
@@ -392,7 +436,9 @@ pub fn ask(stream: &mut TcpStream) -> String {
 pub fn udp_ask(sock: &UdpSocket, dst: SocketAddrV4) -> (String, SocketAddr) {
     sock.send_to(b"?", dst).expect("send a datagram");
     let mut buf = [0u8; 2048];
-    let (n, from) = sock.recv_from(&mut buf).unwrap_or_else(|e| panic!("no answer from {dst}: {e}"));
+    let (n, from) = sock
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("no answer from {dst}: {e}"));
     (String::from_utf8_lossy(&buf[..n]).into_owned(), from)
 }
 
@@ -404,8 +450,10 @@ enum Answer {
 }
 
 fn answer_lines(conn: TcpStream, me: String, once: bool, stop: &AtomicBool) {
-    conn.set_nonblocking(false).expect("make the connection blocking");
-    conn.set_read_timeout(Some(Duration::from_millis(50))).expect("set a read timeout");
+    conn.set_nonblocking(false)
+        .expect("make the connection blocking");
+    conn.set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("set a read timeout");
     let mut writer = conn.try_clone().expect("clone the connection");
     let mut reader = BufReader::new(conn);
     let mut line = String::new();
@@ -434,7 +482,10 @@ impl Server {
     fn spawn(body: impl FnOnce(Arc<AtomicBool>) + Send + 'static) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        Server { stop, thread: Some(std::thread::spawn(move || body(flag))) }
+        Server {
+            stop,
+            thread: Some(std::thread::spawn(move || body(flag))),
+        }
     }
 }
 
@@ -489,9 +540,18 @@ impl Node {
             pods: Vec::new(),
             bpffs: BpffsDir::new(),
             state: TempDir::new("bhs"),
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
-        node.bulkhead_ok(&["up", "--bridge", &node.bridge, "--subnet", &format!("{}/24", node.gateway)]);
+        node.bulkhead_ok(&[
+            "up",
+            "--bridge",
+            &node.bridge,
+            "--subnet",
+            &format!("{}/24", node.gateway),
+        ]);
         node
     }
 
@@ -543,18 +603,40 @@ impl Node {
             .unwrap_or((0, 0))
     }
 
-    /// Plugs a new pod with address 198.18.0.`host` into the bridge and attaches the datapath
-    /// to its veth (as `bulkhead run` will).
+    /// Plugs a new pod with address 198.18.0.`host` into the bridge, attaches the datapath to
+    /// its veth and registers it as an endpoint (as `bulkhead run` will).
     pub fn add_pod(&mut self, host: u8) -> &Pod {
         let ns = Netns::new("bhp");
         let host_if = unique_name("vh");
         let addr = Ipv4Addr::new(198, 18, 0, host);
-        self.ns.ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
-        self.ns.ip(&["link", "set", &host_if, "master", &self.bridge, "up"]);
+        self.ns.ip(&[
+            "link",
+            "add",
+            &host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ]);
+        self.ns
+            .ip(&["link", "set", &host_if, "master", &self.bridge, "up"]);
         ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
         ns.ip(&["link", "set", "eth0", "up"]);
         ns.ip(&["route", "add", "default", "via", &self.gateway.to_string()]);
         self.bulkhead_ok(&["attach", &host_if]);
+        let mac = ns.mac("eth0");
+        self.bulkhead_ok(&[
+            "endpoint",
+            "add",
+            &addr.to_string(),
+            "--dev",
+            &host_if,
+            "--mac",
+            &mac,
+        ]);
         self.pods.push(Pod { ns, addr, host_if });
         self.pods.last().expect("just pushed")
     }
@@ -565,13 +647,35 @@ impl Node {
     pub fn add_uplink(&mut self) -> Pod {
         let ns = Netns::new("bhx");
         let uplink = unique_name("up");
-        self.ns.ip(&["link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
-        self.ns.ip(&["addr", "add", &format!("{UPLINK_NODE}/24"), "dev", &uplink]);
+        self.ns.ip(&[
+            "link",
+            "add",
+            &uplink,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ]);
+        self.ns
+            .ip(&["addr", "add", &format!("{UPLINK_NODE}/24"), "dev", &uplink]);
         self.ns.ip(&["link", "set", &uplink, "up"]);
-        ns.ip(&["addr", "add", &format!("{UPLINK_EXTERNAL}/24"), "dev", "eth0"]);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{UPLINK_EXTERNAL}/24"),
+            "dev",
+            "eth0",
+        ]);
         ns.ip(&["link", "set", "eth0", "up"]);
         self.bulkhead_ok(&["up", "--bridge", &self.bridge, "--uplink", &uplink]);
-        Pod { ns, addr: UPLINK_EXTERNAL, host_if: uplink }
+        Pod {
+            ns,
+            addr: UPLINK_EXTERNAL,
+            host_if: uplink,
+        }
     }
 
     /// Permanent ARP entries between every pod and the gateway, so no ARP traffic mixes with
@@ -580,11 +684,41 @@ impl Node {
         let gw_mac = self.ns.mac(&self.bridge);
         for pod in &self.pods {
             let mac = pod.ns.mac("eth0");
-            self.ns.ip(&["neigh", "replace", &pod.addr.to_string(), "lladdr", &mac, "dev", &self.bridge, "nud", "permanent"]);
-            pod.ns.ip(&["neigh", "replace", &self.gateway.to_string(), "lladdr", &gw_mac, "dev", "eth0", "nud", "permanent"]);
+            self.ns.ip(&[
+                "neigh",
+                "replace",
+                &pod.addr.to_string(),
+                "lladdr",
+                &mac,
+                "dev",
+                &self.bridge,
+                "nud",
+                "permanent",
+            ]);
+            pod.ns.ip(&[
+                "neigh",
+                "replace",
+                &self.gateway.to_string(),
+                "lladdr",
+                &gw_mac,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ]);
             for other in self.pods.iter().filter(|o| o.addr != pod.addr) {
                 let other_mac = other.ns.mac("eth0");
-                pod.ns.ip(&["neigh", "replace", &other.addr.to_string(), "lladdr", &other_mac, "dev", "eth0", "nud", "permanent"]);
+                pod.ns.ip(&[
+                    "neigh",
+                    "replace",
+                    &other.addr.to_string(),
+                    "lladdr",
+                    &other_mac,
+                    "dev",
+                    "eth0",
+                    "nud",
+                    "permanent",
+                ]);
             }
         }
     }

@@ -30,7 +30,10 @@ fn fold(mut sum: u32) -> u16 {
 }
 
 fn sum16(bytes: &[u8]) -> u32 {
-    bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum()
+    bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum()
 }
 
 /// An Ethernet/IPv4/TCP-or-UDP frame from `src` to `dst` with `payload`, checksums complete.
@@ -102,7 +105,8 @@ pub fn checksums_ok(f: &[u8]) -> bool {
     let ip_ok = fold(sum16(&f[ETH..ETH + IP])) == 0;
     let csum_off = ETH + IP + if f[ETH + 9] == 6 { 16 } else { 6 };
     let stored = u16::from_be_bytes([f[csum_off], f[csum_off + 1]]);
-    let l4_ok = (f[ETH + 9] == 17 && stored == 0) || fold(pseudo_sum(f) + sum16(&f[ETH + IP..])) == 0;
+    let l4_ok =
+        (f[ETH + 9] == 17 && stored == 0) || fold(pseudo_sum(f) + sum16(&f[ETH + IP..])) == 0;
     ip_ok && l4_ok
 }
 
@@ -110,4 +114,81 @@ pub fn checksums_ok(f: &[u8]) -> bool {
 pub fn l4_checksum(f: &[u8]) -> u16 {
     let off = ETH + IP + if f[ETH + 9] == 6 { 16 } else { 6 };
     u16::from_be_bytes([f[off], f[off + 1]])
+}
+
+/// IP protocol number of ICMP.
+pub const ICMP: u8 = 1;
+
+/// An ICMP error from `from` to `to` (type `ty`, code `code`, the next-hop MTU for
+/// "fragmentation needed") quoting `quoted`, an IP packet (a frame built by [`frame`] without
+/// its Ethernet header, cut to `quote_len` bytes), checksums complete.
+pub fn icmp_error(
+    from: std::net::Ipv4Addr,
+    to: std::net::Ipv4Addr,
+    ty: u8,
+    code: u8,
+    mtu: u16,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let icmp_len = 8 + quoted.len();
+    let mut f = vec![0u8; ETH + IP + icmp_len];
+    f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut f[ETH..ETH + IP];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((IP + icmp_len) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = ICMP;
+    ip[12..16].copy_from_slice(&from.octets());
+    ip[16..20].copy_from_slice(&to.octets());
+    let ip_csum = fold(sum16(&f[ETH..ETH + IP]));
+    f[ETH + 10..ETH + 12].copy_from_slice(&ip_csum.to_be_bytes());
+    let icmp = ETH + IP;
+    f[icmp] = ty;
+    f[icmp + 1] = code;
+    f[icmp + 6..icmp + 8].copy_from_slice(&mtu.to_be_bytes());
+    f[icmp + 8..].copy_from_slice(quoted);
+    let c = fold(sum16(&f[icmp..]));
+    f[icmp + 2..icmp + 4].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// Checks an ICMP error frame: outer IP header, ICMP checksum, the quoted IP header, and, when
+/// the whole quoted packet is there, its TCP/UDP checksum. Returns what is wrong.
+pub fn icmp_checksums(f: &[u8]) -> Result<(), String> {
+    if fold(sum16(&f[ETH..ETH + IP])) != 0 {
+        return Err("outer IP checksum".into());
+    }
+    let icmp = ETH + IP;
+    if fold(sum16(&f[icmp..])) != 0 {
+        return Err("ICMP checksum".into());
+    }
+    let inner = &f[icmp + 8..];
+    let ihl = usize::from(inner[0] & 0x0f) * 4;
+    if fold(sum16(&inner[..ihl])) != 0 {
+        return Err("quoted IP checksum".into());
+    }
+    let total = usize::from(u16::from_be_bytes([inner[2], inner[3]]));
+    if total == inner.len() {
+        // The whole packet is quoted: check it as a frame of its own.
+        let mut as_frame = vec![0u8; ETH];
+        as_frame[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        as_frame.extend_from_slice(inner);
+        if !checksums_ok(&as_frame) {
+            return Err("quoted L4 checksum".into());
+        }
+    }
+    Ok(())
+}
+
+/// Source and destination of the packet an ICMP error quotes.
+pub fn quoted_endpoints(f: &[u8]) -> (SocketAddrV4, SocketAddrV4) {
+    endpoints(&f[ETH + IP + 8 - ETH..])
+}
+
+/// Outer source and destination addresses of a frame.
+pub fn addresses(f: &[u8]) -> (std::net::Ipv4Addr, std::net::Ipv4Addr) {
+    let addr = |o: usize| std::net::Ipv4Addr::new(f[o], f[o + 1], f[o + 2], f[o + 3]);
+    (addr(ETH + 12), addr(ETH + 16))
 }

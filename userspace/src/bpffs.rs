@@ -44,9 +44,21 @@ pub fn mount_at(path: &Path) -> Result<bool, BpffsError> {
     if is_bpffs(path) {
         return Ok(false);
     }
-    fs::create_dir_all(path).map_err(|source| BpffsError::Create { path: path.to_owned(), source })?;
-    mount(Some("bpf"), path, Some("bpf"), MsFlags::empty(), Some("mode=0700"))
-        .map_err(|source| BpffsError::Mount { path: path.to_owned(), source })?;
+    fs::create_dir_all(path).map_err(|source| BpffsError::Create {
+        path: path.to_owned(),
+        source,
+    })?;
+    mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        MsFlags::empty(),
+        Some("mode=0700"),
+    )
+    .map_err(|source| BpffsError::Mount {
+        path: path.to_owned(),
+        source,
+    })?;
     Ok(true)
 }
 
@@ -67,6 +79,9 @@ pub fn ensure_dir(dir: &Path) -> Result<PathBuf, BpffsError> {
             }
         }
     }
-    fs::create_dir_all(dir).map_err(|source| BpffsError::Create { path: dir.to_owned(), source })?;
+    fs::create_dir_all(dir).map_err(|source| BpffsError::Create {
+        path: dir.to_owned(),
+        source,
+    })?;
     Ok(dir.to_owned())
 }

@@ -3,7 +3,7 @@
 //! Each subcommand calls into the library modules and prints their result as a table or, with
 //! `--json`, as JSON for scripts. Errors reach the user through `anyhow` with their whole chain.
 
-use std::{io::Write, path::PathBuf, process::ExitCode};
+use std::{io::Write, net::Ipv4Addr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -11,7 +11,7 @@ use dataplane_common::direction;
 
 use crate::{
     bpffs, doctor,
-    link::ifname,
+    link::{self, ifname},
     loader::{self, LogLevel},
     netns,
     node::{self, Paths},
@@ -19,7 +19,11 @@ use crate::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "bulkhead", version, about = "eBPF service load balancing, NAT and sandboxes from plain Linux features")]
+#[command(
+    name = "bulkhead",
+    version,
+    about = "eBPF service load balancing, NAT and sandboxes from plain Linux features"
+)]
 pub struct Cli {
     /// Run in this network namespace (a name under /run/netns, or a path), like `ip -n`.
     #[arg(long, global = true, value_name = "NAME|PATH")]
@@ -60,6 +64,11 @@ pub enum Command {
         /// tcp-closing); unnamed ones keep their values (defaults 60, 21600, 10, 60).
         #[arg(long, value_name = "NAME=SECONDS,...", value_parser = parse_timeouts)]
         conntrack_timeouts: Option<Timeouts>,
+        /// Hand translated packets for registered pods (`bulkhead endpoint add`) straight to
+        /// their interface, skipping the bridge, the node's routing and netfilter. On by
+        /// default; kept across restarts.
+        #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+        bypass: Option<bool>,
     },
     /// Detach everything, unpin, and delete the bridge if `up` created it.
     Down,
@@ -87,6 +96,39 @@ pub enum Command {
     /// Tracked flows.
     #[command(subcommand)]
     Conntrack(ConntrackCommand),
+    /// Pods the datapath hands packets to directly (stack bypass).
+    #[command(subcommand)]
+    Endpoint(EndpointCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EndpointCommand {
+    /// Register a pod: translated packets for ADDR go straight to the peer of DEV.
+    Add {
+        addr: Ipv4Addr,
+        /// The host side of the pod's veth pair.
+        #[arg(long, value_name = "DEV")]
+        dev: String,
+        /// The MAC address of the pod's interface.
+        #[arg(long, value_parser = parse_mac_arg)]
+        mac: MacAddr,
+    },
+    /// Forget a pod.
+    Del { addr: Ipv4Addr },
+    /// Registered pods.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct MacAddr([u8; 6]);
+
+fn parse_mac_arg(text: &str) -> Result<MacAddr, String> {
+    link::parse_mac(text)
+        .map(MacAddr)
+        .ok_or_else(|| format!("{text} is not a MAC address (aa:bb:cc:dd:ee:ff)"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -167,11 +209,18 @@ fn parse_timeouts(input: &str) -> Result<Timeouts, String> {
     input
         .split(',')
         .map(|pair| {
-            let (name, secs) = pair.split_once('=').ok_or_else(|| format!("{pair:?} is not NAME=SECONDS"))?;
+            let (name, secs) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?} is not NAME=SECONDS"))?;
             if !loader::TIMEOUT_NAMES.contains(&name) {
-                return Err(format!("unknown timeout {name:?} (expected one of {:?})", loader::TIMEOUT_NAMES));
+                return Err(format!(
+                    "unknown timeout {name:?} (expected one of {:?})",
+                    loader::TIMEOUT_NAMES
+                ));
             }
-            let secs: u32 = secs.parse().map_err(|_| format!("{secs:?} is not a number of seconds"))?;
+            let secs: u32 = secs
+                .parse()
+                .map_err(|_| format!("{secs:?} is not a number of seconds"))?;
             if secs == 0 {
                 return Err(format!("{name} must be at least 1 second"));
             }
@@ -197,7 +246,10 @@ pub fn main() -> ExitCode {
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("BULKHEAD_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Runs one parsed command line.
@@ -206,7 +258,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         let path = netns::resolve(ns);
         netns::enter(&path).with_context(|| format!("enter network namespace {ns}"))?;
     }
-    let paths = Paths { bpffs: cli.bpffs, state_dir: cli.state_dir };
+    let paths = Paths {
+        bpffs: cli.bpffs,
+        state_dir: cli.state_dir,
+    };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     match cli.command {
         Command::Doctor { json } => {
@@ -224,16 +279,36 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             out.flush().context("write to stdout")?;
             let failed = checks.iter().any(|c| c.status == doctor::Status::Missing);
-            return Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS });
+            return Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            });
         }
-        Command::Up { bridge, subnet, uplink, datapath_log, conntrack_timeouts } => {
+        Command::Up {
+            bridge,
+            subnet,
+            uplink,
+            datapath_log,
+            conntrack_timeouts,
+            bypass,
+        } => {
             let opts = node::UpOptions {
                 subnet: Some(&subnet),
                 uplink: uplink.as_deref(),
                 datapath_log,
                 timeouts: conntrack_timeouts.map(|t| t.0).unwrap_or_default(),
+                bypass,
             };
-            let record = node::up(&paths, &bridge, &opts).with_context(|| format!("bring up bridge {bridge}"))?;
+            let report = node::up(&paths, &bridge, &opts)
+                .with_context(|| format!("bring up bridge {bridge}"))?;
+            for (map, entries) in &report.migrated {
+                writeln!(
+                    out,
+                    "bulkhead up: migrated {map} to this build's layout ({entries} entries carried over)"
+                )?;
+            }
+            let record = report.record;
             writeln!(
                 out,
                 "bulkhead up: bridge {} ({:?}), datapath attached to {}",
@@ -244,13 +319,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Down => {
             let record = node::down(&paths).context("take the node down")?;
-            writeln!(out, "bulkhead down: detached from {}", record.attached.join(", "))?;
+            writeln!(
+                out,
+                "bulkhead down: detached from {}",
+                record.attached.join(", ")
+            )?;
         }
         Command::Attach { ifname } => {
-            node::attach(&paths, &ifname).with_context(|| format!("attach the datapath to {ifname}"))?;
+            node::attach(&paths, &ifname)
+                .with_context(|| format!("attach the datapath to {ifname}"))?;
         }
         Command::Detach { ifname } => {
-            node::detach(&paths, &ifname).with_context(|| format!("detach the datapath from {ifname}"))?;
+            node::detach(&paths, &ifname)
+                .with_context(|| format!("detach the datapath from {ifname}"))?;
         }
         Command::Events { duration } => {
             out.flush()?;
@@ -261,30 +342,45 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Service(cmd) => service(&paths, cmd, &mut out)?,
         Command::Backend(cmd) => backend(&paths, cmd)?,
         Command::Conntrack(cmd) => conntrack(&paths, cmd, &mut out)?,
+        Command::Endpoint(cmd) => endpoint(&paths, cmd, &mut out)?,
     }
     out.flush().context("write to stdout")?;
     Ok(ExitCode::SUCCESS)
 }
 
 fn table(paths: &Paths) -> anyhow::Result<ServiceTable> {
-    ServiceTable::open(&paths.bpffs).context("open the service table (is the node up? `bulkhead up`)")
+    ServiceTable::open(&paths.bpffs)
+        .context("open the service table (is the node up? `bulkhead up`)")
 }
 
 fn service(paths: &Paths, cmd: ServiceCommand, out: &mut impl Write) -> anyhow::Result<()> {
     match cmd {
-        ServiceCommand::Add { service, backends, scheduler, affinity, nodeport } => {
+        ServiceCommand::Add {
+            service,
+            backends,
+            scheduler,
+            affinity,
+            nodeport,
+        } => {
             let spec = ServiceSpec {
                 vaddr: service.parse()?,
                 scheduler: scheduler.parse()?,
                 affinity_secs: affinity,
                 nodeport,
-                backends: backends.iter().map(|b| b.parse()).collect::<Result<_, _>>()?,
+                backends: backends
+                    .iter()
+                    .map(|b| b.parse())
+                    .collect::<Result<_, _>>()?,
             };
-            table(paths)?.add(&spec).with_context(|| format!("add service {}", spec.vaddr))?;
+            table(paths)?
+                .add(&spec)
+                .with_context(|| format!("add service {}", spec.vaddr))?;
         }
         ServiceCommand::Del { service } => {
             let vaddr: VirtualAddr = service.parse()?;
-            table(paths)?.delete(&vaddr).with_context(|| format!("delete service {vaddr}"))?;
+            table(paths)?
+                .delete(&vaddr)
+                .with_context(|| format!("delete service {vaddr}"))?;
         }
         ServiceCommand::List { json } => {
             let services = table(paths)?.list();
@@ -292,13 +388,25 @@ fn service(paths: &Paths, cmd: ServiceCommand, out: &mut impl Write) -> anyhow::
                 writeln!(out, "{}", serde_json::to_string_pretty(&services)?)?;
                 return Ok(());
             }
-            writeln!(out, "{:<28}{:<10}{:>10}{:>12}{:>14}", "SERVICE / BACKEND", "SCHED", "FLOWS", "PACKETS", "BYTES")?;
+            writeln!(
+                out,
+                "{:<28}{:<10}{:>10}{:>12}{:>14}",
+                "SERVICE / BACKEND", "SCHED", "FLOWS", "PACKETS", "BYTES"
+            )?;
             for s in &services {
                 let sched = match s.affinity_secs {
                     0 => s.scheduler.name().to_owned(),
                     t => format!("{} +{t}s", s.scheduler.name()),
                 };
-                writeln!(out, "{:<28}{:<10}{:>10}{:>12}{:>14}", s.service.to_string(), sched, s.new_flows, s.packets, s.bytes)?;
+                writeln!(
+                    out,
+                    "{:<28}{:<10}{:>10}{:>12}{:>14}",
+                    s.service.to_string(),
+                    sched,
+                    s.new_flows,
+                    s.packets,
+                    s.bytes
+                )?;
                 if let Some(port) = s.nodeport {
                     writeln!(out, "  nodeport {port}")?;
                 }
@@ -307,14 +415,23 @@ fn service(paths: &Paths, cmd: ServiceCommand, out: &mut impl Write) -> anyhow::
                         BackendState::Active => format!("w={}", b.weight),
                         BackendState::Draining => "draining".to_owned(),
                     };
-                    writeln!(out, "  -> {:<24}{:<10}{:>10}{:>12}{:>14}", b.addr.to_string(), state, b.new_flows, b.packets, b.bytes)?;
+                    writeln!(
+                        out,
+                        "  -> {:<24}{:<10}{:>10}{:>12}{:>14}",
+                        b.addr.to_string(),
+                        state,
+                        b.new_flows,
+                        b.packets,
+                        b.bytes
+                    )?;
                 }
             }
         }
         ServiceCommand::Save => write!(out, "{}", table(paths)?.save())?,
         ServiceCommand::Restore => {
             let mut text = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("read stdin")?;
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .context("read stdin")?;
             let n = table(paths)?.restore(&text).context("restore services")?;
             writeln!(out, "restored {n} services")?;
         }
@@ -327,15 +444,25 @@ fn backend(paths: &Paths, cmd: BackendCommand) -> anyhow::Result<()> {
     match cmd {
         BackendCommand::Add { service, backend } => {
             let (vaddr, spec): (VirtualAddr, BackendSpec) = (service.parse()?, backend.parse()?);
-            table.add_backend(&vaddr, &spec).with_context(|| format!("add backend {} to {vaddr}", spec.addr))?;
+            table
+                .add_backend(&vaddr, &spec)
+                .with_context(|| format!("add backend {} to {vaddr}", spec.addr))?;
         }
-        BackendCommand::Del { service, backend, force } => {
+        BackendCommand::Del {
+            service,
+            backend,
+            force,
+        } => {
             let (vaddr, spec): (VirtualAddr, BackendSpec) = (service.parse()?, backend.parse()?);
-            table.delete_backend(&vaddr, spec.addr, force).with_context(|| format!("delete backend {} of {vaddr}", spec.addr))?;
+            table
+                .delete_backend(&vaddr, spec.addr, force)
+                .with_context(|| format!("delete backend {} of {vaddr}", spec.addr))?;
         }
         BackendCommand::Drain { service, backend } => {
             let (vaddr, spec): (VirtualAddr, BackendSpec) = (service.parse()?, backend.parse()?);
-            table.drain_backend(&vaddr, spec.addr).with_context(|| format!("drain backend {} of {vaddr}", spec.addr))?;
+            table
+                .drain_backend(&vaddr, spec.addr)
+                .with_context(|| format!("drain backend {} of {vaddr}", spec.addr))?;
         }
     }
     Ok(())
@@ -350,7 +477,11 @@ fn conntrack(paths: &Paths, cmd: ConntrackCommand, out: &mut impl Write) -> anyh
                 writeln!(out, "{}", serde_json::to_string_pretty(&flows)?)?;
                 return Ok(());
             }
-            writeln!(out, "{:<6}{:<24}{:<24}{:<24}{:<13}{:>8}", "PROTO", "CLIENT", "SERVICE", "BACKEND", "STATE", "EXPIRES")?;
+            writeln!(
+                out,
+                "{:<6}{:<24}{:<24}{:<24}{:<13}{:>8}",
+                "PROTO", "CLIENT", "SERVICE", "BACKEND", "STATE", "EXPIRES"
+            )?;
             for f in flows {
                 writeln!(
                     out,
@@ -370,12 +501,23 @@ fn conntrack(paths: &Paths, cmd: ConntrackCommand, out: &mut impl Write) -> anyh
                 writeln!(out, "{}", serde_json::to_string_pretty(&stats)?)?;
                 return Ok(());
             }
-            writeln!(out, "{:<6}{:>10}{:>10}{:>10}{:>12}{:>10}{:>10}{:>11}", "TABLE", "CAPACITY", "ENTRIES", "LIVE", "INSERTS", "FAILED", "REMOVED", "EVICTED")?;
+            writeln!(
+                out,
+                "{:<6}{:>10}{:>10}{:>10}{:>12}{:>10}{:>10}{:>11}",
+                "TABLE", "CAPACITY", "ENTRIES", "LIVE", "INSERTS", "FAILED", "REMOVED", "EVICTED"
+            )?;
             for s in stats {
                 writeln!(
                     out,
                     "{:<6}{:>10}{:>10}{:>10}{:>12}{:>10}{:>10}{:>11}",
-                    s.table, s.capacity, s.entries, s.live, s.inserts, s.insert_failures, s.removals, s.evictions
+                    s.table,
+                    s.capacity,
+                    s.entries,
+                    s.live,
+                    s.inserts,
+                    s.insert_failures,
+                    s.removals,
+                    s.evictions
                 )?;
             }
         }
@@ -384,7 +526,9 @@ fn conntrack(paths: &Paths, cmd: ConntrackCommand, out: &mut impl Write) -> anyh
                 None => table.flush_flows(|_, _| true),
                 Some(s) => {
                     let vaddr: VirtualAddr = s.parse()?;
-                    let id = table.service_id(&vaddr).with_context(|| format!("flush flows of {vaddr}"))?;
+                    let id = table
+                        .service_id(&vaddr)
+                        .with_context(|| format!("flush flows of {vaddr}"))?;
                     table.flush_flows(|_, f| f.service_id == id)
                 }
             };
@@ -410,27 +554,95 @@ fn print_stats(paths: &Paths, json: bool, out: &mut impl Write) -> anyhow::Resul
         .map(|(k, c)| IfaceStats {
             ifname: ifname(k.ifindex),
             ifindex: k.ifindex,
-            direction: if k.direction == direction::INGRESS { "ingress" } else { "egress" },
+            direction: if k.direction == direction::INGRESS {
+                "ingress"
+            } else {
+                "egress"
+            },
             packets: c.packets,
             bytes: c.bytes,
         })
         .collect();
     let reasons = loader::reason_counters(&paths.bpffs).context("read verdict reasons")?;
     if json {
-        let reasons: serde_json::Map<String, serde_json::Value> =
-            reasons.iter().map(|(r, n)| (r.name().to_owned(), (*n).into())).collect();
+        let reasons: serde_json::Map<String, serde_json::Value> = reasons
+            .iter()
+            .map(|(r, n)| (r.name().to_owned(), (*n).into()))
+            .collect();
         let doc = serde_json::json!({ "interfaces": ifaces, "reasons": reasons });
         writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
         return Ok(());
     }
-    writeln!(out, "{:<16}{:<9}{:>12}{:>16}", "IFACE", "HOOK", "PACKETS", "BYTES")?;
+    writeln!(
+        out,
+        "{:<16}{:<9}{:>12}{:>16}",
+        "IFACE", "HOOK", "PACKETS", "BYTES"
+    )?;
     for s in &ifaces {
-        writeln!(out, "{:<16}{:<9}{:>12}{:>16}", s.ifname, s.direction, s.packets, s.bytes)?;
+        writeln!(
+            out,
+            "{:<16}{:<9}{:>12}{:>16}",
+            s.ifname, s.direction, s.packets, s.bytes
+        )?;
     }
     writeln!(out)?;
     writeln!(out, "{:<25}{:>12}", "REASON", "PACKETS")?;
     for (r, n) in reasons {
         writeln!(out, "{:<25}{:>12}", r.name(), n)?;
+    }
+    Ok(())
+}
+
+fn parse_on_off(text: &str) -> Result<bool, String> {
+    match text {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{text}: expected on or off")),
+    }
+}
+
+fn endpoint(paths: &node::Paths, cmd: EndpointCommand, out: &mut impl Write) -> anyhow::Result<()> {
+    match cmd {
+        EndpointCommand::Add { addr, dev, mac } => {
+            node::endpoint_add(paths, addr, &dev, mac.0)
+                .with_context(|| format!("register endpoint {addr}"))?;
+        }
+        EndpointCommand::Del { addr } => {
+            if !node::endpoint_del(paths, addr)
+                .with_context(|| format!("remove endpoint {addr}"))?
+            {
+                anyhow::bail!("no endpoint {addr}");
+            }
+        }
+        EndpointCommand::List { json } => {
+            let all = loader::Endpoints::open(&paths.bpffs)
+                .context("open the endpoint map")?
+                .list();
+            let rows: Vec<serde_json::Value> = all
+                .iter()
+                .map(|(addr, e)| {
+                    serde_json::json!({
+                        "addr": addr.to_string(),
+                        "dev": link::ifname(e.ifindex),
+                        "mac": link::format_mac(&e.mac),
+                    })
+                })
+                .collect();
+            if json {
+                writeln!(out, "{}", serde_json::Value::Array(rows))?;
+            } else {
+                writeln!(out, "{:<16} {:<16} MAC", "ADDRESS", "DEVICE")?;
+                for r in rows {
+                    writeln!(
+                        out,
+                        "{:<16} {:<16} {}",
+                        r["addr"].as_str().unwrap_or(""),
+                        r["dev"].as_str().unwrap_or(""),
+                        r["mac"].as_str().unwrap_or("")
+                    )?;
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -42,8 +42,18 @@ pub struct Check {
     pub hint: Option<String>,
 }
 
-fn check(name: &'static str, status: Status, detail: impl Into<String>, hint: Option<&str>) -> Check {
-    Check { name, status, detail: detail.into(), hint: hint.map(str::to_owned) }
+fn check(
+    name: &'static str,
+    status: Status,
+    detail: impl Into<String>,
+    hint: Option<&str>,
+) -> Check {
+    Check {
+        name,
+        status,
+        detail: detail.into(),
+        hint: hint.map(str::to_owned),
+    }
 }
 
 /// Runs every check in a fixed order.
@@ -56,8 +66,18 @@ pub fn run() -> Vec<Check> {
         tc_mode(),
         cgroups(),
         ipvs(),
-        sysctl("net.ipv4.ip_forward", "1", Status::Warn, "`bulkhead up` turns it on in the node's network namespace"),
-        sysctl("net.core.bpf_jit_enable", "1", Status::Warn, "echo 1 > /proc/sys/net/core/bpf_jit_enable"),
+        sysctl(
+            "net.ipv4.ip_forward",
+            "1",
+            Status::Warn,
+            "`bulkhead up` turns it on in the node's network namespace",
+        ),
+        sysctl(
+            "net.core.bpf_jit_enable",
+            "1",
+            Status::Warn,
+            "echo 1 > /proc/sys/net/core/bpf_jit_enable",
+        ),
         br_netfilter(),
     ]
 }
@@ -70,13 +90,20 @@ fn kernel() -> Check {
     if (major, minor) >= (5, 10) {
         check("kernel", Status::Ok, format!("Linux {release}"), None)
     } else {
-        check("kernel", Status::Missing, format!("Linux {release}"), Some("Bulkhead needs Linux 5.10 or newer"))
+        check(
+            "kernel",
+            Status::Missing,
+            format!("Linux {release}"),
+            Some("Bulkhead needs Linux 5.10 or newer"),
+        )
     }
 }
 
 /// `6.18.44-foo` -> (6, 18).
 pub fn parse_release(release: &str) -> (u32, u32) {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty());
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty());
     let major = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
     let minor = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
     (major, minor)
@@ -86,24 +113,48 @@ fn btf() -> Check {
     if Path::new("/sys/kernel/btf/vmlinux").exists() {
         check("btf", Status::Ok, "/sys/kernel/btf/vmlinux", None)
     } else {
-        check("btf", Status::Warn, "no /sys/kernel/btf/vmlinux", Some("a kernel built with CONFIG_DEBUG_INFO_BTF=y gives better verifier errors"))
+        check(
+            "btf",
+            Status::Warn,
+            "no /sys/kernel/btf/vmlinux",
+            Some("a kernel built with CONFIG_DEBUG_INFO_BTF=y gives better verifier errors"),
+        )
     }
 }
 
 fn bpffs_check() -> Check {
     let path = Path::new(bpffs::SYSTEM_MOUNT);
     if bpffs::is_bpffs(path) {
-        return check("bpffs", Status::Ok, format!("mounted at {}", path.display()), None);
+        return check(
+            "bpffs",
+            Status::Ok,
+            format!("mounted at {}", path.display()),
+            None,
+        );
     }
     match bpffs::mount_at(path) {
-        Ok(_) => check("bpffs", Status::Ok, format!("was missing; mounted at {}", path.display()), None),
-        Err(e) => check("bpffs", Status::Missing, format!("not mounted at {}: {e}", path.display()), Some("mount -t bpf bpf /sys/fs/bpf")),
+        Ok(_) => check(
+            "bpffs",
+            Status::Ok,
+            format!("was missing; mounted at {}", path.display()),
+            None,
+        ),
+        Err(e) => check(
+            "bpffs",
+            Status::Missing,
+            format!("not mounted at {}: {e}", path.display()),
+            Some("mount -t bpf bpf /sys/fs/bpf"),
+        ),
     }
 }
 
 fn capabilities() -> Check {
     // Bit numbers from include/uapi/linux/capability.h.
-    const NEEDED: [(u32, &str); 3] = [(12, "CAP_NET_ADMIN"), (21, "CAP_SYS_ADMIN"), (39, "CAP_BPF")];
+    const NEEDED: [(u32, &str); 3] = [
+        (12, "CAP_NET_ADMIN"),
+        (21, "CAP_SYS_ADMIN"),
+        (39, "CAP_BPF"),
+    ];
     let eff = fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -112,18 +163,37 @@ fn capabilities() -> Check {
                 .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         })
         .unwrap_or(0);
-    let missing: Vec<&str> = NEEDED.iter().filter(|(bit, _)| eff & (1 << bit) == 0).map(|(_, n)| *n).collect();
+    let missing: Vec<&str> = NEEDED
+        .iter()
+        .filter(|(bit, _)| eff & (1 << bit) == 0)
+        .map(|(_, n)| *n)
+        .collect();
     if missing.is_empty() {
-        check("capabilities", Status::Ok, "CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN", None)
+        check(
+            "capabilities",
+            Status::Ok,
+            "CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN",
+            None,
+        )
     } else {
-        check("capabilities", Status::Missing, format!("lacking {}", missing.join(", ")), Some("run bulkhead as root"))
+        check(
+            "capabilities",
+            Status::Missing,
+            format!("lacking {}", missing.join(", ")),
+            Some("run bulkhead as root"),
+        )
     }
 }
 
 fn tc_mode() -> Check {
     match TcMode::kernel_default() {
         TcMode::Tcx => check("tc", Status::Ok, "TCX links (Linux 6.6+)", None),
-        TcMode::Netlink => check("tc", Status::Ok, "netlink cls_bpf on clsact (no TCX before Linux 6.6)", None),
+        TcMode::Netlink => check(
+            "tc",
+            Status::Ok,
+            "netlink cls_bpf on clsact (no TCX before Linux 6.6)",
+            None,
+        ),
     }
 }
 
@@ -139,18 +209,43 @@ pub fn cgroup_layout() -> (&'static str, String) {
     }
     let v1 = v1_controllers(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
     let unified = root.join("unified");
-    if fs_type == TMPFS_MAGIC && statfs(&unified).is_ok_and(|s| s.filesystem_type() == CGROUP2_SUPER_MAGIC) {
+    if fs_type == TMPFS_MAGIC
+        && statfs(&unified).is_ok_and(|s| s.filesystem_type() == CGROUP2_SUPER_MAGIC)
+    {
         let ctrl = fs::read_to_string(unified.join("cgroup.controllers")).unwrap_or_default();
-        let v2 = if ctrl.trim().is_empty() { "none".to_owned() } else { ctrl.trim().to_owned() };
-        return ("hybrid", format!("v1 controllers: {}; v2 at {} with controllers: {v2}", v1.join(","), unified.display()));
+        let v2 = if ctrl.trim().is_empty() {
+            "none".to_owned()
+        } else {
+            ctrl.trim().to_owned()
+        };
+        return (
+            "hybrid",
+            format!(
+                "v1 controllers: {}; v2 at {} with controllers: {v2}",
+                v1.join(","),
+                unified.display()
+            ),
+        );
     }
     ("v1", format!("v1 controllers: {}", v1.join(",")))
 }
 
 /// Controller names of cgroup v1 (Documentation/admin-guide/cgroup-v1/).
 const V1_CONTROLLERS: [&str; 14] = [
-    "cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "net_cls", "net_prio", "blkio",
-    "perf_event", "hugetlb", "pids", "rdma", "misc",
+    "cpu",
+    "cpuacct",
+    "cpuset",
+    "memory",
+    "devices",
+    "freezer",
+    "net_cls",
+    "net_prio",
+    "blkio",
+    "perf_event",
+    "hugetlb",
+    "pids",
+    "rdma",
+    "misc",
 ];
 
 /// Controllers of the cgroup v1 hierarchies in a mountinfo text, from each mount's superblock
@@ -168,21 +263,45 @@ fn v1_controllers(mountinfo: &str) -> Vec<String> {
 
 fn cgroups() -> Check {
     let (layout, detail) = cgroup_layout();
-    let status = if layout == "none" { Status::Missing } else { Status::Ok };
-    check("cgroups", status, format!("{layout}; {detail}"), (layout == "none").then_some("mount cgroup2 on /sys/fs/cgroup"))
+    let status = if layout == "none" {
+        Status::Missing
+    } else {
+        Status::Ok
+    };
+    check(
+        "cgroups",
+        status,
+        format!("{layout}; {detail}"),
+        (layout == "none").then_some("mount cgroup2 on /sys/fs/cgroup"),
+    )
 }
 
 fn ipvs() -> Check {
     if Path::new("/proc/net/ip_vs").exists() {
         return check("ipvs", Status::Ok, "loaded (/proc/net/ip_vs)", None);
     }
-    let release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
     let modules = Path::new("/lib/modules").join(&release);
-    let has_module = fs::read_to_string(modules.join("modules.dep")).is_ok_and(|d| d.contains("/ip_vs.ko"));
+    let has_module =
+        fs::read_to_string(modules.join("modules.dep")).is_ok_and(|d| d.contains("/ip_vs.ko"));
     if has_module {
-        check("ipvs", Status::Info, "available as a module, not loaded", Some("modprobe ip_vs (only the IPVS benchmark needs it)"))
+        check(
+            "ipvs",
+            Status::Info,
+            "available as a module, not loaded",
+            Some("modprobe ip_vs (only the IPVS benchmark needs it)"),
+        )
     } else {
-        check("ipvs", Status::Info, "not in this kernel", Some("only the IPVS comparison needs it: `cargo xtask bench datapath --vm` boots a kernel that has it"))
+        check(
+            "ipvs",
+            Status::Info,
+            "not in this kernel",
+            Some(
+                "only the IPVS comparison needs it: `cargo xtask bench datapath --vm` boots a kernel that has it",
+            ),
+        )
     }
 }
 
@@ -190,7 +309,12 @@ fn sysctl(name: &'static str, want: &str, status_if_not: Status, hint: &str) -> 
     let path = Path::new("/proc/sys").join(name.replace('.', "/"));
     match fs::read_to_string(&path) {
         Ok(v) if v.trim() == want => check(name, Status::Ok, format!("= {}", v.trim()), None),
-        Ok(v) => check(name, status_if_not, format!("= {} (want {want})", v.trim()), Some(hint)),
+        Ok(v) => check(
+            name,
+            status_if_not,
+            format!("= {} (want {want})", v.trim()),
+            Some(hint),
+        ),
         Err(_) => check(name, Status::Info, "not present", None),
     }
 }
@@ -198,9 +322,24 @@ fn sysctl(name: &'static str, want: &str, status_if_not: Status, hint: &str) -> 
 fn br_netfilter() -> Check {
     let path = Path::new("/proc/sys/net/bridge/bridge-nf-call-iptables");
     match fs::read_to_string(path) {
-        Err(_) => check("br_netfilter", Status::Ok, "not loaded: bridged traffic skips iptables", None),
-        Ok(v) if v.trim() == "0" => check("br_netfilter", Status::Ok, "loaded, bridge-nf-call-iptables = 0", None),
-        Ok(_) => check("br_netfilter", Status::Warn, "bridged traffic also traverses iptables", Some("sysctl net.bridge.bridge-nf-call-iptables=0 unless you rely on it")),
+        Err(_) => check(
+            "br_netfilter",
+            Status::Ok,
+            "not loaded: bridged traffic skips iptables",
+            None,
+        ),
+        Ok(v) if v.trim() == "0" => check(
+            "br_netfilter",
+            Status::Ok,
+            "loaded, bridge-nf-call-iptables = 0",
+            None,
+        ),
+        Ok(_) => check(
+            "br_netfilter",
+            Status::Warn,
+            "bridged traffic also traverses iptables",
+            Some("sysctl net.bridge.bridge-nf-call-iptables=0 unless you rely on it"),
+        ),
     }
 }
 
@@ -225,6 +364,9 @@ mod tests {
 37 25 0:32 / /sys/fs/cgroup/systemd rw,nosuid - cgroup cgroup rw,xattr,name=systemd
 38 25 0:33 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw,nsdelegate
 ";
-        assert_eq!(super::v1_controllers(mountinfo), ["cpu", "cpuacct", "memory"]);
+        assert_eq!(
+            super::v1_controllers(mountinfo),
+            ["cpu", "cpuacct", "memory"]
+        );
     }
 }

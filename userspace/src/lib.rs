@@ -8,6 +8,7 @@ pub mod cli;
 pub mod doctor;
 pub mod link;
 pub mod loader;
+pub mod migrate;
 pub mod netns;
 pub mod node;
 pub mod service_table;

@@ -14,7 +14,9 @@ const IP_CANDIDATES: [&str; 4] = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/b
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("iproute2 `ip` not found (looked in {IP_CANDIDATES:?}; set {IP_ENV}); install iproute2")]
+    #[error(
+        "iproute2 `ip` not found (looked in {IP_CANDIDATES:?}; set {IP_ENV}); install iproute2"
+    )]
     NoIp,
     #[error("cannot run {bin} {args}")]
     Spawn {
@@ -56,11 +58,14 @@ impl Ip {
     /// Runs `ip ARGS` and returns its standard output.
     pub fn run(&self, args: &[&str]) -> Result<String, LinkError> {
         let joined = args.join(" ");
-        let out = Command::new(&self.bin).args(args).output().map_err(|source| LinkError::Spawn {
-            bin: self.bin.clone(),
-            args: joined.clone(),
-            source,
-        })?;
+        let out = Command::new(&self.bin)
+            .args(args)
+            .output()
+            .map_err(|source| LinkError::Spawn {
+                bin: self.bin.clone(),
+                args: joined.clone(),
+                source,
+            })?;
         if !out.status.success() {
             return Err(LinkError::Failed {
                 args: joined,
@@ -80,11 +85,13 @@ impl Ip {
     }
 
     pub fn add_veth(&self, name: &str, peer: &str) -> Result<(), LinkError> {
-        self.run(&["link", "add", name, "type", "veth", "peer", "name", peer]).map(drop)
+        self.run(&["link", "add", name, "type", "veth", "peer", "name", peer])
+            .map(drop)
     }
 
     pub fn set_master(&self, ifname: &str, bridge: &str) -> Result<(), LinkError> {
-        self.run(&["link", "set", ifname, "master", bridge]).map(drop)
+        self.run(&["link", "set", ifname, "master", bridge])
+            .map(drop)
     }
 
     pub fn set_up(&self, ifname: &str) -> Result<(), LinkError> {
@@ -94,7 +101,11 @@ impl Ip {
     /// Adds `cidr` (`ADDR/LEN`) to `ifname`; an address already there is fine.
     pub fn add_addr(&self, ifname: &str, cidr: &str) -> Result<(), LinkError> {
         match self.run(&["addr", "add", cidr, "dev", ifname]) {
-            Err(LinkError::Failed { stderr, .. }) if stderr.contains("File exists") || stderr.contains("already assigned") => Ok(()),
+            Err(LinkError::Failed { stderr, .. })
+                if stderr.contains("File exists") || stderr.contains("already assigned") =>
+            {
+                Ok(())
+            }
             other => other.map(drop),
         }
     }
@@ -114,15 +125,71 @@ impl Ip {
         let links: Vec<Link> = if out.trim().is_empty() {
             Vec::new()
         } else {
-            serde_json::from_str(&out).map_err(|source| LinkError::Parse { args: args.join(" "), source })?
+            serde_json::from_str(&out).map_err(|source| LinkError::Parse {
+                args: args.join(" "),
+                source,
+            })?
         };
         Ok(links.into_iter().map(|l| l.ifname).collect())
     }
 }
 
 impl Ip {
+    /// The MAC address of `ifname` and its kind (`veth`, `bridge`, ...; empty for a plain
+    /// device).
+    pub fn link_info(&self, ifname: &str) -> Result<([u8; 6], String), LinkError> {
+        #[derive(serde::Deserialize)]
+        struct Link {
+            address: String,
+            #[serde(default)]
+            linkinfo: Option<LinkInfo>,
+        }
+        #[derive(serde::Deserialize)]
+        struct LinkInfo {
+            #[serde(default)]
+            info_kind: String,
+        }
+        let args = ["-j", "-d", "link", "show", "dev", ifname];
+        let out = self.run(&args)?;
+        let parse_err = |source| LinkError::Parse {
+            args: args.join(" "),
+            source,
+        };
+        let links: Vec<Link> = serde_json::from_str(&out).map_err(parse_err)?;
+        let link = links
+            .into_iter()
+            .next()
+            .ok_or_else(|| parse_err(serde::de::Error::custom("no such link")))?;
+        let mac = parse_mac(&link.address)
+            .ok_or_else(|| parse_err(serde::de::Error::custom("not a MAC address")))?;
+        Ok((mac, link.linkinfo.map(|l| l.info_kind).unwrap_or_default()))
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Formats a MAC address as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl Ip {
     /// IPv4 addresses (with prefix length) of `ifname`, or of every interface when `None`.
-    pub fn ipv4_addrs(&self, ifname: Option<&str>) -> Result<Vec<(std::net::Ipv4Addr, u8)>, LinkError> {
+    pub fn ipv4_addrs(
+        &self,
+        ifname: Option<&str>,
+    ) -> Result<Vec<(std::net::Ipv4Addr, u8)>, LinkError> {
         #[derive(serde::Deserialize)]
         struct Iface {
             #[serde(default)]
@@ -139,7 +206,10 @@ impl Ip {
             args.extend(["dev", dev]);
         }
         let out = self.run(&args)?;
-        let ifaces: Vec<Iface> = serde_json::from_str(&out).map_err(|source| LinkError::Parse { args: args.join(" "), source })?;
+        let ifaces: Vec<Iface> = serde_json::from_str(&out).map_err(|source| LinkError::Parse {
+            args: args.join(" "),
+            source,
+        })?;
         Ok(ifaces
             .into_iter()
             .flat_map(|i| i.addr_info)
@@ -162,5 +232,7 @@ pub fn ifname(ifindex: u32) -> String {
         return format!("#{ifindex}");
     }
     // SAFETY: on success the buffer holds a NUL-terminated name.
-    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
 }

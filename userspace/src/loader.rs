@@ -27,9 +27,11 @@ use aya::{
     util::KernelVersion,
 };
 use dataplane_common::{
-    Affinity, AffinityKey, Backend, Counters, Flow, FlowKey, IfaceKey, MAX_REASONS, NodeConfig, Reason, Service,
-    ServiceCounters, ServiceKey, SlotKey, map, program,
+    Affinity, AffinityKey, Backend, Counters, Endpoint, Flow, FlowKey, IfaceKey, MAX_REASONS,
+    NodeConfig, Reason, Service, ServiceCounters, ServiceKey, SlotKey, map, node_flags, program,
 };
+
+use crate::migrate::{self, Migration};
 
 /// The datapath object built by `cargo xtask build`, embedded 8-byte aligned as ELF parsing needs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("BULKHEAD_EBPF_OBJECT"));
@@ -98,10 +100,22 @@ pub enum LoaderError {
     },
     #[error("{value} is not a tc attach mode (expected tcx, netlink or auto) in {TC_MODE_ENV}")]
     BadMode { value: String },
+    #[error(transparent)]
+    Migration(#[from] migrate::MigrationError),
 }
 
 /// Datapath event verbosity (aya-log levels; `Off` compiles the events out at load time).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 #[repr(u8)]
 pub enum LogLevel {
@@ -128,14 +142,24 @@ pub fn follow_events(dir: &Path, duration: Option<std::time::Duration>) -> Resul
         fn flush(&self) {}
     }
     let path = dir.join("progs").join(program::INGRESS);
-    let prog = SchedClassifier::from_pin(&path)
-        .map_err(|source| LoaderError::Program { action: "open pinned", name: program::INGRESS, source })?;
+    let prog = SchedClassifier::from_pin(&path).map_err(|source| LoaderError::Program {
+        action: "open pinned",
+        name: program::INGRESS,
+        source,
+    })?;
     let id = prog
         .info()
-        .map_err(|source| LoaderError::Program { action: "inspect", name: program::INGRESS, source })?
+        .map_err(|source| LoaderError::Program {
+            action: "inspect",
+            name: program::INGRESS,
+            source,
+        })?
         .id();
-    let mut logger = aya_log::EbpfLogger::init_from_id_with_logger(id, Stdout)
-        .map_err(|e| LoaderError::Events { source: io::Error::other(e.to_string()) })?;
+    let mut logger = aya_log::EbpfLogger::init_from_id_with_logger(id, Stdout).map_err(|e| {
+        LoaderError::Events {
+            source: io::Error::other(e.to_string()),
+        }
+    })?;
     let deadline = duration.map(|d| std::time::Instant::now() + d);
     loop {
         let wait = match deadline {
@@ -145,8 +169,12 @@ pub fn follow_events(dir: &Path, duration: Option<std::time::Duration>) -> Resul
             },
             None => -1,
         };
-        let mut fds = [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(&logger), nix::poll::PollFlags::POLLIN)];
-        let timeout = nix::poll::PollTimeout::try_from(wait).unwrap_or(nix::poll::PollTimeout::NONE);
+        let mut fds = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(&logger),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let timeout =
+            nix::poll::PollTimeout::try_from(wait).unwrap_or(nix::poll::PollTimeout::NONE);
         match nix::poll::poll(&mut fds, timeout) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => logger.flush(),
             Err(e) => return Err(LoaderError::Events { source: e.into() }),
@@ -173,7 +201,9 @@ impl TcMode {
             Ok("tcx") => Ok(TcMode::Tcx),
             Ok("netlink") => Ok(TcMode::Netlink),
             Ok("auto") | Err(_) => Ok(Self::kernel_default()),
-            Ok(other) => Err(LoaderError::BadMode { value: other.to_owned() }),
+            Ok(other) => Err(LoaderError::BadMode {
+                value: other.to_owned(),
+            }),
         }
     }
 
@@ -198,6 +228,7 @@ pub struct Datapath {
     mode: TcMode,
     ingress: SchedClassifier,
     egress: SchedClassifier,
+    migrated: migrate::Report,
 }
 
 impl Datapath {
@@ -212,6 +243,21 @@ impl Datapath {
             let path = dir.join(sub);
             fs::create_dir_all(&path).map_err(|source| LoaderError::Pinned { path, source })?;
         }
+        let mode = TcMode::detect()?;
+        let migration = Migration::prepare(dir)?;
+        let loaded = Self::load_and_swap(dir, log, mode);
+        let mut datapath = match loaded {
+            Ok(d) => d,
+            Err(e) => {
+                migration.abort();
+                return Err(e);
+            }
+        };
+        datapath.migrated = migration.finish()?;
+        Ok(datapath)
+    }
+
+    fn load_and_swap(dir: &Path, log: LogLevel, mode: TcMode) -> Result<Self, LoaderError> {
         let level = log as u8;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(dir)
@@ -220,9 +266,20 @@ impl Datapath {
             .map_err(LoaderError::Load)?;
         let ingress = load_program(&mut ebpf, dir, program::INGRESS)?;
         let egress = load_program(&mut ebpf, dir, program::EGRESS)?;
-        let mut datapath = Datapath { dir: dir.to_owned(), mode: TcMode::detect()?, ingress, egress };
+        let mut datapath = Datapath {
+            dir: dir.to_owned(),
+            mode,
+            ingress,
+            egress,
+            migrated: Vec::new(),
+        };
         datapath.replace_pinned_links()?;
         Ok(datapath)
+    }
+
+    /// Maps this load migrated from an older layout, with the entries carried over.
+    pub fn migrated(&self) -> &migrate::Report {
+        &self.migrated
     }
 
     /// Opens the programs a previous `load` pinned in `dir`.
@@ -240,6 +297,7 @@ impl Datapath {
             mode: TcMode::detect()?,
             ingress: open(program::INGRESS)?,
             egress: open(program::EGRESS)?,
+            migrated: Vec::new(),
         })
     }
 
@@ -255,15 +313,21 @@ impl Datapath {
                 TcAttachType::Ingress => &mut self.ingress,
                 _ => &mut self.egress,
             };
-            let attach_err = |source| LoaderError::Program { action: "attach", name, source };
+            let attach_err = |source| LoaderError::Program {
+                action: "attach",
+                name,
+                source,
+            };
             match self.mode {
                 TcMode::Tcx => {
                     let pin = link_pin(&self.dir, ifname, suffix);
                     let id = match PinnedLink::from_pin(&pin) {
                         Ok(old) => {
-                            let link = FdLink::from(old).try_into().map_err(|source| LoaderError::Link {
-                                ifname: ifname.to_owned(),
-                                source,
+                            let link = FdLink::from(old).try_into().map_err(|source| {
+                                LoaderError::Link {
+                                    ifname: ifname.to_owned(),
+                                    source,
+                                }
                             })?;
                             prog.attach_to_link(link).map_err(attach_err)?
                         }
@@ -276,23 +340,34 @@ impl Datapath {
                             .map_err(attach_err)?,
                     };
                     let link = prog.take_link(id).map_err(attach_err)?;
-                    let fd_link = FdLink::try_from(link)
-                        .map_err(|source| LoaderError::Link { ifname: ifname.to_owned(), source })?;
+                    let fd_link = FdLink::try_from(link).map_err(|source| LoaderError::Link {
+                        ifname: ifname.to_owned(),
+                        source,
+                    })?;
                     // Replacing a pin: the old file still names the same link, so remove it first.
                     let _ = fs::remove_file(&pin);
-                    fd_link
-                        .pin(&pin)
-                        .map_err(|source| LoaderError::Pin { path: pin.clone(), source })?;
+                    fd_link.pin(&pin).map_err(|source| LoaderError::Pin {
+                        path: pin.clone(),
+                        source,
+                    })?;
                 }
                 TcMode::Netlink => {
                     if let Err(source) = tc::qdisc_add_clsact(ifname)
-                        && !is_exists(&source) {
-                            return Err(LoaderError::Clsact { ifname: ifname.to_owned(), source });
-                        }
+                        && !is_exists(&source)
+                    {
+                        return Err(LoaderError::Clsact {
+                            ifname: ifname.to_owned(),
+                            source,
+                        });
+                    }
                     // cls_bpf has no atomic swap by name: drop the old filter, then add the new.
                     detach_netlink(ifname, hook, name)?;
                     let id = prog
-                        .attach_with_options(ifname, hook, TcAttachOptions::Netlink(NlOptions::default()))
+                        .attach_with_options(
+                            ifname,
+                            hook,
+                            TcAttachOptions::Netlink(NlOptions::default()),
+                        )
                         .map_err(attach_err)?;
                     let link = prog.take_link(id).map_err(attach_err)?;
                     // The filter must outlive this process; dropping the link would remove it.
@@ -323,19 +398,39 @@ impl Datapath {
     }
 }
 
-fn run(prog: &SchedClassifier, name: &'static str, packet: &[u8]) -> Result<(u32, Vec<u8>), LoaderError> {
+fn run(
+    prog: &SchedClassifier,
+    name: &'static str,
+    packet: &[u8],
+) -> Result<(u32, Vec<u8>), LoaderError> {
     use aya::programs::{TestRun, TestRunOptions};
     // Room for programs that grow the packet; the kernel reports the size it wrote.
     let mut out = vec![0u8; packet.len() + 256];
     let result = prog
-        .test_run(TestRunOptions { data_in: Some(packet), data_out: Some(&mut out), ..Default::default() })
-        .map_err(|source| LoaderError::Program { action: "test-run", name, source })?;
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .map_err(|source| LoaderError::Program {
+            action: "test-run",
+            name,
+            source,
+        })?;
     out.truncate(result.data_size_out as usize);
     Ok((result.return_value, out))
 }
 
-fn load_program(ebpf: &mut Ebpf, dir: &Path, name: &'static str) -> Result<SchedClassifier, LoaderError> {
-    let err = |source| LoaderError::Program { action: "load", name, source };
+fn load_program(
+    ebpf: &mut Ebpf,
+    dir: &Path,
+    name: &'static str,
+) -> Result<SchedClassifier, LoaderError> {
+    let err = |source| LoaderError::Program {
+        action: "load",
+        name,
+        source,
+    };
     let prog: &mut SchedClassifier = ebpf
         .program_mut(name)
         .ok_or(LoaderError::MissingProgram { name })?
@@ -344,9 +439,16 @@ fn load_program(ebpf: &mut Ebpf, dir: &Path, name: &'static str) -> Result<Sched
     prog.load().map_err(err)?;
     let pin = dir.join("progs").join(name);
     let _ = fs::remove_file(&pin);
-    prog.pin(&pin).map_err(|source| LoaderError::Pin { path: pin.clone(), source })?;
+    prog.pin(&pin).map_err(|source| LoaderError::Pin {
+        path: pin.clone(),
+        source,
+    })?;
     // Reopen from the pin so the returned program does not borrow `ebpf`; the maps stay pinned.
-    SchedClassifier::from_pin(&pin).map_err(|source| LoaderError::Program { action: "reopen", name, source })
+    SchedClassifier::from_pin(&pin).map_err(|source| LoaderError::Program {
+        action: "reopen",
+        name,
+        source,
+    })
 }
 
 fn link_pin(dir: &Path, ifname: &str, hook: &str) -> PathBuf {
@@ -422,9 +524,15 @@ fn pinned_map(dir: &Path, name: &'static str) -> Result<MapData, LoaderError> {
 }
 
 /// Opens the pinned map `name` as the typed handle `T`.
-fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(dir: &Path, name: &'static str) -> Result<T, LoaderError> {
+fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
+    dir: &Path,
+    name: &'static str,
+) -> Result<T, LoaderError> {
     let err = |source| LoaderError::Map { name, source };
-    Map::from_map_data(pinned_map(dir, name)?).map_err(err)?.try_into().map_err(err)
+    Map::from_map_data(pinned_map(dir, name)?)
+        .map_err(err)?
+        .try_into()
+        .map_err(err)
 }
 
 /// Typed handles on the service-related maps, for `service_table` to read and write.
@@ -451,7 +559,10 @@ impl ServiceMaps {
             slots: typed(dir, map::SLOTS)?,
             backends: typed(dir, map::BACKENDS)?,
             backend_conns: typed(dir, map::BACKEND_CONNS)?,
-            conntrack: [typed(dir, map::CONNTRACK_TCP)?, typed(dir, map::CONNTRACK_UDP)?],
+            conntrack: [
+                typed(dir, map::CONNTRACK_TCP)?,
+                typed(dir, map::CONNTRACK_UDP)?,
+            ],
             ct_events: typed(dir, map::CT_EVENTS)?,
             affinity: typed(dir, map::AFFINITY)?,
             service_stats: typed(dir, map::SERVICE_STATS)?,
@@ -473,6 +584,8 @@ pub struct NodeSettings {
     pub node_addrs: Vec<std::net::Ipv4Addr>,
     /// Conntrack timeouts to change, as (name, seconds); see [`TIMEOUT_NAMES`].
     pub timeouts: Vec<(String, u32)>,
+    /// Hand translated packets straight to registered pod interfaces (see [`Endpoints`]).
+    pub bypass: bool,
 }
 
 /// Names of the conntrack timeouts `up --conntrack-timeouts` sets.
@@ -481,7 +594,10 @@ pub const TIMEOUT_NAMES: [&str; 4] = ["tcp-syn", "tcp-established", "tcp-closing
 /// Writes the node settings into the config and address maps, keeping configured timeouts
 /// (defaults when none were set yet).
 pub fn configure(dir: &Path, settings: &NodeSettings) -> Result<(), LoaderError> {
-    let err = |source| LoaderError::Map { name: map::CONFIG, source };
+    let err = |source| LoaderError::Map {
+        name: map::CONFIG,
+        source,
+    };
     let mut config: Array<MapData, NodeConfig> = typed(dir, map::CONFIG)?;
     let mut cfg = config.get(&0, 0).map_err(err)?;
     if cfg.tcp_established_timeout == 0 {
@@ -490,12 +606,22 @@ pub fn configure(dir: &Path, settings: &NodeSettings) -> Result<(), LoaderError>
     let be = |a: std::net::Ipv4Addr| u32::from(a).to_be();
     (cfg.pod_net, cfg.pod_mask) = match settings.pod_subnet {
         Some((net, len)) => {
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+            let mask = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len))
+            };
             ((u32::from(net) & mask).to_be(), mask.to_be())
         }
         None => (0, 0),
     };
-    (cfg.uplink_ifindex, cfg.uplink_addr) = settings.uplink.map(|(i, a)| (i, be(a))).unwrap_or((0, 0));
+    (cfg.uplink_ifindex, cfg.uplink_addr) =
+        settings.uplink.map(|(i, a)| (i, be(a))).unwrap_or((0, 0));
+    cfg.flags = if settings.bypass {
+        0
+    } else {
+        node_flags::NO_BYPASS
+    };
     for (name, secs) in &settings.timeouts {
         let slot = match name.as_str() {
             "tcp-syn" => &mut cfg.tcp_syn_timeout,
@@ -508,7 +634,10 @@ pub fn configure(dir: &Path, settings: &NodeSettings) -> Result<(), LoaderError>
     }
     config.set(0, cfg, 0).map_err(err)?;
 
-    let err = |source| LoaderError::Map { name: map::NODE_ADDRS, source };
+    let err = |source| LoaderError::Map {
+        name: map::NODE_ADDRS,
+        source,
+    };
     let mut addrs: HashMap<MapData, u32, u32> = typed(dir, map::NODE_ADDRS)?;
     let stale: Vec<u32> = addrs.keys().filter_map(Result::ok).collect();
     for k in stale {
@@ -527,9 +656,14 @@ pub fn nr_cpus() -> usize {
 
 /// Packet and byte counters per (ifindex, direction), summed over CPUs.
 pub fn iface_counters(dir: &Path) -> Result<Vec<(IfaceKey, Counters)>, LoaderError> {
-    let err = |source| LoaderError::Map { name: map::IFACE_STATS, source };
+    let err = |source| LoaderError::Map {
+        name: map::IFACE_STATS,
+        source,
+    };
     let stats: PerCpuHashMap<_, IfaceKey, Counters> =
-        Map::PerCpuHashMap(pinned_map(dir, map::IFACE_STATS)?).try_into().map_err(err)?;
+        Map::PerCpuHashMap(pinned_map(dir, map::IFACE_STATS)?)
+            .try_into()
+            .map_err(err)?;
     let mut out = Vec::new();
     for entry in stats.iter() {
         let (key, per_cpu) = entry.map_err(err)?;
@@ -543,9 +677,13 @@ pub fn iface_counters(dir: &Path) -> Result<Vec<(IfaceKey, Counters)>, LoaderErr
 
 /// How often each non-pass [`Reason`] occurred, summed over CPUs.
 pub fn reason_counters(dir: &Path) -> Result<Vec<(Reason, u64)>, LoaderError> {
-    let err = |source| LoaderError::Map { name: map::REASONS, source };
-    let reasons: PerCpuArray<_, u64> =
-        Map::PerCpuArray(pinned_map(dir, map::REASONS)?).try_into().map_err(err)?;
+    let err = |source| LoaderError::Map {
+        name: map::REASONS,
+        source,
+    };
+    let reasons: PerCpuArray<_, u64> = Map::PerCpuArray(pinned_map(dir, map::REASONS)?)
+        .try_into()
+        .map_err(err)?;
     debug_assert!(Reason::ALL.len() as u32 <= MAX_REASONS);
     Reason::ALL
         .iter()
@@ -554,4 +692,57 @@ pub fn reason_counters(dir: &Path) -> Result<Vec<(Reason, u64)>, LoaderError> {
             Ok((r, per_cpu.iter().sum()))
         })
         .collect()
+}
+
+/// The pods of this node the datapath may hand packets to directly ([`map::ENDPOINTS`]).
+pub struct Endpoints {
+    map: HashMap<MapData, u32, Endpoint>,
+}
+
+impl Endpoints {
+    pub fn open(dir: &Path) -> Result<Self, LoaderError> {
+        Ok(Endpoints {
+            map: typed(dir, map::ENDPOINTS)?,
+        })
+    }
+
+    /// Registers (or updates) the pod with `addr`.
+    pub fn insert(
+        &mut self,
+        addr: std::net::Ipv4Addr,
+        endpoint: Endpoint,
+    ) -> Result<(), LoaderError> {
+        let err = |source| LoaderError::Map {
+            name: map::ENDPOINTS,
+            source,
+        };
+        self.map
+            .insert(u32::from(addr).to_be(), endpoint, 0)
+            .map_err(err)
+    }
+
+    /// Forgets the pod with `addr`; false if it was not registered.
+    pub fn remove(&mut self, addr: std::net::Ipv4Addr) -> Result<bool, LoaderError> {
+        let key = u32::from(addr).to_be();
+        if self.map.get(&key, 0).is_err() {
+            return Ok(false);
+        }
+        self.map.remove(&key).map_err(|source| LoaderError::Map {
+            name: map::ENDPOINTS,
+            source,
+        })?;
+        Ok(true)
+    }
+
+    /// Every registered pod, by address.
+    pub fn list(&self) -> Vec<(std::net::Ipv4Addr, Endpoint)> {
+        let mut all: Vec<_> = self
+            .map
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, e)| (std::net::Ipv4Addr::from(u32::from_be(k)), e))
+            .collect();
+        all.sort_by_key(|(a, _)| *a);
+        all
+    }
 }

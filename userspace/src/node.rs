@@ -4,10 +4,7 @@
 //! the bridge and to each of its ports; `down` undoes exactly what was recorded. The record is a
 //! JSON file in the state directory, so separate `bulkhead` invocations cooperate.
 
-use std::{
-    fs, io,
-    path::PathBuf,
-};
+use std::{fs, io, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +50,10 @@ pub enum NodeError {
     Bpffs(#[from] BpffsError),
     #[error("datapath")]
     Loader(#[from] LoaderError),
+    #[error(
+        "{ifname} is a {kind} device, not a veth: only a veth's peer can be handed packets directly"
+    )]
+    NotVeth { ifname: String, kind: String },
 }
 
 /// Where a node keeps its pins and its record.
@@ -87,6 +88,13 @@ pub struct NodeRecord {
     /// Datapath event verbosity the programs were loaded with.
     #[serde(default)]
     pub datapath_log: LogLevel,
+    /// Whether translated packets for registered pods skip the bridge and the stack.
+    #[serde(default = "enabled")]
+    pub bypass: bool,
+}
+
+fn enabled() -> bool {
+    true
 }
 
 impl NodeRecord {
@@ -94,7 +102,11 @@ impl NodeRecord {
         let path = paths.record();
         let text = fs::read_to_string(&path).map_err(|source| match source.kind() {
             io::ErrorKind::NotFound => NodeError::NotUp { path: path.clone() },
-            _ => NodeError::Record { action: "read", path: path.clone(), source },
+            _ => NodeError::Record {
+                action: "read",
+                path: path.clone(),
+                source,
+            },
         })?;
         serde_json::from_str(&text).map_err(|e| NodeError::Record {
             action: "parse",
@@ -105,7 +117,11 @@ impl NodeRecord {
 
     fn save(&self, paths: &Paths) -> Result<(), NodeError> {
         let path = paths.record();
-        let err = |action, source| NodeError::Record { action, path: path.clone(), source };
+        let err = |action, source| NodeError::Record {
+            action,
+            path: path.clone(),
+            source,
+        };
         fs::create_dir_all(&paths.state_dir).map_err(|e| err("create the directory of", e))?;
         let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_string_pretty(self).expect("a node record always serializes");
@@ -124,27 +140,51 @@ pub struct UpOptions<'a> {
     pub datapath_log: Option<LogLevel>,
     /// Conntrack timeouts to change, as (name, seconds); the others keep their values.
     pub timeouts: Vec<(String, u32)>,
+    /// Stack bypass on or off (`None`: as before, on for a new node).
+    pub bypass: Option<bool>,
 }
 
-pub fn up(paths: &Paths, bridge: &str, opts: &UpOptions<'_>) -> Result<NodeRecord, NodeError> {
+/// What `up` did.
+pub struct UpReport {
+    pub record: NodeRecord,
+    /// Maps migrated from an older layout, with the entries carried over.
+    pub migrated: crate::migrate::Report,
+}
+
+pub fn up(paths: &Paths, bridge: &str, opts: &UpOptions<'_>) -> Result<UpReport, NodeError> {
     let (subnet, uplink) = (opts.subnet, opts.uplink);
-    let ip = Ip::find().map_err(|source| NodeError::Link { action: "find iproute2 for", ifname: bridge.into(), source })?;
+    let ip = Ip::find().map_err(|source| NodeError::Link {
+        action: "find iproute2 for",
+        ifname: bridge.into(),
+        source,
+    })?;
     let previous = NodeRecord::load(paths).ok();
     let created_bridge = match &previous {
         Some(p) if p.bridge == bridge => p.created_bridge,
         _ if Ip::exists(bridge) => false,
         _ => {
-            let err = |source| NodeError::Link { action: "create bridge", ifname: bridge.into(), source };
+            let err = |source| NodeError::Link {
+                action: "create bridge",
+                ifname: bridge.into(),
+                source,
+            };
             ip.add_bridge(bridge).map_err(err)?;
             true
         }
     };
     if let Some(cidr) = subnet {
         ip.add_addr(bridge, cidr)
-            .map_err(|source| NodeError::Link { action: "address", ifname: bridge.into(), source })?;
+            .map_err(|source| NodeError::Link {
+                action: "address",
+                ifname: bridge.into(),
+                source,
+            })?;
     }
-    ip.set_up(bridge)
-        .map_err(|source| NodeError::Link { action: "bring up", ifname: bridge.into(), source })?;
+    ip.set_up(bridge).map_err(|source| NodeError::Link {
+        action: "bring up",
+        ifname: bridge.into(),
+        source,
+    })?;
     // Routing between the bridge and the uplink, and DNAT to local backends, need forwarding
     // on. After DNAT a packet from a pod is routed back out of the bridge it came in on; the
     // kernel would answer that with ICMP redirects to the client, which must not happen.
@@ -164,31 +204,51 @@ pub fn up(paths: &Paths, bridge: &str, opts: &UpOptions<'_>) -> Result<NodeRecor
     }
 
     bpffs::ensure_dir(&paths.bpffs)?;
-    let datapath_log = opts.datapath_log.or(previous.as_ref().map(|p| p.datapath_log)).unwrap_or_default();
+    let datapath_log = opts
+        .datapath_log
+        .or(previous.as_ref().map(|p| p.datapath_log))
+        .unwrap_or_default();
     let mut datapath = Datapath::load(&paths.bpffs, datapath_log)?;
     let mut record = NodeRecord {
         bridge: bridge.to_owned(),
-        subnet: subnet.map(str::to_owned).or(previous.as_ref().and_then(|p| p.subnet.clone())),
+        subnet: subnet
+            .map(str::to_owned)
+            .or(previous.as_ref().and_then(|p| p.subnet.clone())),
         created_bridge,
         mode: datapath.mode(),
-        uplink: uplink.map(str::to_owned).or(previous.as_ref().and_then(|p| p.uplink.clone())),
+        uplink: uplink
+            .map(str::to_owned)
+            .or(previous.as_ref().and_then(|p| p.uplink.clone())),
         datapath_log,
+        bypass: opts
+            .bypass
+            .or(previous.as_ref().map(|p| p.bypass))
+            .unwrap_or(true),
         attached: previous.map(|p| p.attached).unwrap_or_default(),
     };
     let mut node_settings = settings(&ip, &record)?;
     node_settings.timeouts = opts.timeouts.clone();
+    node_settings.bypass = record.bypass;
     loader::configure(&paths.bpffs, &node_settings)?;
-    let ports = ip
-        .bridge_ports(bridge)
-        .map_err(|source| NodeError::Link { action: "list the ports of", ifname: bridge.into(), source })?;
-    for ifname in std::iter::once(bridge.to_owned()).chain(ports).chain(record.uplink.clone()) {
+    let ports = ip.bridge_ports(bridge).map_err(|source| NodeError::Link {
+        action: "list the ports of",
+        ifname: bridge.into(),
+        source,
+    })?;
+    for ifname in std::iter::once(bridge.to_owned())
+        .chain(ports)
+        .chain(record.uplink.clone())
+    {
         datapath.attach(&ifname)?;
         if !record.attached.contains(&ifname) {
             record.attached.push(ifname);
         }
     }
     record.save(paths)?;
-    Ok(record)
+    Ok(UpReport {
+        record,
+        migrated: datapath.migrated().clone(),
+    })
 }
 
 /// The datapath's view of the node: pod subnet, uplink and the node's own addresses.
@@ -200,27 +260,49 @@ fn settings(ip: &Ip, record: &NodeRecord) -> Result<loader::NodeSettings, NodeEr
     let uplink = match &record.uplink {
         None => None,
         Some(dev) => {
-            let err = |source| NodeError::Link { action: "read the addresses of", ifname: dev.clone(), source };
+            let err = |source| NodeError::Link {
+                action: "read the addresses of",
+                ifname: dev.clone(),
+                source,
+            };
             let addr = ip.ipv4_addrs(Some(dev)).map_err(err)?.first().map(|a| a.0);
-            let addr = addr.ok_or_else(|| NodeError::NoAddress { ifname: dev.clone() })?;
-            let index = nix::net::if_::if_nametoindex(dev.as_str()).map_err(|_| NodeError::NoInterface { ifname: dev.clone() })?;
+            let addr = addr.ok_or_else(|| NodeError::NoAddress {
+                ifname: dev.clone(),
+            })?;
+            let index = nix::net::if_::if_nametoindex(dev.as_str()).map_err(|_| {
+                NodeError::NoInterface {
+                    ifname: dev.clone(),
+                }
+            })?;
             Some((index, addr))
         }
     };
     let node_addrs = ip
         .ipv4_addrs(None)
-        .map_err(|source| NodeError::Link { action: "read the addresses of", ifname: "the node".into(), source })?
+        .map_err(|source| NodeError::Link {
+            action: "read the addresses of",
+            ifname: "the node".into(),
+            source,
+        })?
         .into_iter()
         .map(|a| a.0)
         .collect();
-    Ok(loader::NodeSettings { pod_subnet, uplink, node_addrs, timeouts: Vec::new() })
+    Ok(loader::NodeSettings {
+        pod_subnet,
+        uplink,
+        node_addrs,
+        timeouts: Vec::new(),
+        bypass: record.bypass,
+    })
 }
 
 /// Attaches the datapath to one more interface (a veth plugged into the bridge later).
 pub fn attach(paths: &Paths, ifname: &str) -> Result<(), NodeError> {
     let mut record = NodeRecord::load(paths)?;
     if !Ip::exists(ifname) {
-        return Err(NodeError::NoInterface { ifname: ifname.to_owned() });
+        return Err(NodeError::NoInterface {
+            ifname: ifname.to_owned(),
+        });
     }
     Datapath::open(&paths.bpffs)?.attach(ifname)?;
     if !record.attached.iter().any(|a| a == ifname) {
@@ -245,11 +327,83 @@ pub fn down(paths: &Paths) -> Result<NodeRecord, NodeError> {
     }
     loader::unpin_all(&paths.bpffs);
     if record.created_bridge && Ip::exists(&record.bridge) {
-        let ip = Ip::find().map_err(|source| NodeError::Link { action: "find iproute2 for", ifname: record.bridge.clone(), source })?;
+        let ip = Ip::find().map_err(|source| NodeError::Link {
+            action: "find iproute2 for",
+            ifname: record.bridge.clone(),
+            source,
+        })?;
         ip.delete(&record.bridge)
-            .map_err(|source| NodeError::Link { action: "delete bridge", ifname: record.bridge.clone(), source })?;
+            .map_err(|source| NodeError::Link {
+                action: "delete bridge",
+                ifname: record.bridge.clone(),
+                source,
+            })?;
     }
     let path = paths.record();
-    fs::remove_file(&path).map_err(|source| NodeError::Record { action: "remove", path, source })?;
+    fs::remove_file(&path).map_err(|source| NodeError::Record {
+        action: "remove",
+        path,
+        source,
+    })?;
     Ok(record)
+}
+
+/// Registers a pod for the stack bypass: packets translated for `addr` go straight to the
+/// peer of `ifname` (the host side of the pod's veth) with destination MAC `mac`, as if the
+/// node's bridge had forwarded them.
+pub fn endpoint_add(
+    paths: &Paths,
+    addr: std::net::Ipv4Addr,
+    ifname: &str,
+    mac: [u8; 6],
+) -> Result<(), NodeError> {
+    let record = NodeRecord::load(paths)?;
+    let ip = Ip::find().map_err(|source| NodeError::Link {
+        action: "find iproute2 for",
+        ifname: ifname.into(),
+        source,
+    })?;
+    if !Ip::exists(ifname) {
+        return Err(NodeError::NoInterface {
+            ifname: ifname.to_owned(),
+        });
+    }
+    let (_, kind) = ip.link_info(ifname).map_err(|source| NodeError::Link {
+        action: "inspect",
+        ifname: ifname.into(),
+        source,
+    })?;
+    if kind != "veth" {
+        return Err(NodeError::NotVeth {
+            ifname: ifname.to_owned(),
+            kind: if kind.is_empty() {
+                "plain".into()
+            } else {
+                kind
+            },
+        });
+    }
+    let (gateway_mac, _) = ip
+        .link_info(&record.bridge)
+        .map_err(|source| NodeError::Link {
+            action: "inspect",
+            ifname: record.bridge.clone(),
+            source,
+        })?;
+    let ifindex = nix::net::if_::if_nametoindex(ifname).map_err(|_| NodeError::NoInterface {
+        ifname: ifname.to_owned(),
+    })?;
+    let endpoint = dataplane_common::Endpoint {
+        ifindex,
+        mac,
+        gateway_mac,
+    };
+    loader::Endpoints::open(&paths.bpffs)?.insert(addr, endpoint)?;
+    Ok(())
+}
+
+/// Forgets a pod registered with [`endpoint_add`]; false if it was not registered.
+pub fn endpoint_del(paths: &Paths, addr: std::net::Ipv4Addr) -> Result<bool, NodeError> {
+    NodeRecord::load(paths)?;
+    Ok(loader::Endpoints::open(&paths.bpffs)?.remove(addr)?)
 }

@@ -19,9 +19,9 @@ use std::{
 
 use aya::maps::{MapError, PerCpuValues};
 use dataplane_common::{
-    Backend, CONNTRACK_SIZE, Flow, FlowKey, MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, MAX_TABLE, Service,
-    ServiceCounters, ServiceKey, SlotKey, backend_state, ct_event, flow_dir, flow_kind, proto, scheduler, service_flags,
-    tcp_state,
+    Backend, CONNTRACK_SIZE, Flow, FlowKey, MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES,
+    MAX_TABLE, Service, ServiceCounters, ServiceKey, SlotKey, backend_state, ct_event, flow_dir,
+    flow_kind, proto, scheduler, service_flags, tcp_state,
 };
 
 use crate::loader::{self, LoaderError, ServiceMaps};
@@ -38,19 +38,37 @@ pub const MAX_LC_BACKENDS: usize = 128;
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceTableError {
     #[error("invalid {what} {input:?}: {why}")]
-    Parse { what: &'static str, input: String, why: String },
+    Parse {
+        what: &'static str,
+        input: String,
+        why: String,
+    },
     #[error("service {service} already exists")]
     Duplicate { service: VirtualAddr },
     #[error("node port {port}/{proto} is already used by {service}")]
-    NodePortInUse { port: u16, proto: Proto, service: VirtualAddr },
+    NodePortInUse {
+        port: u16,
+        proto: Proto,
+        service: VirtualAddr,
+    },
     #[error("no service {service}")]
     Unknown { service: VirtualAddr },
     #[error("service {service} has no backend {backend}")]
-    UnknownBackend { service: VirtualAddr, backend: SocketAddrV4 },
+    UnknownBackend {
+        service: VirtualAddr,
+        backend: SocketAddrV4,
+    },
     #[error("backend {backend} is listed twice for {service}")]
-    DuplicateBackend { service: VirtualAddr, backend: SocketAddrV4 },
+    DuplicateBackend {
+        service: VirtualAddr,
+        backend: SocketAddrV4,
+    },
     #[error("service {service} would have {count} backends; the limit is {max}")]
-    TooManyBackends { service: VirtualAddr, count: usize, max: usize },
+    TooManyBackends {
+        service: VirtualAddr,
+        count: usize,
+        max: usize,
+    },
     #[error("the datapath holds at most {max} {what}")]
     Full { what: &'static str, max: u32 },
     #[error("cannot {action} in map {map}")]
@@ -73,7 +91,11 @@ pub enum ServiceTableError {
 type Result<T, E = ServiceTableError> = std::result::Result<T, E>;
 
 fn parse_err(what: &'static str, input: &str, why: impl fmt::Display) -> ServiceTableError {
-    ServiceTableError::Parse { what, input: input.to_owned(), why: why.to_string() }
+    ServiceTableError::Parse {
+        what,
+        input: input.to_owned(),
+        why: why.to_string(),
+    }
 }
 
 /// Runs a map update, retrying while the kernel answers ENOMEM.
@@ -103,7 +125,11 @@ fn zeroed<T: aya::Pod>(cpus: usize, value: T) -> Result<PerCpuValues<T>, MapErro
 }
 
 fn map_err(action: &'static str, map: &'static str) -> impl FnOnce(MapError) -> ServiceTableError {
-    move |source| ServiceTableError::Map { action, map, source }
+    move |source| ServiceTableError::Map {
+        action,
+        map,
+        source,
+    }
 }
 
 /// TCP or UDP.
@@ -164,12 +190,20 @@ impl FromStr for VirtualAddr {
             Some((sock, "tcp")) => (sock, Proto::Tcp),
             Some((sock, "udp")) => (sock, Proto::Udp),
             Some((_, other)) => {
-                return Err(parse_err("service address", input, format!("unsupported protocol {other:?} (tcp or udp)")));
+                return Err(parse_err(
+                    "service address",
+                    input,
+                    format!("unsupported protocol {other:?} (tcp or udp)"),
+                ));
             }
             None => (input, Proto::Tcp),
         };
         let sock = parse_socket("service address", input, sock)?;
-        Ok(VirtualAddr { addr: *sock.ip(), port: sock.port(), proto })
+        Ok(VirtualAddr {
+            addr: *sock.ip(),
+            port: sock.port(),
+            proto,
+        })
     }
 }
 
@@ -187,7 +221,12 @@ impl serde::Serialize for VirtualAddr {
 
 impl VirtualAddr {
     fn key(&self) -> ServiceKey {
-        ServiceKey { addr: u32::from(self.addr).to_be(), port: self.port.to_be(), proto: self.proto.number(), _pad: 0 }
+        ServiceKey {
+            addr: u32::from(self.addr).to_be(),
+            port: self.port.to_be(),
+            proto: self.proto.number(),
+            _pad: 0,
+        }
     }
 
     fn from_key(key: &ServiceKey) -> Option<Self> {
@@ -200,7 +239,9 @@ impl VirtualAddr {
 }
 
 fn parse_socket(what: &'static str, whole: &str, input: &str) -> Result<SocketAddrV4> {
-    let sock: SocketAddrV4 = input.parse().map_err(|_| parse_err(what, whole, "expected IPV4:PORT"))?;
+    let sock: SocketAddrV4 = input
+        .parse()
+        .map_err(|_| parse_err(what, whole, "expected IPV4:PORT"))?;
     if sock.port() == 0 {
         return Err(parse_err(what, whole, "port 0 is not a valid port"));
     }
@@ -223,12 +264,17 @@ impl FromStr for BackendSpec {
     fn from_str(input: &str) -> Result<Self> {
         let (sock, weight) = match input.split_once('@') {
             Some((sock, w)) => {
-                let w: u16 = w.parse().map_err(|_| parse_err("backend", input, "weight must be 0..=65535"))?;
+                let w: u16 = w
+                    .parse()
+                    .map_err(|_| parse_err("backend", input, "weight must be 0..=65535"))?;
                 (sock, w)
             }
             None => (input, 1),
         };
-        Ok(BackendSpec { addr: parse_socket("backend", input, sock)?, weight })
+        Ok(BackendSpec {
+            addr: parse_socket("backend", input, sock)?,
+            weight,
+        })
     }
 }
 
@@ -247,8 +293,15 @@ pub enum Scheduler {
 }
 
 impl Scheduler {
-    const ALL: [Scheduler; 7] =
-        [Scheduler::Hash, Scheduler::Random, Scheduler::Maglev, Scheduler::Rr, Scheduler::Lc, Scheduler::Sh, Scheduler::Dh];
+    const ALL: [Scheduler; 7] = [
+        Scheduler::Hash,
+        Scheduler::Random,
+        Scheduler::Maglev,
+        Scheduler::Rr,
+        Scheduler::Lc,
+        Scheduler::Sh,
+        Scheduler::Dh,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -275,7 +328,10 @@ impl Scheduler {
     }
 
     fn from_code(code: u8) -> Self {
-        Self::ALL.into_iter().find(|s| s.code() == code).unwrap_or_default()
+        Self::ALL
+            .into_iter()
+            .find(|s| s.code() == code)
+            .unwrap_or_default()
     }
 }
 
@@ -290,9 +346,16 @@ impl FromStr for Scheduler {
             "mh" => "maglev",
             other => other,
         };
-        Self::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
-            parse_err("scheduler", input, "expected hash, random, maglev (mh), rr (wrr), lc (wlc), sh or dh")
-        })
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                parse_err(
+                    "scheduler",
+                    input,
+                    "expected hash, random, maglev (mh), rr (wrr), lc (wlc), sh or dh",
+                )
+            })
     }
 }
 
@@ -355,11 +418,17 @@ pub fn selection_table(sched: Scheduler, backends: &[(u32, SocketAddrV4, u16)]) 
         Scheduler::Maglev => {
             let named: Vec<(String, u16)> = usable.iter().map(|b| (b.1.to_string(), b.2)).collect();
             let size = maglev_size(usable.len());
-            maglev_table(&named, size).into_iter().map(|i| usable[i].0).collect()
+            maglev_table(&named, size)
+                .into_iter()
+                .map(|i| usable[i].0)
+                .collect()
         }
         _ => {
             let weights: Vec<u16> = usable.iter().map(|b| b.2).collect();
-            weighted_sequence(&weights).into_iter().map(|i| usable[i].0).collect()
+            weighted_sequence(&weights)
+                .into_iter()
+                .map(|i| usable[i].0)
+                .collect()
         }
     }
 }
@@ -377,14 +446,21 @@ pub fn weighted_sequence(weights: &[u16]) -> Vec<usize> {
     let total: u32 = w.iter().sum();
     if total > MAX_SEQUENCE {
         // Scale down, keeping every backend at least once.
-        w.iter_mut().for_each(|x| *x = (u64::from(*x) * u64::from(MAX_SEQUENCE) / u64::from(total)).max(1) as u32);
+        w.iter_mut().for_each(|x| {
+            *x = (u64::from(*x) * u64::from(MAX_SEQUENCE) / u64::from(total)).max(1) as u32
+        });
     }
     let total: i64 = w.iter().map(|&x| i64::from(x)).sum();
     let mut current = vec![0i64; w.len()];
     (0..total)
         .map(|_| {
-            current.iter_mut().zip(&w).for_each(|(c, &x)| *c += i64::from(x));
-            let best = (0..current.len()).max_by_key(|&i| (current[i], std::cmp::Reverse(i))).unwrap_or(0);
+            current
+                .iter_mut()
+                .zip(&w)
+                .for_each(|(c, &x)| *c += i64::from(x));
+            let best = (0..current.len())
+                .max_by_key(|&i| (current[i], std::cmp::Reverse(i)))
+                .unwrap_or(0);
             current[best] -= total;
             best
         })
@@ -397,11 +473,16 @@ const MAGLEV_PRIMES: [u32; 9] = [251, 509, 1021, 2039, 4093, 8191, 16381, 32749,
 /// backend's share is within about 1% of its target.
 pub fn maglev_size(backends: usize) -> u32 {
     let want = backends.saturating_mul(100) as u64;
-    MAGLEV_PRIMES.into_iter().find(|&p| u64::from(p) >= want).unwrap_or(MAX_TABLE)
+    MAGLEV_PRIMES
+        .into_iter()
+        .find(|&p| u64::from(p) >= want)
+        .unwrap_or(MAX_TABLE)
 }
 
 fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325 ^ seed, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325 ^ seed, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// Maglev lookup table (Eisenbud et al., NSDI 2016, section 3.4) of prime `size`, with weights:
@@ -411,9 +492,19 @@ pub fn maglev_table(backends: &[(String, u16)], size: u32) -> Vec<usize> {
     let m = u64::from(size);
     let perms: Vec<(u64, u64)> = backends
         .iter()
-        .map(|(name, _)| (fnv1a(0x5bd1_e995, name.as_bytes()) % m, fnv1a(0x1b87_3593, name.as_bytes()) % (m - 1) + 1))
+        .map(|(name, _)| {
+            (
+                fnv1a(0x5bd1_e995, name.as_bytes()) % m,
+                fnv1a(0x1b87_3593, name.as_bytes()) % (m - 1) + 1,
+            )
+        })
         .collect();
-    let max_w = backends.iter().map(|b| u64::from(b.1)).max().unwrap_or(1).max(1);
+    let max_w = backends
+        .iter()
+        .map(|b| u64::from(b.1))
+        .max()
+        .unwrap_or(1)
+        .max(1);
     let mut next = vec![0u64; backends.len()];
     let mut table = vec![usize::MAX; size as usize];
     let mut filled = 0u64;
@@ -457,7 +548,9 @@ impl Entry {
     }
 
     fn find(&self, addr: SocketAddrV4) -> Option<usize> {
-        self.backends.iter().position(|(_, b)| backend_addr(b) == addr)
+        self.backends
+            .iter()
+            .position(|(_, b)| backend_addr(b) == addr)
     }
 
     fn nodeport(&self) -> Option<u16> {
@@ -466,10 +559,15 @@ impl Entry {
 
     /// Writes the service entry, and its NodePort face, so new flows see the current table.
     fn publish(&self, maps: &mut ServiceMaps) -> Result<()> {
-        retrying(|| maps.services.insert(self.key, self.value, 0)).map_err(map_err("write service", "SERVICES"))?;
+        retrying(|| maps.services.insert(self.key, self.value, 0))
+            .map_err(map_err("write service", "SERVICES"))?;
         if let Some(np) = self.nodeport {
-            let value = Service { flags: self.value.flags | service_flags::NODEPORT, ..self.value };
-            retrying(|| maps.services.insert(np, value, 0)).map_err(map_err("write node port", "SERVICES"))?;
+            let value = Service {
+                flags: self.value.flags | service_flags::NODEPORT,
+                ..self.value
+            };
+            retrying(|| maps.services.insert(np, value, 0))
+                .map_err(map_err("write node port", "SERVICES"))?;
         }
         Ok(())
     }
@@ -531,16 +629,33 @@ impl ServiceTable {
                 nodeports.insert(value.id, key);
                 continue;
             }
-            let Some(vaddr) = VirtualAddr::from_key(&key) else { continue };
+            let Some(vaddr) = VirtualAddr::from_key(&key) else {
+                continue;
+            };
             service_ids.insert(value.id);
             let mut backends = by_service.remove(&value.id).unwrap_or_default();
             backends.sort_by_key(|(id, _)| *id);
-            entries.insert(vaddr, Entry { key, value, nodeport: None, backends });
+            entries.insert(
+                vaddr,
+                Entry {
+                    key,
+                    value,
+                    nodeport: None,
+                    backends,
+                },
+            );
         }
         for entry in entries.values_mut() {
             entry.nodeport = nodeports.remove(&entry.value.id);
         }
-        Ok(ServiceTable { maps, entries, service_ids, backend_ids, retired: Vec::new(), nr_cpus: loader::nr_cpus() })
+        Ok(ServiceTable {
+            maps,
+            entries,
+            service_ids,
+            backend_ids,
+            retired: Vec::new(),
+            nr_cpus: loader::nr_cpus(),
+        })
     }
 
     /// Every service with its backends and counters, ordered by virtual address.
@@ -614,25 +729,45 @@ impl ServiceTable {
 
     fn validate(&self, spec: &ServiceSpec) -> Result<()> {
         if self.entries.contains_key(&spec.vaddr) {
-            return Err(ServiceTableError::Duplicate { service: spec.vaddr });
+            return Err(ServiceTableError::Duplicate {
+                service: spec.vaddr,
+            });
         }
-        let max = if spec.scheduler == Scheduler::Lc { MAX_LC_BACKENDS } else { MAX_BACKENDS_PER_SERVICE as usize };
+        let max = if spec.scheduler == Scheduler::Lc {
+            MAX_LC_BACKENDS
+        } else {
+            MAX_BACKENDS_PER_SERVICE as usize
+        };
         if spec.backends.len() > max {
-            return Err(ServiceTableError::TooManyBackends { service: spec.vaddr, count: spec.backends.len(), max });
+            return Err(ServiceTableError::TooManyBackends {
+                service: spec.vaddr,
+                count: spec.backends.len(),
+                max,
+            });
         }
         if let Some(port) = spec.nodeport {
             if port == 0 {
                 return Err(parse_err("node port", "0", "port 0 is not a valid port"));
             }
-            let clash = self.entries.values().find(|e| e.nodeport() == Some(port) && e.key.proto == spec.vaddr.key().proto);
+            let clash = self
+                .entries
+                .values()
+                .find(|e| e.nodeport() == Some(port) && e.key.proto == spec.vaddr.key().proto);
             if let Some(e) = clash {
-                return Err(ServiceTableError::NodePortInUse { port, proto: spec.vaddr.proto, service: e.vaddr() });
+                return Err(ServiceTableError::NodePortInUse {
+                    port,
+                    proto: spec.vaddr.proto,
+                    service: e.vaddr(),
+                });
             }
         }
         let mut seen = BTreeSet::new();
         for b in &spec.backends {
             if !seen.insert(b.addr) {
-                return Err(ServiceTableError::DuplicateBackend { service: spec.vaddr, backend: b.addr });
+                return Err(ServiceTableError::DuplicateBackend {
+                    service: spec.vaddr,
+                    backend: b.addr,
+                });
             }
         }
         Ok(())
@@ -640,7 +775,10 @@ impl ServiceTable {
 
     fn add_inner(&mut self, spec: &ServiceSpec, undo: &mut Vec<Undo>) -> Result<()> {
         self.validate(spec)?;
-        let id = allocate(&self.service_ids, MAX_SERVICES).ok_or(ServiceTableError::Full { what: "services", max: MAX_SERVICES })?;
+        let id = allocate(&self.service_ids, MAX_SERVICES).ok_or(ServiceTableError::Full {
+            what: "services",
+            max: MAX_SERVICES,
+        })?;
         let mut entry = Entry {
             key: spec.vaddr.key(),
             value: Service {
@@ -653,16 +791,25 @@ impl ServiceTable {
                 backend_count: 0,
                 _pad: 0,
             },
-            nodeport: spec.nodeport.map(|port| ServiceKey { addr: 0, port: port.to_be(), ..spec.vaddr.key() }),
+            nodeport: spec.nodeport.map(|port| ServiceKey {
+                addr: 0,
+                port: port.to_be(),
+                ..spec.vaddr.key()
+            }),
             backends: Vec::new(),
         };
         let n = self.nr_cpus;
-        retrying(|| self.maps.service_stats.insert(id, zeroed(n, ServiceCounters::default())?, 0))
-            .map_err(map_err("create counters", "SERVICE_STATS"))?;
+        retrying(|| {
+            self.maps
+                .service_stats
+                .insert(id, zeroed(n, ServiceCounters::default())?, 0)
+        })
+        .map_err(map_err("create counters", "SERVICE_STATS"))?;
         undo.push(Undo::ServiceStats(id));
         if spec.scheduler == Scheduler::Rr {
             let n = self.nr_cpus;
-            retrying(|| self.maps.rr_cursors.insert(id, zeroed(n, 0u32)?, 0)).map_err(map_err("create cursor", "RR_CURSORS"))?;
+            retrying(|| self.maps.rr_cursors.insert(id, zeroed(n, 0u32)?, 0))
+                .map_err(map_err("create cursor", "RR_CURSORS"))?;
             undo.push(Undo::Cursor(id));
         }
         self.service_ids.insert(id);
@@ -682,14 +829,30 @@ impl ServiceTable {
         Ok(())
     }
 
-
-    fn insert_backend(&mut self, spec: &BackendSpec, service_id: u32, undo: &mut Vec<Undo>) -> Result<u32> {
-        let id = allocate(&self.backend_ids, MAX_BACKENDS).ok_or(ServiceTableError::Full { what: "backends", max: MAX_BACKENDS })?;
+    fn insert_backend(
+        &mut self,
+        spec: &BackendSpec,
+        service_id: u32,
+        undo: &mut Vec<Undo>,
+    ) -> Result<u32> {
+        let id = allocate(&self.backend_ids, MAX_BACKENDS).ok_or(ServiceTableError::Full {
+            what: "backends",
+            max: MAX_BACKENDS,
+        })?;
         let n = self.nr_cpus;
-        retrying(|| self.maps.backend_stats.insert(id, zeroed(n, ServiceCounters::default())?, 0))
-            .map_err(map_err("create counters", "BACKEND_STATS"))?;
+        retrying(|| {
+            self.maps
+                .backend_stats
+                .insert(id, zeroed(n, ServiceCounters::default())?, 0)
+        })
+        .map_err(map_err("create counters", "BACKEND_STATS"))?;
         undo.push(Undo::BackendStats(id));
-        retrying(|| self.maps.backends.insert(id, new_backend(spec, service_id), 0)).map_err(map_err("create backend", "BACKENDS"))?;
+        retrying(|| {
+            self.maps
+                .backends
+                .insert(id, new_backend(spec, service_id), 0)
+        })
+        .map_err(map_err("create backend", "BACKENDS"))?;
         undo.push(Undo::Backend(id));
         let _ = self.maps.backend_conns.set(id, 0, 0);
         self.backend_ids.insert(id);
@@ -706,15 +869,29 @@ impl ServiceTable {
             .map(|(id, b)| (*id, backend_addr(b), b.weight))
             .collect();
         let table = selection_table(Scheduler::from_code(entry.value.scheduler), &usable);
-        let generation = if entry.value.table_len == 0 { entry.value.generation } else { entry.value.generation ^ 1 };
+        let generation = if entry.value.table_len == 0 {
+            entry.value.generation
+        } else {
+            entry.value.generation ^ 1
+        };
         for (slot, id) in table.iter().enumerate() {
-            let key = SlotKey { service_id: entry.value.id, generation, slot: slot as u32 };
-            retrying(|| self.maps.slots.insert(key, *id, 0)).map_err(map_err("write selection table", "SLOTS"))?;
+            let key = SlotKey {
+                service_id: entry.value.id,
+                generation,
+                slot: slot as u32,
+            };
+            retrying(|| self.maps.slots.insert(key, *id, 0))
+                .map_err(map_err("write selection table", "SLOTS"))?;
             undo.push(Undo::Slot(key));
         }
         if entry.value.table_len != 0 && generation != entry.value.generation {
             let old = entry.value.generation;
-            self.retired.extend((0..entry.value.table_len).map(|slot| SlotKey { service_id: entry.value.id, generation: old, slot }));
+            self.retired
+                .extend((0..entry.value.table_len).map(|slot| SlotKey {
+                    service_id: entry.value.id,
+                    generation: old,
+                    slot,
+                }));
         }
         entry.value.generation = generation;
         Ok(table)
@@ -761,23 +938,30 @@ impl ServiceTable {
     }
 
     fn entry(&self, vaddr: &VirtualAddr) -> Result<Entry> {
-        self.entries.get(vaddr).cloned().ok_or(ServiceTableError::Unknown { service: *vaddr })
+        self.entries
+            .get(vaddr)
+            .cloned()
+            .ok_or(ServiceTableError::Unknown { service: *vaddr })
     }
 
     /// Deletes a service, its backends, its counters and its tracked flows.
     pub fn delete(&mut self, vaddr: &VirtualAddr) -> Result<()> {
         let entry = self.entry(vaddr)?;
         // Unpublish first, so no new flow picks it while the rest goes.
-        self.maps.services.remove(&entry.key).map_err(map_err("delete service", "SERVICES"))?;
+        self.maps
+            .services
+            .remove(&entry.key)
+            .map_err(map_err("delete service", "SERVICES"))?;
         if let Some(np) = entry.nodeport {
             let _ = self.maps.services.remove(&np);
         }
         self.entries.remove(vaddr);
-        self.retired.extend((0..entry.value.table_len).map(|slot| SlotKey {
-            service_id: entry.value.id,
-            generation: entry.value.generation,
-            slot,
-        }));
+        self.retired
+            .extend((0..entry.value.table_len).map(|slot| SlotKey {
+                service_id: entry.value.id,
+                generation: entry.value.generation,
+                slot,
+            }));
         self.flush_flows(|_, f| f.service_id == entry.value.id);
         for (id, _) in &entry.backends {
             self.forget_backend(*id);
@@ -803,12 +987,21 @@ impl ServiceTable {
                 let (id, b) = &mut entry.backends[i];
                 b.weight = spec.weight;
                 b.state = backend_state::ACTIVE;
-                retrying(|| self.maps.backends.insert(*id, *b, 0)).map_err(map_err("update backend", "BACKENDS"))?;
+                retrying(|| self.maps.backends.insert(*id, *b, 0))
+                    .map_err(map_err("update backend", "BACKENDS"))?;
             }
             None => {
-                let max = if entry.value.scheduler == scheduler::LC { MAX_LC_BACKENDS } else { MAX_BACKENDS_PER_SERVICE as usize };
+                let max = if entry.value.scheduler == scheduler::LC {
+                    MAX_LC_BACKENDS
+                } else {
+                    MAX_BACKENDS_PER_SERVICE as usize
+                };
                 if entry.backends.len() >= max {
-                    return Err(ServiceTableError::TooManyBackends { service: *vaddr, count: entry.backends.len() + 1, max });
+                    return Err(ServiceTableError::TooManyBackends {
+                        service: *vaddr,
+                        count: entry.backends.len() + 1,
+                        max,
+                    });
                 }
                 let mut undo = Vec::new();
                 let id = match self.insert_backend(spec, entry.value.id, &mut undo) {
@@ -836,19 +1029,31 @@ impl ServiceTable {
     /// established flows continue, new flows avoid it. `add_backend` reactivates it.
     pub fn drain_backend(&mut self, vaddr: &VirtualAddr, addr: SocketAddrV4) -> Result<()> {
         let mut entry = self.entry(vaddr)?;
-        let i = entry.find(addr).ok_or(ServiceTableError::UnknownBackend { service: *vaddr, backend: addr })?;
+        let i = entry.find(addr).ok_or(ServiceTableError::UnknownBackend {
+            service: *vaddr,
+            backend: addr,
+        })?;
         let (id, b) = &mut entry.backends[i];
         b.state = backend_state::DRAINING;
-        retrying(|| self.maps.backends.insert(*id, *b, 0)).map_err(map_err("update backend", "BACKENDS"))?;
+        retrying(|| self.maps.backends.insert(*id, *b, 0))
+            .map_err(map_err("update backend", "BACKENDS"))?;
         self.republish(*vaddr, entry)
     }
 
     /// Removes a backend. Established TCP connections keep going to it unless `force`, which
     /// also drops their conntrack entries (their next packets pick a new backend, or are reset
     /// by it); UDP flows pinned to it are always dropped, so they move on their next datagram.
-    pub fn delete_backend(&mut self, vaddr: &VirtualAddr, addr: SocketAddrV4, force: bool) -> Result<()> {
+    pub fn delete_backend(
+        &mut self,
+        vaddr: &VirtualAddr,
+        addr: SocketAddrV4,
+        force: bool,
+    ) -> Result<()> {
         let mut entry = self.entry(vaddr)?;
-        let i = entry.find(addr).ok_or(ServiceTableError::UnknownBackend { service: *vaddr, backend: addr })?;
+        let i = entry.find(addr).ok_or(ServiceTableError::UnknownBackend {
+            service: *vaddr,
+            backend: addr,
+        })?;
         let (id, _) = entry.backends.remove(i);
         self.republish(*vaddr, entry)?;
         if force {
@@ -867,8 +1072,11 @@ impl ServiceTable {
     pub fn flush_flows(&mut self, matches: impl Fn(&FlowKey, &Flow) -> bool) -> usize {
         let mut flows = 0;
         for t in 0..2 {
-            let doomed: Vec<(FlowKey, Flow)> =
-                self.maps.conntrack[t].iter().filter_map(|r| r.ok()).filter(|(k, f)| matches(k, f)).collect();
+            let doomed: Vec<(FlowKey, Flow)> = self.maps.conntrack[t]
+                .iter()
+                .filter_map(|r| r.ok())
+                .filter(|(k, f)| matches(k, f))
+                .collect();
             let mut removed = 0u64;
             for (k, f) in &doomed {
                 if self.maps.conntrack[t].remove(k).is_err() {
@@ -880,7 +1088,10 @@ impl ServiceTable {
                     if f.kind & flow_kind::CLOSE_COUNTED == 0 && k.proto == proto::TCP {
                         // Still open: it no longer counts against its backend.
                         if let Ok(n) = self.maps.backend_conns.get(&f.backend_id, 0) {
-                            let _ = self.maps.backend_conns.set(f.backend_id, n.saturating_sub(1), 0);
+                            let _ =
+                                self.maps
+                                    .backend_conns
+                                    .set(f.backend_id, n.saturating_sub(1), 0);
                         }
                     }
                 }
@@ -910,20 +1121,29 @@ impl ServiceTable {
     pub fn conntrack_stats(&self) -> Vec<ConntrackStats> {
         let now = monotonic_ns();
         let cfg = self.maps.config.get(&0, 0).unwrap_or_default();
-        let event = |slot: u32| -> u64 { self.maps.ct_events.get(&slot, 0).map(|v| v.iter().sum()).unwrap_or(0) };
+        let event = |slot: u32| -> u64 {
+            self.maps
+                .ct_events
+                .get(&slot, 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0)
+        };
         (0..2)
             .map(|t| {
                 let (mut entries, mut live) = (0u64, 0u64);
                 for (k, f) in self.maps.conntrack[t].iter().filter_map(|r| r.ok()) {
                     entries += 1;
                     if let Some(p) = Proto::from_number(k.proto)
-                        && now.saturating_sub(f.last_seen_ns) / 1_000_000_000 <= u64::from(flow_timeout(&cfg, p, f.state)) {
-                            live += 1;
-                        }
+                        && now.saturating_sub(f.last_seen_ns) / 1_000_000_000
+                            <= u64::from(flow_timeout(&cfg, p, f.state))
+                    {
+                        live += 1;
+                    }
                 }
                 let t32 = t as u32;
                 let inserts = event(ct_event::INSERTS + t32);
-                let removals = event(ct_event::REMOVALS + t32) + event(ct_event::USER_REMOVALS + t32);
+                let removals =
+                    event(ct_event::REMOVALS + t32) + event(ct_event::USER_REMOVALS + t32);
                 ConntrackStats {
                     table: if t == 0 { "tcp" } else { "udp" },
                     capacity: u64::from(CONNTRACK_SIZE),
@@ -943,7 +1163,8 @@ impl ServiceTable {
     pub fn flows(&self) -> Vec<FlowInfo> {
         let now = monotonic_ns();
         let cfg = self.maps.config.get(&0, 0).unwrap_or_default();
-        let services: StdHashMap<u32, VirtualAddr> = self.entries.iter().map(|(v, e)| (e.value.id, *v)).collect();
+        let services: StdHashMap<u32, VirtualAddr> =
+            self.entries.iter().map(|(v, e)| (e.value.id, *v)).collect();
         let mut flows: Vec<FlowInfo> = self
             .maps
             .conntrack
@@ -958,7 +1179,9 @@ impl ServiceTable {
                 if age > u64::from(timeout) {
                     return None;
                 }
-                let sock = |a: u32, p: u16| SocketAddrV4::new(Ipv4Addr::from(u32::from_be(a)), u16::from_be(p));
+                let sock = |a: u32, p: u16| {
+                    SocketAddrV4::new(Ipv4Addr::from(u32::from_be(a)), u16::from_be(p))
+                };
                 Some(FlowInfo {
                     proto,
                     client: sock(k.saddr, k.sport),
@@ -981,7 +1204,12 @@ impl ServiceTable {
         for e in self.entries.values() {
             let v = e.vaddr();
             let flag = v.proto.ipvsadm_flag();
-            out.push_str(&format!("-A {flag} {}:{} -s {}", v.addr, v.port, Scheduler::from_code(e.value.scheduler).name()));
+            out.push_str(&format!(
+                "-A {flag} {}:{} -s {}",
+                v.addr,
+                v.port,
+                Scheduler::from_code(e.value.scheduler).name()
+            ));
             if e.value.affinity_secs != 0 {
                 out.push_str(&format!(" -p {}", e.value.affinity_secs));
             }
@@ -992,8 +1220,17 @@ impl ServiceTable {
             out.push('\n');
             for (_, b) in &e.backends {
                 // A draining backend is saved with weight 0, IPVS's way of saying the same.
-                let w = if b.state == backend_state::DRAINING { 0 } else { b.weight };
-                out.push_str(&format!("-a {flag} {}:{} -r {} -m -w {w}\n", v.addr, v.port, backend_addr(b)));
+                let w = if b.state == backend_state::DRAINING {
+                    0
+                } else {
+                    b.weight
+                };
+                out.push_str(&format!(
+                    "-a {flag} {}:{} -r {} -m -w {w}\n",
+                    v.addr,
+                    v.port,
+                    backend_addr(b)
+                ));
             }
         }
         out
@@ -1011,7 +1248,11 @@ impl ServiceTable {
             }
         }
         for (line, spec) in &specs {
-            self.validate(spec).map_err(|e| ServiceTableError::Restore { line: *line, source: Box::new(e) })?;
+            self.validate(spec)
+                .map_err(|e| ServiceTableError::Restore {
+                    line: *line,
+                    source: Box::new(e),
+                })?;
         }
         let mut added = Vec::new();
         for (line, spec) in &specs {
@@ -1019,7 +1260,10 @@ impl ServiceTable {
                 for v in added {
                     let _ = self.delete(&v);
                 }
-                return Err(ServiceTableError::Restore { line: *line, source: Box::new(e) });
+                return Err(ServiceTableError::Restore {
+                    line: *line,
+                    source: Box::new(e),
+                });
             }
             added.push(spec.vaddr);
         }
@@ -1051,9 +1295,19 @@ fn parse_restore(text: &str) -> Result<(bool, Vec<(usize, ServiceSpec)>)> {
     let mut index: StdHashMap<VirtualAddr, usize> = StdHashMap::new();
     for (n, raw) in text.lines().enumerate() {
         let line = n + 1;
-        let wrap = |e| ServiceTableError::Restore { line, source: Box::new(e) };
-        let words: Vec<&str> = raw.split('#').next().unwrap_or("").split_whitespace().collect();
-        let Some((&cmd, rest)) = words.split_first() else { continue };
+        let wrap = |e| ServiceTableError::Restore {
+            line,
+            source: Box::new(e),
+        };
+        let words: Vec<&str> = raw
+            .split('#')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let Some((&cmd, rest)) = words.split_first() else {
+            continue;
+        };
         let opts = Options::parse(rest).map_err(wrap)?;
         match cmd {
             "-C" | "--clear" => clear = true,
@@ -1067,26 +1321,50 @@ fn parse_restore(text: &str) -> Result<(bool, Vec<(usize, ServiceSpec)>)> {
                     None => Scheduler::default(),
                 };
                 let affinity_secs = match opts.get(&["-p", "--persistent"]) {
-                    Some(p) => p.parse().map_err(|_| wrap(parse_err("persistence timeout", p, "expected seconds")))?,
+                    Some(p) => p.parse().map_err(|_| {
+                        wrap(parse_err("persistence timeout", p, "expected seconds"))
+                    })?,
                     None => 0,
                 };
                 let nodeport = match opts.get(&["--nodeport"]) {
-                    Some(p) => Some(p.parse().map_err(|_| wrap(parse_err("node port", p, "expected 1..=65535")))?),
+                    Some(p) => Some(
+                        p.parse()
+                            .map_err(|_| wrap(parse_err("node port", p, "expected 1..=65535")))?,
+                    ),
                     None => None,
                 };
                 index.insert(vaddr, specs.len());
-                specs.push((line, ServiceSpec { vaddr, scheduler, affinity_secs, nodeport, backends: Vec::new() }));
+                specs.push((
+                    line,
+                    ServiceSpec {
+                        vaddr,
+                        scheduler,
+                        affinity_secs,
+                        nodeport,
+                        backends: Vec::new(),
+                    },
+                ));
             }
             "-a" | "--add-server" => {
                 let vaddr = opts.service().map_err(wrap)?;
-                let i = *index.get(&vaddr).ok_or_else(|| wrap(ServiceTableError::Unknown { service: vaddr }))?;
+                let i = *index
+                    .get(&vaddr)
+                    .ok_or_else(|| wrap(ServiceTableError::Unknown { service: vaddr }))?;
                 if opts.has(&["-g", "--gatewaying", "-i", "--ipip"]) {
-                    return Err(wrap(parse_err("forwarding method", raw, "only masquerading (-m, NAT) is supported")));
+                    return Err(wrap(parse_err(
+                        "forwarding method",
+                        raw,
+                        "only masquerading (-m, NAT) is supported",
+                    )));
                 }
-                let real = opts.get(&["-r", "--real-server"]).ok_or_else(|| wrap(parse_err("server line", raw, "missing -r ADDR:PORT")))?;
+                let real = opts
+                    .get(&["-r", "--real-server"])
+                    .ok_or_else(|| wrap(parse_err("server line", raw, "missing -r ADDR:PORT")))?;
                 let mut spec: BackendSpec = real.parse().map_err(wrap)?;
                 if let Some(w) = opts.get(&["-w", "--weight"]) {
-                    spec.weight = w.parse().map_err(|_| wrap(parse_err("weight", w, "expected 0..=65535")))?;
+                    spec.weight = w
+                        .parse()
+                        .map_err(|_| wrap(parse_err("weight", w, "expected 0..=65535")))?;
                 }
                 specs[i].1.backends.push(spec);
             }
@@ -1110,7 +1388,9 @@ impl<'a> Options<'a> {
             if SWITCHES.contains(&w) {
                 pairs.push((w, None));
             } else {
-                let v = it.next().ok_or_else(|| parse_err("option", w, "missing its value"))?;
+                let v = it
+                    .next()
+                    .ok_or_else(|| parse_err("option", w, "missing its value"))?;
                 pairs.push((w, Some(*v)));
             }
         }
@@ -1118,7 +1398,10 @@ impl<'a> Options<'a> {
     }
 
     fn get(&self, names: &[&str]) -> Option<&'a str> {
-        self.pairs.iter().find(|(k, _)| names.contains(k)).and_then(|(_, v)| *v)
+        self.pairs
+            .iter()
+            .find(|(k, _)| names.contains(k))
+            .and_then(|(_, v)| *v)
     }
 
     fn has(&self, names: &[&str]) -> bool {
@@ -1143,7 +1426,10 @@ fn allocate(used: &BTreeSet<u32>, max: u32) -> Option<u32> {
     match used.last() {
         None => Some(0).filter(|_| max > 0),
         Some(&last) if last + 1 < max => Some(last + 1),
-        Some(_) => (0..max).zip(used.iter().copied().chain(std::iter::once(max))).find(|(want, have)| want != have).map(|(want, _)| want),
+        Some(_) => (0..max)
+            .zip(used.iter().copied().chain(std::iter::once(max)))
+            .find(|(want, have)| want != have)
+            .map(|(want, _)| want),
     }
 }
 
@@ -1153,7 +1439,9 @@ fn flow_timeout(cfg: &dataplane_common::NodeConfig, proto: Proto, state: u8) -> 
     match (proto, state) {
         (Proto::Udp, _) => pick(cfg.udp_timeout, d.udp_timeout),
         (Proto::Tcp, tcp_state::SYN_SENT) => pick(cfg.tcp_syn_timeout, d.tcp_syn_timeout),
-        (Proto::Tcp, tcp_state::ESTABLISHED) => pick(cfg.tcp_established_timeout, d.tcp_established_timeout),
+        (Proto::Tcp, tcp_state::ESTABLISHED) => {
+            pick(cfg.tcp_established_timeout, d.tcp_established_timeout)
+        }
         (Proto::Tcp, _) => pick(cfg.tcp_closing_timeout, d.tcp_closing_timeout),
     }
 }
@@ -1169,7 +1457,8 @@ fn flow_state_name(proto: Proto, state: u8) -> &'static str {
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
 fn monotonic_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
@@ -1210,7 +1499,8 @@ mod tests {
 
     #[test]
     fn parses_service_addresses() {
-        let ok = |s: &str, want: &str| assert_eq!(s.parse::<VirtualAddr>().unwrap().to_string(), want);
+        let ok =
+            |s: &str, want: &str| assert_eq!(s.parse::<VirtualAddr>().unwrap().to_string(), want);
         ok("198.19.0.10:80/tcp", "198.19.0.10:80/tcp");
         ok("198.19.0.10:53/udp", "198.19.0.10:53/udp");
         ok("198.19.0.10:80", "198.19.0.10:80/tcp");
@@ -1228,7 +1518,10 @@ mod tests {
     #[test]
     fn parses_backends_with_weights() {
         let b: BackendSpec = "198.18.0.2:8080@3".parse().unwrap();
-        assert_eq!((b.addr.to_string(), b.weight), ("198.18.0.2:8080".to_owned(), 3));
+        assert_eq!(
+            (b.addr.to_string(), b.weight),
+            ("198.18.0.2:8080".to_owned(), 3)
+        );
         assert_eq!("198.18.0.2:8080".parse::<BackendSpec>().unwrap().weight, 1);
         assert!("198.18.0.2:8080@x".parse::<BackendSpec>().is_err());
         assert!("198.18.0.2:8080@70000".parse::<BackendSpec>().is_err());
@@ -1236,7 +1529,9 @@ mod tests {
 
     #[test]
     fn scheduler_names_include_ipvs_aliases() {
-        let check = |name: &str, want: Scheduler| assert_eq!(name.parse::<Scheduler>().unwrap(), want, "{name}");
+        let check = |name: &str, want: Scheduler| {
+            assert_eq!(name.parse::<Scheduler>().unwrap(), want, "{name}")
+        };
         check("hash", Scheduler::Hash);
         check("mh", Scheduler::Maglev);
         check("wrr", Scheduler::Rr);
@@ -1268,7 +1563,9 @@ mod tests {
 
     #[test]
     fn maglev_tables_are_balanced_weighted_and_stable() {
-        let names: Vec<(String, u16)> = (0..5).map(|i| (format!("198.18.0.{}:80", i + 2), 1)).collect();
+        let names: Vec<(String, u16)> = (0..5)
+            .map(|i| (format!("198.18.0.{}:80", i + 2), 1))
+            .collect();
         let m = maglev_size(names.len());
         assert_eq!(m, 509);
         let table = maglev_table(&names, m);
@@ -1277,7 +1574,11 @@ mod tests {
         }
         // Removing one backend moves only the entries that were its own (plus a few).
         let fewer = maglev_table(&names[1..], m);
-        let moved = table.iter().zip(&fewer).filter(|(a, b)| **a != 0 && **a != **b + 1).count();
+        let moved = table
+            .iter()
+            .zip(&fewer)
+            .filter(|(a, b)| **a != 0 && **a != **b + 1)
+            .count();
         assert!(moved < (m as usize) / 20, "{moved} of {m} entries moved");
         // Weights 1:3.
         let weighted = vec![("a:1".to_owned(), 1), ("b:1".to_owned(), 3)];
@@ -1289,8 +1590,14 @@ mod tests {
     fn selection_tables_skip_weight_zero() {
         let a = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 80);
         let b = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 3), 80);
-        assert_eq!(selection_table(Scheduler::Hash, &[(7, a, 1), (9, b, 0)]), vec![7]);
-        assert_eq!(selection_table(Scheduler::Lc, &[(7, a, 5), (9, b, 1)]), vec![7, 9]);
+        assert_eq!(
+            selection_table(Scheduler::Hash, &[(7, a, 1), (9, b, 0)]),
+            vec![7]
+        );
+        assert_eq!(
+            selection_table(Scheduler::Lc, &[(7, a, 5), (9, b, 1)]),
+            vec![7, 9]
+        );
         assert!(selection_table(Scheduler::Rr, &[(7, a, 0)]).is_empty());
     }
 
@@ -1317,18 +1624,29 @@ mod tests {
         assert_eq!(specs.len(), 2);
         let (_, web) = &specs[0];
         assert_eq!(web.vaddr.to_string(), "198.19.0.10:80/tcp");
-        assert_eq!((web.scheduler, web.affinity_secs, web.backends.len()), (Scheduler::Rr, 300, 2));
+        assert_eq!(
+            (web.scheduler, web.affinity_secs, web.backends.len()),
+            (Scheduler::Rr, 300, 2)
+        );
         assert_eq!(web.backends[1].weight, 2);
         assert_eq!(specs[1].1.scheduler, Scheduler::Maglev);
 
         let err = |text: &str, why: &str| {
             let e = parse_restore(text).unwrap_err();
-            let msg = format!("{e}: {}", std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default());
+            let msg = format!(
+                "{e}: {}",
+                std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            );
             assert!(msg.contains(why), "{text:?}: {msg}");
         };
         err("-a -t 198.19.0.10:80 -r 198.18.0.2:80\n", "no service");
         err("-A -t 198.19.0.10:80\n-A -t 198.19.0.10:80\n", "line 2");
-        err("-A -t 198.19.0.10:80\n-a -t 198.19.0.10:80 -r 198.18.0.2:80 -g\n", "masquerading");
+        err(
+            "-A -t 198.19.0.10:80\n-a -t 198.19.0.10:80 -r 198.18.0.2:80 -g\n",
+            "masquerading",
+        );
         err("-X\n", "expected -A");
     }
 }

@@ -10,7 +10,6 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-
 use crate::{build, setup};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -51,7 +50,13 @@ pub enum What {
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     match &opts.what {
         What::Init { runs } => init(*runs),
-        What::Datapath { vm, services, seconds, concurrency, modes } => {
+        What::Datapath {
+            vm,
+            services,
+            seconds,
+            concurrency,
+            modes,
+        } => {
             if *vm {
                 return datapath_vm(services, *seconds, *concurrency, modes);
             }
@@ -67,8 +72,25 @@ fn datapath(services: &str, seconds: f64, concurrency: usize, modes: &str) -> an
     let root = build::root();
     let mut cargo = build::host_cargo(&root, &artifacts.ebpf);
     cargo
-        .args(["run", "--quiet", "--release", "--package", "tests", "--bin", "bulkhead-bench", "--", "datapath"])
-        .args(["--services", services, "--seconds", &seconds.to_string(), "--concurrency", &concurrency.to_string()])
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "--package",
+            "tests",
+            "--bin",
+            "bulkhead-bench",
+            "--",
+            "datapath",
+        ])
+        .args([
+            "--services",
+            services,
+            "--seconds",
+            &seconds.to_string(),
+            "--concurrency",
+            &concurrency.to_string(),
+        ])
         .args(["--modes", modes])
         .arg("--out")
         .arg(out_dir()?)
@@ -78,13 +100,32 @@ fn datapath(services: &str, seconds: f64, concurrency: usize, modes: &str) -> an
 
 /// The same benchmark inside the test VM, with IPVS; results come back on the console between
 /// markers and are written next to the local ones as datapath-vm.*.
-fn datapath_vm(services: &str, seconds: f64, concurrency: usize, modes: &str) -> anyhow::Result<()> {
+fn datapath_vm(
+    services: &str,
+    seconds: f64,
+    concurrency: usize,
+    modes: &str,
+) -> anyhow::Result<()> {
     setup::run()?;
     let artifacts = build::run(&build::Options { release: true })?;
     let root = build::root();
     let mut cargo = build::host_cargo(&root, &artifacts.ebpf);
-    setup::run_cmd("build the benchmark", cargo.args(["build", "--release", "--package", "tests", "--bin", "bulkhead-bench"]))?;
-    let modes = if modes.contains("ipvs") { modes.to_owned() } else { format!("{modes},ipvs") };
+    setup::run_cmd(
+        "build the benchmark",
+        cargo.args([
+            "build",
+            "--release",
+            "--package",
+            "tests",
+            "--bin",
+            "bulkhead-bench",
+        ]),
+    )?;
+    let modes = if modes.contains("ipvs") {
+        modes.to_owned()
+    } else {
+        format!("{modes},ipvs")
+    };
     let body = format!(
         "BULKHEAD_BIN=/bin/bulkhead /bin/bulkhead-bench datapath --services {services} --seconds {seconds} \
 --concurrency {concurrency} --modes {modes} --out /tmp/bench || exit 1\n\
@@ -93,7 +134,10 @@ for f in md json svg; do echo \"BENCH-FILE-BEGIN $f\"; cat /tmp/bench/datapath.$
     let binaries = [
         (artifacts.bulkhead.clone(), "/bin/bulkhead"),
         (artifacts.init.clone(), "/bin/bulkhead-init"),
-        (root.join("target/release/bulkhead-bench"), "/bin/bulkhead-bench"),
+        (
+            root.join("target/release/bulkhead-bench"),
+            "/bin/bulkhead-bench",
+        ),
     ];
     let console = crate::vm::run_capture(&body, &binaries, Duration::from_secs(3 * 3600))?;
     let dir = out_dir()?;
@@ -131,7 +175,8 @@ fn is_static(path: &Path) -> anyhow::Result<bool> {
     let (phentsize, phnum) = (u16_at(54), u16_at(56));
     Ok((0..phnum).all(|i| {
         let o = phoff + i * phentsize;
-        elf.get(o..o + 4).is_some_and(|t| u32::from_le_bytes(t.try_into().unwrap()) != 3)
+        elf.get(o..o + 4)
+            .is_some_and(|t| u32::from_le_bytes(t.try_into().unwrap()) != 3)
     }))
 }
 
@@ -194,8 +239,14 @@ fn init(runs: usize) -> anyhow::Result<()> {
     // where it has the option, so none of them warns.
     let contenders: [(&'static str, Vec<String>); 5] = [
         ("bulkhead-init", vec![init_path, "-s".into(), "--".into()]),
-        ("tini", vec!["/usr/bin/tini".into(), "-s".into(), "--".into()]),
-        ("tini-static", vec!["/usr/bin/tini-static".into(), "-s".into(), "--".into()]),
+        (
+            "tini",
+            vec!["/usr/bin/tini".into(), "-s".into(), "--".into()],
+        ),
+        (
+            "tini-static",
+            vec!["/usr/bin/tini-static".into(), "-s".into(), "--".into()],
+        ),
         ("dumb-init", vec!["/usr/bin/dumb-init".into()]),
         ("catatonit", vec!["/usr/bin/catatonit".into(), "--".into()]),
     ];

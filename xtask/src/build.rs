@@ -30,7 +30,10 @@ pub struct Artifacts {
 pub const MUSL: &str = "x86_64-unknown-linux-musl";
 
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
 }
 
 /// Builds everything and returns where it is.
@@ -46,12 +49,24 @@ pub fn run(opts: &Options) -> anyhow::Result<Artifacts> {
     run_cmd("build bulkhead", &mut cargo)?;
     run_cmd(
         "build bulkhead-init",
-        host_cargo(&root, &ebpf).args(["build", "--package", "bulkhead-init", "--profile", "init", "--target", MUSL]),
+        host_cargo(&root, &ebpf).args([
+            "build",
+            "--package",
+            "bulkhead-init",
+            "--profile",
+            "init",
+            "--target",
+            MUSL,
+        ]),
     )?;
     let artifacts = Artifacts {
         ebpf,
         bulkhead: root.join("target").join(profile).join("bulkhead"),
-        init: root.join("target").join(MUSL).join("init").join("bulkhead-init"),
+        init: root
+            .join("target")
+            .join(MUSL)
+            .join("init")
+            .join("bulkhead-init"),
     };
     eprintln!("build: eBPF object  {}", artifacts.ebpf.display());
     eprintln!("build: bulkhead     {}", artifacts.bulkhead.display());
@@ -78,12 +93,27 @@ fn build_ebpf(root: &Path) -> anyhow::Result<PathBuf> {
             .env_remove("RUSTC")
             .env_remove("RUSTFLAGS")
             .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
-            .args(["+nightly", "build", "--package", "dataplane-ebpf", "--release"])
+            .args([
+                "+nightly",
+                "build",
+                "--package",
+                "dataplane-ebpf",
+                "--release",
+            ])
             .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
             .arg("--target-dir")
             .arg(&target_dir),
     )?;
-    let object = target_dir.join("bpfel-unknown-none").join("release").join("dataplane-ebpf");
-    anyhow::ensure!(object.is_file(), "build eBPF object: {} was not produced", object.display());
-    object.canonicalize().with_context(|| format!("resolve {}", object.display()))
+    let object = target_dir
+        .join("bpfel-unknown-none")
+        .join("release")
+        .join("dataplane-ebpf");
+    anyhow::ensure!(
+        object.is_file(),
+        "build eBPF object: {} was not produced",
+        object.display()
+    );
+    object
+        .canonicalize()
+        .with_context(|| format!("resolve {}", object.display()))
 }

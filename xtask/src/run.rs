@@ -19,10 +19,28 @@ pub struct DemoOptions {
 pub fn vm_demo(artifacts: &build::Artifacts) -> anyhow::Result<()> {
     let root = build::root();
     let mut cargo = build::host_cargo(&root, &artifacts.ebpf);
-    setup::run_cmd("build the demo", cargo.args(["build", "--release", "--package", "tests", "--bin", "bulkhead-demo"]))?;
+    setup::run_cmd(
+        "build the demo",
+        cargo.args([
+            "build",
+            "--release",
+            "--package",
+            "tests",
+            "--bin",
+            "bulkhead-demo",
+        ]),
+    )?;
     let demo = root.join("target/release/bulkhead-demo");
-    let binaries = [(artifacts.bulkhead.clone(), "/bin/bulkhead"), (artifacts.init.clone(), "/bin/bulkhead-init"), (demo, "/bin/bulkhead-demo")];
-    vm::run("BULKHEAD_BIN=/bin/bulkhead /bin/bulkhead-demo", &binaries, Duration::from_secs(900))
+    let binaries = [
+        (artifacts.bulkhead.clone(), "/bin/bulkhead"),
+        (artifacts.init.clone(), "/bin/bulkhead-init"),
+        (demo, "/bin/bulkhead-demo"),
+    ];
+    vm::run(
+        "BULKHEAD_BIN=/bin/bulkhead /bin/bulkhead-demo",
+        &binaries,
+        Duration::from_secs(900),
+    )
 }
 
 pub fn run(opts: &DemoOptions) -> anyhow::Result<()> {
@@ -34,9 +52,21 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<()> {
     if opts.vm {
         return vm_demo(&artifacts);
     }
-    cargo.args(["run", "--quiet", "--package", "tests", "--bin", "bulkhead-demo"]);
+    cargo.args([
+        "run",
+        "--quiet",
+        "--package",
+        "tests",
+        "--bin",
+        "bulkhead-demo",
+    ]);
     if release {
         cargo.arg("--release");
     }
-    setup::run_cmd("demo", cargo.env("BULKHEAD_BIN", &artifacts.bulkhead).env("BULKHEAD_INIT_BIN", &artifacts.init))
+    setup::run_cmd(
+        "demo",
+        cargo
+            .env("BULKHEAD_BIN", &artifacts.bulkhead)
+            .env("BULKHEAD_INIT_BIN", &artifacts.init),
+    )
 }

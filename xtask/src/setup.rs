@@ -29,7 +29,9 @@ fn say(step: &str, what: &str) {
 
 /// Runs a command with inherited output; fails naming the step and the command.
 pub fn run_cmd(step: &str, cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd.status().with_context(|| format!("{step}: cannot start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("{step}: cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{step}: {cmd:?} failed ({status}); run it by hand to see why");
     }
@@ -38,7 +40,9 @@ pub fn run_cmd(step: &str, cmd: &mut Command) -> anyhow::Result<()> {
 
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.stderr(Stdio::null()).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn nightly() -> anyhow::Result<()> {
@@ -54,25 +58,38 @@ fn nightly() -> anyhow::Result<()> {
 }
 
 fn rustup_component(component: &str, toolchain: &str) -> anyhow::Result<()> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", toolchain]))
-        .unwrap_or_default();
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        toolchain,
+    ]))
+    .unwrap_or_default();
     let step = format!("{component} ({toolchain})");
     if installed.lines().any(|l| l.starts_with(component)) {
         say(&step, "present");
         return Ok(());
     }
     say(&step, "installing");
-    run_cmd(&step, Command::new("rustup").args(["component", "add", component, "--toolchain", toolchain]))
+    run_cmd(
+        &step,
+        Command::new("rustup").args(["component", "add", component, "--toolchain", toolchain]),
+    )
 }
 
 fn rustup_target(target: &str) -> anyhow::Result<()> {
-    let installed = output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
+    let installed =
+        output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
     if installed.lines().any(|l| l.trim() == target) {
         say(target, "present");
         return Ok(());
     }
     say(target, "installing");
-    run_cmd(target, Command::new("rustup").args(["target", "add", target]))
+    run_cmd(
+        target,
+        Command::new("rustup").args(["target", "add", target]),
+    )
 }
 
 /// Directory for artefacts that must outlive `cargo clean` (bpf-linker's LLVM prefix).
@@ -109,20 +126,36 @@ fn bpf_linker() -> anyhow::Result<()> {
         .next()
         .unwrap_or_default()
         .to_owned();
-    let prefix = cache_dir().join(format!("llvm-prefix-{}", libllvm.trim_start_matches("libLLVM.so.")));
+    let prefix = cache_dir().join(format!(
+        "llvm-prefix-{}",
+        libllvm.trim_start_matches("libLLVM.so.")
+    ));
     let prefix_lib = prefix.join("lib");
-    fs::create_dir_all(&prefix_lib).with_context(|| format!("bpf-linker: cannot create {}", prefix_lib.display()))?;
+    fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("bpf-linker: cannot create {}", prefix_lib.display()))?;
     for name in [libllvm.as_str(), "libLLVM.so"] {
         let link = prefix_lib.join(name);
         let _ = fs::remove_file(&link);
         std::os::unix::fs::symlink(sysroot_lib.join(&libllvm), &link)
             .with_context(|| format!("bpf-linker: cannot link {}", link.display()))?;
     }
-    say("bpf-linker", &format!("installing against {libllvm} (LLVM_PREFIX={})", prefix.display()));
+    say(
+        "bpf-linker",
+        &format!(
+            "installing against {libllvm} (LLVM_PREFIX={})",
+            prefix.display()
+        ),
+    );
     run_cmd(
         "bpf-linker",
         Command::new("cargo")
-            .args(["install", "--locked", "bpf-linker", "--no-default-features", "--features"])
+            .args([
+                "install",
+                "--locked",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+            ])
             .arg(format!("llvm-{major}"))
             .env("LLVM_PREFIX", &prefix),
     )
@@ -139,14 +172,31 @@ pub fn apt(packages: &[&str]) -> anyhow::Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        say("debian packages", &format!("present: {}", packages.join(" ")));
+        say(
+            "debian packages",
+            &format!("present: {}", packages.join(" ")),
+        );
         return Ok(());
     }
-    say("debian packages", &format!("installing {}", missing.join(" ")));
-    if Command::new("apt-get").arg("--version").stdout(Stdio::null()).status().is_err() {
-        bail!("debian packages: no apt-get here; install {} by hand", missing.join(" "));
+    say(
+        "debian packages",
+        &format!("installing {}", missing.join(" ")),
+    );
+    if Command::new("apt-get")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        bail!(
+            "debian packages: no apt-get here; install {} by hand",
+            missing.join(" ")
+        );
     }
-    run_cmd("apt-get update", Command::new("apt-get").args(["update", "-q"]))?;
+    run_cmd(
+        "apt-get update",
+        Command::new("apt-get").args(["update", "-q"]),
+    )?;
     run_cmd(
         "apt-get install",
         Command::new("apt-get")

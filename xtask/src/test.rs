@@ -30,7 +30,14 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let root = build::root();
     let mut cargo = build::host_cargo(&root, &artifacts.ebpf);
     cargo
-        .args(["test", "--workspace", "--exclude", "dataplane-ebpf", "--", "--test-threads=1"])
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "dataplane-ebpf",
+            "--",
+            "--test-threads=1",
+        ])
         .args(&opts.args)
         .env("BULKHEAD_BIN", &artifacts.bulkhead)
         .env("BULKHEAD_INIT_BIN", &artifacts.init);
@@ -51,5 +58,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 
 fn is_root() -> bool {
     // `id -u` rather than a libc dependency: xtask keeps its dependencies few.
-    std::process::Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }

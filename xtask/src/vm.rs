@@ -24,13 +24,41 @@ use crate::{build, setup};
 /// first: libcrc32c (under conntrack, IPVS and nf_tables) needs it as a soft dependency, which
 /// modules.dep does not list.
 const MODULES: &[&str] = &[
-    "crc32c_generic", "veth", "bridge", "br_netfilter", "dummy", "sch_ingress", "cls_bpf", "ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_sh", "ip_vs_mh",
-    "nf_conntrack", "nf_nat", "nf_tables", "nft_chain_nat", "nft_ct", "nft_nat", "nft_numgen", "nft_compat",
-    "xt_statistic", "xt_tcpudp", "xt_nat", "xt_conntrack", "iptable_nat", "xt_MASQUERADE",
+    "crc32c_generic",
+    "veth",
+    "bridge",
+    "br_netfilter",
+    "dummy",
+    "sch_ingress",
+    "cls_bpf",
+    "ip_vs",
+    "ip_vs_rr",
+    "ip_vs_wrr",
+    "ip_vs_sh",
+    "ip_vs_mh",
+    "nf_conntrack",
+    "nf_nat",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_ct",
+    "nft_nat",
+    "nft_numgen",
+    "nft_compat",
+    "xt_statistic",
+    "xt_tcpudp",
+    "xt_nat",
+    "xt_conntrack",
+    "iptable_nat",
+    "xt_MASQUERADE",
 ];
 
 /// Host programs copied in, with the shared libraries `ldd` names.
-const PROGRAMS: &[&str] = &["/usr/sbin/ip", "/usr/sbin/ipvsadm", "/usr/sbin/nft", "/usr/sbin/xtables-nft-multi"];
+const PROGRAMS: &[&str] = &[
+    "/usr/sbin/ip",
+    "/usr/sbin/ipvsadm",
+    "/usr/sbin/nft",
+    "/usr/sbin/xtables-nft-multi",
+];
 
 const MARKER: &str = "BULKHEAD-VM-RESULT:";
 const BOOTED: &str = "BULKHEAD-VM-BOOTED";
@@ -69,16 +97,34 @@ pub fn kernel() -> anyhow::Result<Kernel> {
     let vmlinuz = root.join("boot").join(format!("vmlinuz-{version}"));
     if !vmlinuz.is_file() {
         eprintln!("vm: downloading {package}");
-        setup::run_cmd("download the kernel", Command::new("apt-get").args(["download", &package]).current_dir(&dir))?;
+        setup::run_cmd(
+            "download the kernel",
+            Command::new("apt-get")
+                .args(["download", &package])
+                .current_dir(&dir),
+        )?;
         let deb = fs::read_dir(&dir)?
             .flatten()
             .map(|e| e.path())
-            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_"))))
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
+            })
             .context("apt-get download left no .deb")?;
-        setup::run_cmd("unpack the kernel", Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
-        setup::run_cmd("index the modules", Command::new("depmod").arg("-b").arg(&root).arg(&version))?;
+        setup::run_cmd(
+            "unpack the kernel",
+            Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root),
+        )?;
+        setup::run_cmd(
+            "index the modules",
+            Command::new("depmod").arg("-b").arg(&root).arg(&version),
+        )?;
     }
-    Ok(Kernel { vmlinuz, root, version })
+    Ok(Kernel {
+        vmlinuz,
+        root,
+        version,
+    })
 }
 
 /// Files and links of the initramfs, collected before writing the archive.
@@ -134,7 +180,17 @@ impl Tree {
             let name = name.trim_start_matches('/');
             let header = format!(
                 "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-                0, 0, 1, 0, data.len(), 0, 0, 0, 0, name.len() + 1, 0
+                0,
+                0,
+                1,
+                0,
+                data.len(),
+                0,
+                0,
+                0,
+                0,
+                name.len() + 1,
+                0
             );
             ino += 1;
             cpio.extend_from_slice(header.as_bytes());
@@ -159,7 +215,11 @@ impl Tree {
             entry(&mut cpio, link, 0o120777, target.as_bytes());
         }
         entry(&mut cpio, "TRAILER!!!", 0, &[]);
-        let mut gz = Command::new("gzip").args(["-1", "-c"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+        let mut gz = Command::new("gzip")
+            .args(["-1", "-c"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
         let mut stdin = gz.stdin.take().unwrap();
         let writer = std::thread::spawn(move || stdin.write_all(&cpio));
         let compressed = gz.wait_with_output()?;
@@ -177,7 +237,12 @@ fn module_closure(kernel: &Kernel) -> anyhow::Result<Vec<String>> {
             let (path, deps) = l.split_once(':')?;
             let file = path.rsplit('/').next()?;
             let stem = file.split(".ko").next()?;
-            (stem == name || stem.replace('-', "_") == name).then(|| (path.to_owned(), deps.split_whitespace().map(str::to_owned).collect()))
+            (stem == name || stem.replace('-', "_") == name).then(|| {
+                (
+                    path.to_owned(),
+                    deps.split_whitespace().map(str::to_owned).collect(),
+                )
+            })
         })
     };
     let mut all = BTreeSet::new();
@@ -192,9 +257,15 @@ fn module_closure(kernel: &Kernel) -> anyhow::Result<Vec<String>> {
 
 /// Builds the initramfs for `scenario` (a shell script body) and the host binaries it uses,
 /// given as (host path, path in the VM).
-pub fn initramfs(kernel: &Kernel, binaries: &[(PathBuf, &str)], scenario: &str) -> anyhow::Result<PathBuf> {
+pub fn initramfs(
+    kernel: &Kernel,
+    binaries: &[(PathBuf, &str)],
+    scenario: &str,
+) -> anyhow::Result<PathBuf> {
     let mut tree = Tree::default();
-    for d in ["/proc", "/sys", "/dev", "/run", "/tmp", "/etc", "/sbin", "/usr/bin"] {
+    for d in [
+        "/proc", "/sys", "/dev", "/run", "/tmp", "/etc", "/sbin", "/usr/bin",
+    ] {
         tree.dir(d);
     }
     tree.file("/bin/busybox", Path::new("/usr/bin/busybox"), 0o755);
@@ -203,11 +274,16 @@ pub fn initramfs(kernel: &Kernel, binaries: &[(PathBuf, &str)], scenario: &str) 
         tree.program(dest, host)?;
     }
     for p in PROGRAMS {
-        let dest = if p.ends_with("/ip") { "/usr/sbin/ip" } else { p };
+        let dest = if p.ends_with("/ip") {
+            "/usr/sbin/ip"
+        } else {
+            p
+        };
         tree.program(dest, Path::new(p))?;
     }
     for name in ["iptables", "iptables-restore", "iptables-save"] {
-        tree.links.push((format!("/usr/sbin/{name}"), "xtables-nft-multi".into()));
+        tree.links
+            .push((format!("/usr/sbin/{name}"), "xtables-nft-multi".into()));
     }
     let xtables = Path::new("/usr/lib/x86_64-linux-gnu/xtables");
     for e in fs::read_dir(xtables)?.flatten() {
@@ -224,7 +300,13 @@ pub fn initramfs(kernel: &Kernel, binaries: &[(PathBuf, &str)], scenario: &str) 
     for m in module_closure(kernel)? {
         tree.file(&format!("{moddir}/{m}"), &host_moddir.join(&m), 0o644);
     }
-    for f in ["modules.dep", "modules.alias", "modules.symbols", "modules.builtin", "modules.order"] {
+    for f in [
+        "modules.dep",
+        "modules.alias",
+        "modules.symbols",
+        "modules.builtin",
+        "modules.order",
+    ] {
         if host_moddir.join(f).exists() {
             tree.file(&format!("{moddir}/{f}"), &host_moddir.join(f), 0o644);
         }
@@ -258,25 +340,46 @@ poweroff -f\n"
 
 fn qemu(kernel: &Kernel, initrd: &Path, accel: &str, memory_mib: u32) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-m", &memory_mib.to_string(), "-smp", "2", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
-        .arg("-kernel")
-        .arg(&kernel.vmlinuz)
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet rdinit=/bin/bulkhead-init -- /bin/sh /scenario.sh"]);
+    cmd.args([
+        "-m",
+        &memory_mib.to_string(),
+        "-smp",
+        "2",
+        "-nographic",
+        "-no-reboot",
+        "-nodefaults",
+        "-serial",
+        "stdio",
+    ])
+    .arg("-kernel")
+    .arg(&kernel.vmlinuz)
+    .arg("-initrd")
+    .arg(initrd)
+    .args([
+        "-append",
+        "console=ttyS0 panic=-1 quiet rdinit=/bin/bulkhead-init -- /bin/sh /scenario.sh",
+    ]);
     match accel {
         "kvm" => cmd.args(["-accel", "kvm", "-cpu", "host"]),
         _ => cmd.args(["-accel", "tcg", "-cpu", "max"]),
     };
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     cmd
 }
 
 /// Boots the VM and streams its console; returns the scenario's exit status (None when it
 /// produced no result within `limit`), when it booted, and the console text.
-fn boot(mut cmd: Command, limit: Duration, echo: bool) -> anyhow::Result<(Option<i32>, Option<Duration>, String)> {
+fn boot(
+    mut cmd: Command,
+    limit: Duration,
+    echo: bool,
+) -> anyhow::Result<(Option<i32>, Option<Duration>, String)> {
     let started = Instant::now();
-    let mut child = cmd.spawn().context("start qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
+    let mut child = cmd
+        .spawn()
+        .context("start qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -292,7 +395,11 @@ fn boot(mut cmd: Command, limit: Duration, echo: bool) -> anyhow::Result<(Option
     while started.elapsed() < limit {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(line) => {
-                if echo && !line.starts_with("BENCH-FILE") && console.matches("BENCH-FILE-BEGIN").count() == console.matches("BENCH-FILE-END").count() {
+                if echo
+                    && !line.starts_with("BENCH-FILE")
+                    && console.matches("BENCH-FILE-BEGIN").count()
+                        == console.matches("BENCH-FILE-END").count()
+                {
                     println!("vm| {line}");
                 }
                 console.push_str(&line);
@@ -336,8 +443,19 @@ pub fn run(body: &str, binaries: &[(PathBuf, &str)], limit: Duration) -> anyhow:
 }
 
 /// As [`run`], returning the console text.
-pub fn run_capture(body: &str, binaries: &[(PathBuf, &str)], limit: Duration) -> anyhow::Result<String> {
-    setup::apt(&["qemu-system-x86", "busybox-static", "ipvsadm", "iptables", "nftables", "kmod"])?;
+pub fn run_capture(
+    body: &str,
+    binaries: &[(PathBuf, &str)],
+    limit: Duration,
+) -> anyhow::Result<String> {
+    setup::apt(&[
+        "qemu-system-x86",
+        "busybox-static",
+        "ipvsadm",
+        "iptables",
+        "nftables",
+        "kmod",
+    ])?;
     let started = Instant::now();
     let kernel = kernel()?;
     let probe = initramfs(&kernel, binaries, &scenario("exit 0"))?;
@@ -347,9 +465,13 @@ pub fn run_capture(body: &str, binaries: &[(PathBuf, &str)], limit: Duration) ->
     let (result, booted, console) = boot(qemu(&kernel, &initrd, accel, 2048), limit, true)?;
     eprintln!(
         "vm: booted in {}, total {:.1} s, scenario status {}",
-        booted.map(|b| format!("{:.1} s", b.as_secs_f64())).unwrap_or_else(|| "(never)".into()),
+        booted
+            .map(|b| format!("{:.1} s", b.as_secs_f64()))
+            .unwrap_or_else(|| "(never)".into()),
         started.elapsed().as_secs_f64(),
-        result.map(|r| r.to_string()).unwrap_or_else(|| "missing".into())
+        result
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "missing".into())
     );
     match result {
         Some(0) => Ok(console),

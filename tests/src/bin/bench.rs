@@ -24,7 +24,6 @@ use std::{
 
 use tests::{Netns, Node, Pod};
 
-
 const PORT: u16 = 8080;
 /// Longest an install may take before its row is abandoned.
 const INSTALL_BUDGET: Duration = Duration::from_secs(300);
@@ -80,11 +79,17 @@ fn parse_args() -> Result<Args, String> {
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--services" => {
-                args.services = value.split(',').map(|v| v.parse().map_err(|_| format!("bad count {v}"))).collect::<Result<_, _>>()?
+                args.services = value
+                    .split(',')
+                    .map(|v| v.parse().map_err(|_| format!("bad count {v}")))
+                    .collect::<Result<_, _>>()?
             }
             "--seconds" => args.seconds = value.parse().map_err(|_| "bad --seconds")?,
             "--concurrency" => args.concurrency = value.parse().map_err(|_| "bad --concurrency")?,
-            "--install-budget" => args.install_budget = Duration::from_secs(value.parse().map_err(|_| "bad --install-budget")?),
+            "--install-budget" => {
+                args.install_budget =
+                    Duration::from_secs(value.parse().map_err(|_| "bad --install-budget")?)
+            }
             "--out" => args.out = PathBuf::from(value),
             "--modes" => {
                 args.modes = value
@@ -108,7 +113,10 @@ fn parse_args() -> Result<Args, String> {
 /// The i-th virtual address: 65,536 addresses in 198.19.0.0/16, then the next port.
 fn vip(i: usize) -> SocketAddrV4 {
     let base = u32::from(Ipv4Addr::new(198, 19, 0, 0));
-    SocketAddrV4::new(Ipv4Addr::from(base + (i % 65_536) as u32), 80 + (i / 65_536) as u16)
+    SocketAddrV4::new(
+        Ipv4Addr::from(base + (i % 65_536) as u32),
+        80 + (i / 65_536) as u16,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -117,9 +125,15 @@ fn vip(i: usize) -> SocketAddrV4 {
 /// One backend's server: threads blocked in accept on one listener, each serving a connection
 /// until the client is done (or, for `C` requests, after one reply: the server closes first,
 /// so TIME_WAIT lands on the backend and client ports are never reused into it).
-fn serve(pod: &Pod, id: u8, stop: Arc<AtomicBool>) -> (Arc<TcpListener>, Vec<std::thread::JoinHandle<()>>) {
+fn serve(
+    pod: &Pod,
+    id: u8,
+    stop: Arc<AtomicBool>,
+) -> (Arc<TcpListener>, Vec<std::thread::JoinHandle<()>>) {
     let me = SocketAddrV4::new(pod.addr, PORT);
-    let listener = pod.ns.run(move || TcpListener::bind(me).expect("bind the bench server"));
+    let listener = pod
+        .ns
+        .run(move || TcpListener::bind(me).expect("bind the bench server"));
     let listener = Arc::new(listener);
     let threads = (0..24)
         .map(|_| {
@@ -149,7 +163,11 @@ fn serve(pod: &Pod, id: u8, stop: Arc<AtomicBool>) -> (Arc<TcpListener>, Vec<std
 }
 
 /// Stops the servers: `shutdown` on a listening socket wakes every thread blocked in accept.
-fn stop_servers(listeners: &[Arc<TcpListener>], stop: &AtomicBool, threads: Vec<std::thread::JoinHandle<()>>) {
+fn stop_servers(
+    listeners: &[Arc<TcpListener>],
+    stop: &AtomicBool,
+    threads: Vec<std::thread::JoinHandle<()>>,
+) {
     use std::os::fd::AsRawFd;
     stop.store(true, Ordering::Relaxed);
     for l in listeners {
@@ -168,7 +186,13 @@ struct LoadResult {
 }
 
 /// Runs `concurrency` client threads in `client` against `targets(thread, n)` for `seconds`.
-fn load(client: &Netns, concurrency: usize, seconds: f64, keep: bool, targets: Arc<dyn Fn(usize, u64) -> SocketAddrV4 + Send + Sync>) -> LoadResult {
+fn load(
+    client: &Netns,
+    concurrency: usize,
+    seconds: f64,
+    keep: bool,
+    targets: Arc<dyn Fn(usize, u64) -> SocketAddrV4 + Send + Sync>,
+) -> LoadResult {
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let handles: Vec<_> = (0..concurrency)
         .map(|t| {
@@ -176,14 +200,17 @@ fn load(client: &Netns, concurrency: usize, seconds: f64, keep: bool, targets: A
             let targets = targets.clone();
             std::thread::spawn(move || {
                 let ns = fs::File::open(path).expect("open the client namespace");
-                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the client namespace");
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("enter the client namespace");
                 let mut r = LoadResult::default();
                 let mut req = [0u8; REQUEST];
                 req[0] = if keep { KEEP } else { CLOSE };
                 let mut reply = [0u8; REQUEST];
                 let mut n = 0u64;
                 let connect = |n: u64| -> Option<TcpStream> {
-                    let s = TcpStream::connect_timeout(&targets(t, n).into(), Duration::from_secs(3)).ok()?;
+                    let s =
+                        TcpStream::connect_timeout(&targets(t, n).into(), Duration::from_secs(3))
+                            .ok()?;
                     let _ = s.set_nodelay(true);
                     let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
                     Some(s)
@@ -206,7 +233,8 @@ fn load(client: &Netns, concurrency: usize, seconds: f64, keep: bool, targets: A
                         continue;
                     }
                     if keep {
-                        r.latencies_us.push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        r.latencies_us
+                            .push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
                     } else {
                         conn = None;
                     }
@@ -234,16 +262,24 @@ fn load(client: &Netns, concurrency: usize, seconds: f64, keep: bool, targets: A
 fn retransmits(ns: &Netns) -> (u64, u64) {
     ns.run(|| {
         let field = |file: &str, table: &str, name: &str| -> u64 {
-            let text = fs::read_to_string(format!("/proc/thread-self/net/{file}")).unwrap_or_default();
+            let text =
+                fs::read_to_string(format!("/proc/thread-self/net/{file}")).unwrap_or_default();
             let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(table)).collect();
             if lines.len() < 2 {
                 return 0;
             }
             let names: Vec<&str> = lines[0].split_whitespace().collect();
             let values: Vec<&str> = lines[1].split_whitespace().collect();
-            names.iter().position(|n| *n == name).and_then(|i| values.get(i)?.parse().ok()).unwrap_or(0)
+            names
+                .iter()
+                .position(|n| *n == name)
+                .and_then(|i| values.get(i)?.parse().ok())
+                .unwrap_or(0)
         };
-        (field("snmp", "Tcp:", "RetransSegs"), field("netstat", "TcpExt:", "TCPSynRetrans"))
+        (
+            field("snmp", "Tcp:", "RetransSegs"),
+            field("netstat", "TcpExt:", "TCPSynRetrans"),
+        )
     })
 }
 
@@ -251,7 +287,14 @@ fn retransmits(ns: &Netns) -> (u64, u64) {
 fn wait_idle() {
     let busy = || -> (u64, u64) {
         let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
-        let cpu: Vec<u64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+        let cpu: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
         let idle = cpu.get(3).copied().unwrap_or(0) + cpu.get(4).copied().unwrap_or(0);
         (cpu.iter().sum::<u64>() - idle, cpu.iter().sum())
     };
@@ -270,7 +313,10 @@ fn wait_idle() {
 // Installing N services each mode's way.
 
 fn backends(node: &Node) -> Vec<SocketAddrV4> {
-    node.pods[1..].iter().map(|p| SocketAddrV4::new(p.addr, PORT)).collect()
+    node.pods[1..]
+        .iter()
+        .map(|p| SocketAddrV4::new(p.addr, PORT))
+        .collect()
 }
 
 fn run_stdin(node_ns: Option<&Netns>, program: &[&str], input: &str) -> Result<(), String> {
@@ -286,7 +332,12 @@ fn run_stdin(node_ns: Option<&Netns>, program: &[&str], input: &str) -> Result<(
             c
         }
     };
-    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().map_err(|e| format!("{program:?}: {e}"))?;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{program:?}: {e}"))?;
     let mut stdin = child.stdin.take().unwrap();
     let input = input.to_owned();
     let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
@@ -296,14 +347,21 @@ fn run_stdin(node_ns: Option<&Netns>, program: &[&str], input: &str) -> Result<(
         if Instant::now() > until {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(format!("{program:?} still running after {INSTALL_BUDGET:?}"));
+            return Err(format!(
+                "{program:?} still running after {INSTALL_BUDGET:?}"
+            ));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = writer.join();
-    let out = child.wait_with_output().map_err(|e| format!("{program:?}: {e}"))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{program:?}: {e}"))?;
     if !out.status.success() {
-        return Err(format!("{program:?} failed: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "{program:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     Ok(())
 }
@@ -323,10 +381,24 @@ fn install(mode: Mode, node: &Node, n: usize) -> Result<(), String> {
             }
             let bin = tests::bulkhead_bin().ok_or("BULKHEAD_BIN is not set")?;
             let bin = bin.to_str().unwrap().to_owned();
-            let (ns, pins, state) = (node.ns.path(), node.bpffs().path().to_owned(), node.state_dir().to_owned());
+            let (ns, pins, state) = (
+                node.ns.path(),
+                node.bpffs().path().to_owned(),
+                node.state_dir().to_owned(),
+            );
             run_stdin(
                 None,
-                &[&bin, "--netns", ns.to_str().unwrap(), "--bpffs", pins.to_str().unwrap(), "--state-dir", state.to_str().unwrap(), "service", "restore"],
+                &[
+                    &bin,
+                    "--netns",
+                    ns.to_str().unwrap(),
+                    "--bpffs",
+                    pins.to_str().unwrap(),
+                    "--state-dir",
+                    state.to_str().unwrap(),
+                    "service",
+                    "restore",
+                ],
                 &text,
             )
         }
@@ -351,7 +423,11 @@ fn install(mode: Mode, node: &Node, n: usize) -> Result<(), String> {
             run_stdin(Some(&node.ns), &["ipvsadm", "-R"], &rules)?;
             // Track IPVS connections in conntrack, so bridged replies are translated back (the
             // knob exists once IPVS is in use in the namespace).
-            run_stdin(Some(&node.ns), &["sh", "-c", "echo 1 > /proc/sys/net/ipv4/vs/conntrack"], "")
+            run_stdin(
+                Some(&node.ns),
+                &["sh", "-c", "echo 1 > /proc/sys/net/ipv4/vs/conntrack"],
+                "",
+            )
         }
         Mode::Iptables => {
             // kube-proxy's iptables mode: one rule per service in a services chain, a chain per
@@ -367,15 +443,27 @@ fn install(mode: Mode, node: &Node, n: usize) -> Result<(), String> {
             t.push_str("-A PREROUTING -j KUBE-SERVICES\n");
             for i in 0..n {
                 let v = vip(i);
-                let _ = writeln!(t, "-A KUBE-SERVICES -d {}/32 -p tcp -m tcp --dport {} -j KUBE-SVC-{i}", v.ip(), v.port());
+                let _ = writeln!(
+                    t,
+                    "-A KUBE-SERVICES -d {}/32 -p tcp -m tcp --dport {} -j KUBE-SVC-{i}",
+                    v.ip(),
+                    v.port()
+                );
                 for (e, be) in b.iter().enumerate() {
                     let left = b.len() - e;
                     if left > 1 {
-                        let _ = writeln!(t, "-A KUBE-SVC-{i} -m statistic --mode random --probability {:.11} -j KUBE-SEP-{i}-{e}", 1.0 / left as f64);
+                        let _ = writeln!(
+                            t,
+                            "-A KUBE-SVC-{i} -m statistic --mode random --probability {:.11} -j KUBE-SEP-{i}-{e}",
+                            1.0 / left as f64
+                        );
                     } else {
                         let _ = writeln!(t, "-A KUBE-SVC-{i} -j KUBE-SEP-{i}-{e}");
                     }
-                    let _ = writeln!(t, "-A KUBE-SEP-{i}-{e} -p tcp -m tcp -j DNAT --to-destination {be}");
+                    let _ = writeln!(
+                        t,
+                        "-A KUBE-SEP-{i}-{e} -p tcp -m tcp -j DNAT --to-destination {be}"
+                    );
                 }
             }
             t.push_str("COMMIT\n");
@@ -386,17 +474,32 @@ fn install(mode: Mode, node: &Node, n: usize) -> Result<(), String> {
             // a chain per service choosing an endpoint with numgen.
             let mut t = String::with_capacity(n * 400);
             t.push_str("table ip kube-proxy {\n");
-            t.push_str("  map service-ips { type ipv4_addr . inet_proto . inet_service : verdict; }\n");
-            t.push_str("  chain services { ip daddr . meta l4proto . th dport vmap @service-ips; }\n");
+            t.push_str(
+                "  map service-ips { type ipv4_addr . inet_proto . inet_service : verdict; }\n",
+            );
+            t.push_str(
+                "  chain services { ip daddr . meta l4proto . th dport vmap @service-ips; }\n",
+            );
             t.push_str("  chain nat-prerouting { type nat hook prerouting priority dstnat; policy accept; jump services; }\n");
             for i in 0..n {
-                let _ = write!(t, "  chain service-{i} {{ numgen random mod {} vmap {{ ", b.len());
+                let _ = write!(
+                    t,
+                    "  chain service-{i} {{ numgen random mod {} vmap {{ ",
+                    b.len()
+                );
                 for e in 0..b.len() {
-                    let _ = write!(t, "{e} : goto endpoint-{i}-{e}{}", if e + 1 < b.len() { ", " } else { "" });
+                    let _ = write!(
+                        t,
+                        "{e} : goto endpoint-{i}-{e}{}",
+                        if e + 1 < b.len() { ", " } else { "" }
+                    );
                 }
                 t.push_str(" }; }\n");
                 for (e, be) in b.iter().enumerate() {
-                    let _ = writeln!(t, "  chain endpoint-{i}-{e} {{ meta l4proto tcp dnat to {be}; }}");
+                    let _ = writeln!(
+                        t,
+                        "  chain endpoint-{i}-{e} {{ meta l4proto tcp dnat to {be}; }}"
+                    );
                 }
             }
             t.push_str("}\n");
@@ -405,7 +508,13 @@ fn install(mode: Mode, node: &Node, n: usize) -> Result<(), String> {
                 elems.push_str("add element ip kube-proxy service-ips { ");
                 for (k, i) in chunk.iter().enumerate() {
                     let v = vip(*i);
-                    let _ = write!(elems, "{} . tcp . {} : goto service-{i}{}", v.ip(), v.port(), if k + 1 < chunk.len() { ", " } else { "" });
+                    let _ = write!(
+                        elems,
+                        "{} . tcp . {} : goto service-{i}{}",
+                        v.ip(),
+                        v.port(),
+                        if k + 1 < chunk.len() { ", " } else { "" }
+                    );
                 }
                 elems.push_str(" }\n");
             }
@@ -447,7 +556,9 @@ fn measure(mode: Mode, n: usize, args: &Args) -> Row {
     }
     let client = &node.pods[0];
     // A wide ephemeral range: the connection-rate phase opens many short connections.
-    client.ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535");
+    client
+        .ns
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65535");
     // kube-proxy relies on br_netfilter so bridged replies pass conntrack for un-DNAT; the
     // setting is per namespace, and this is the node's own.
     if matches!(mode, Mode::Iptables | Mode::Nftables | Mode::Ipvs) {
@@ -496,7 +607,13 @@ fn measure(mode: Mode, n: usize, args: &Args) -> Row {
     };
     wait_idle();
     let (r0, s0) = retransmits(&client.ns);
-    let rate = load(&client.ns, args.concurrency, args.seconds, false, targets.clone());
+    let rate = load(
+        &client.ns,
+        args.concurrency,
+        args.seconds,
+        false,
+        targets.clone(),
+    );
     wait_idle();
     let lat = load(&client.ns, args.concurrency, args.seconds, true, targets);
     let (r1, s1) = retransmits(&client.ns);
@@ -507,7 +624,9 @@ fn measure(mode: Mode, n: usize, args: &Args) -> Row {
     row.conn_errors = rate.errors + lat.errors;
     row.p50_us = percentile(&latencies, 0.50);
     row.p99_us = percentile(&latencies, 0.99);
-    row.spread = (0..3u8).map(|i| rate.spread.get(&i).copied().unwrap_or(0)).collect();
+    row.spread = (0..3u8)
+        .map(|i| rate.spread.get(&i).copied().unwrap_or(0))
+        .collect();
     row.retrans = r1 - r0;
     row.syn_retrans = s1 - s0;
     row
@@ -517,8 +636,14 @@ fn measure(mode: Mode, n: usize, args: &Args) -> Row {
 // Report.
 
 fn report(rows: &[Row], args: &Args) -> (String, String) {
-    let direct = |n: usize| rows.iter().find(|r| r.mode == Mode::Direct && r.services == n).or_else(|| rows.iter().find(|r| r.mode == Mode::Direct));
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let direct = |n: usize| {
+        rows.iter()
+            .find(|r| r.mode == Mode::Direct && r.services == n)
+            .or_else(|| rows.iter().find(|r| r.mode == Mode::Direct))
+    };
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut md = format!(
         "Linux {}, {cpus} CPUs; {} client threads, {} s per phase; fresh topology per row.\n\
@@ -537,7 +662,10 @@ Latency: request/reply on persistent connections. Ratios are to `direct` at the 
             Some(b) if b > 0.0 && a.is_finite() => format!("{:.2}", a / b),
             _ => "-".into(),
         };
-        let install = r.install.map(|d| format!("{:.3} s", d.as_secs_f64())).unwrap_or_else(|| "-".into());
+        let install = r
+            .install
+            .map(|d| format!("{:.3} s", d.as_secs_f64()))
+            .unwrap_or_else(|| "-".into());
         let _ = writeln!(
             md,
             "| {} | {} | {} | {:.0} | {} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} |",
@@ -550,7 +678,11 @@ Latency: request/reply on persistent connections. Ratios are to `direct` at the 
             ratio(r.p50_us, d.map(|d| d.p50_us)),
             r.p99_us,
             ratio(r.p99_us, d.map(|d| d.p99_us)),
-            r.spread.iter().map(u64::to_string).collect::<Vec<_>>().join("/"),
+            r.spread
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join("/"),
             r.syn_retrans,
             r.retrans,
             r.conn_errors,
@@ -579,41 +711,80 @@ Latency: request/reply on persistent connections. Ratios are to `direct` at the 
         md.push('\n');
     };
     for r in bulk.iter().filter(|r| r.conn_rate == 0.0) {
-        goal(format!("- bulkhead at {} services: not measured ({})", r.services, r.note.lines().next().unwrap_or("")));
+        goal(format!(
+            "- bulkhead at {} services: not measured ({})",
+            r.services,
+            r.note.lines().next().unwrap_or("")
+        ));
     }
     let bulk: Vec<&Row> = bulk.into_iter().filter(|r| r.conn_rate > 0.0).collect();
     for r in &bulk {
         if let Some(d) = direct(r.services).filter(|d| d.conn_rate > 0.0) {
             let x = r.conn_rate / d.conn_rate;
-            goal(format!("- bulkhead at {} services: {:.2}x direct connection rate ({}; goal 0.95x)", r.services, x, if x >= 0.95 { "met" } else { "NOT met" }));
+            goal(format!(
+                "- bulkhead at {} services: {:.2}x direct connection rate ({}; goal 0.95x)",
+                r.services,
+                x,
+                if x >= 0.95 { "met" } else { "NOT met" }
+            ));
         }
     }
-    for r in rows.iter().filter(|r| r.mode == Mode::Iptables && r.services >= 10_000) {
-        if let Some(b) = bulk.iter().find(|b| b.services == r.services).filter(|_| r.conn_rate > 0.0) {
-            goal(format!("- at {} services bulkhead does {:.2}x the connection rate of iptables", r.services, b.conn_rate / r.conn_rate));
+    for r in rows
+        .iter()
+        .filter(|r| r.mode == Mode::Iptables && r.services >= 10_000)
+    {
+        if let Some(b) = bulk
+            .iter()
+            .find(|b| b.services == r.services)
+            .filter(|_| r.conn_rate > 0.0)
+        {
+            goal(format!(
+                "- at {} services bulkhead does {:.2}x the connection rate of iptables",
+                r.services,
+                b.conn_rate / r.conn_rate
+            ));
         }
     }
     if let Some(b) = bulk.iter().find(|b| b.services == 10_000)
-        && let Some(t) = b.install {
-            goal(format!("- 10,000 services installed in {:.3} s ({}; goal under 1 s)", t.as_secs_f64(), if t.as_secs_f64() < 1.0 { "met" } else { "NOT met" }));
-        }
+        && let Some(t) = b.install
+    {
+        goal(format!(
+            "- 10,000 services installed in {:.3} s ({}; goal under 1 s)",
+            t.as_secs_f64(),
+            if t.as_secs_f64() < 1.0 {
+                "met"
+            } else {
+                "NOT met"
+            }
+        ));
+    }
     if let (Some(lo), Some(hi)) = (bulk.first(), bulk.last())
-        && lo.conn_rate > 0.0 && hi.services > lo.services {
-            goal(format!(
-                "- bulkhead connection rate at {} services is {:.2}x the rate at {} (flat is 1.00)",
-                hi.services,
-                hi.conn_rate / lo.conn_rate,
-                lo.services
-            ));
-        }
-    let ipvs: Vec<&Row> = rows.iter().filter(|r| r.mode == Mode::Ipvs && r.conn_rate > 0.0).collect();
+        && lo.conn_rate > 0.0
+        && hi.services > lo.services
+    {
+        goal(format!(
+            "- bulkhead connection rate at {} services is {:.2}x the rate at {} (flat is 1.00)",
+            hi.services,
+            hi.conn_rate / lo.conn_rate,
+            lo.services
+        ));
+    }
+    let ipvs: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.mode == Mode::Ipvs && r.conn_rate > 0.0)
+        .collect();
     if ipvs.is_empty() {
         goal("- ipvs: not measured in this run (this kernel has no IPVS; use `--vm`)".into());
     }
     for r in ipvs {
         if let Some(b) = bulk.iter().find(|b| b.services == r.services) {
             let x = b.conn_rate / r.conn_rate;
-            goal(format!("- at {} services bulkhead does {:.2}x the connection rate of ipvs ({}; goal: ahead)", r.services, x, if x > 1.0 { "met" } else { "NOT met" }));
+            goal(format!(
+                "- at {} services bulkhead does {:.2}x the connection rate of ipvs ({}; goal: ahead)",
+                r.services,
+                x,
+                if x > 1.0 { "met" } else { "NOT met" }
+            ));
         }
     }
     (md, format!("[{}]\n", json.join(",\n")))
@@ -626,16 +797,36 @@ fn chart(rows: &[Row], path: &Path) -> Result<(), String> {
     let max_n = rows.iter().map(|r| r.services).max().unwrap_or(1).max(10) as f64;
     let max_rate = rows.iter().map(|r| r.conn_rate).fold(1.0, f64::max) * 1.15;
     let mut c = ChartBuilder::on(&root)
-        .caption("connection rate against number of services", ("sans-serif", 20))
+        .caption(
+            "connection rate against number of services",
+            ("sans-serif", 20),
+        )
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(70)
         .build_cartesian_2d((1f64..max_n * 1.5).log_scale(), 0f64..max_rate)
         .map_err(|e| e.to_string())?;
-    c.configure_mesh().x_desc("services installed").y_desc("connections / s").draw().map_err(|e| e.to_string())?;
+    c.configure_mesh()
+        .x_desc("services installed")
+        .y_desc("connections / s")
+        .draw()
+        .map_err(|e| e.to_string())?;
     let colors = [BLACK, BLUE, RED, GREEN, MAGENTA];
-    for (k, mode) in [Mode::Direct, Mode::Bulkhead, Mode::Iptables, Mode::Nftables, Mode::Ipvs].into_iter().enumerate() {
-        let pts: Vec<(f64, f64)> = rows.iter().filter(|r| r.mode == mode && r.conn_rate > 0.0).map(|r| (r.services.max(1) as f64, r.conn_rate)).collect();
+    for (k, mode) in [
+        Mode::Direct,
+        Mode::Bulkhead,
+        Mode::Iptables,
+        Mode::Nftables,
+        Mode::Ipvs,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let pts: Vec<(f64, f64)> = rows
+            .iter()
+            .filter(|r| r.mode == mode && r.conn_rate > 0.0)
+            .map(|r| (r.services.max(1) as f64, r.conn_rate))
+            .collect();
         if pts.is_empty() {
             continue;
         }
@@ -643,10 +834,17 @@ fn chart(rows: &[Row], path: &Path) -> Result<(), String> {
         c.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
             .map_err(|e| e.to_string())?
             .label(mode.name())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-        c.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled()))).map_err(|e| e.to_string())?;
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        c.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled())))
+            .map_err(|e| e.to_string())?;
     }
-    c.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| e.to_string())?;
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())
 }
 
@@ -665,7 +863,11 @@ fn main() -> ExitCode {
     let mut rows = Vec::new();
     for &n in &args.services {
         for &mode in &args.modes {
-            if mode == Mode::Direct && rows.iter().any(|r: &Row| r.mode == Mode::Direct && r.services == n) {
+            if mode == Mode::Direct
+                && rows
+                    .iter()
+                    .any(|r: &Row| r.mode == Mode::Direct && r.services == n)
+            {
                 continue;
             }
             eprintln!("bench: {} with {n} services ...", mode.name());

@@ -27,9 +27,21 @@ fn main() -> ExitCode {
         servers.push(node.add_pod(host).serve_tcp(8080));
     }
     let vip = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 10), 80);
-    let backends: Vec<String> = node.pods[1..].iter().map(|p| format!("{}:8080", p.addr)).collect();
-    println!("demo: node netns {}, bridge {} ({})", node.ns.name(), node.bridge, node.gateway);
-    println!("demo: client {}, backends {}", node.pods[0].addr, backends.join(", "));
+    let backends: Vec<String> = node.pods[1..]
+        .iter()
+        .map(|p| format!("{}:8080", p.addr))
+        .collect();
+    println!(
+        "demo: node netns {}, bridge {} ({})",
+        node.ns.name(),
+        node.bridge,
+        node.gateway
+    );
+    println!(
+        "demo: client {}, backends {}",
+        node.pods[0].addr,
+        backends.join(", ")
+    );
 
     let mut add = vec!["service".to_owned(), "add".to_owned(), format!("{vip}/tcp")];
     for b in &backends {
@@ -52,17 +64,25 @@ fn main() -> ExitCode {
     println!("\n$ bulkhead stats");
     print!("{}", node.bulkhead_ok(&["stats"]));
 
-    let list: serde_json::Value = serde_json::from_str(&node.bulkhead_ok(&["service", "list", "--json"])).unwrap();
+    let list: serde_json::Value =
+        serde_json::from_str(&node.bulkhead_ok(&["service", "list", "--json"])).unwrap();
     let counted: BTreeMap<String, usize> = list[0]["backends"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|b| (b["addr"].as_str().unwrap().to_owned(), b["new_flows"].as_u64().unwrap() as usize))
+        .map(|b| {
+            (
+                b["addr"].as_str().unwrap().to_owned(),
+                b["new_flows"].as_u64().unwrap() as usize,
+            )
+        })
         .collect();
     drop(servers);
     let ok = spread.len() == backends.len() && counted == spread;
     if ok {
-        println!("\ndemo: every backend answered, and the datapath's counters match the connections made");
+        println!(
+            "\ndemo: every backend answered, and the datapath's counters match the connections made"
+        );
         ExitCode::SUCCESS
     } else {
         eprintln!("\ndemo: MISMATCH: answered {spread:?}, counted {counted:?}");

@@ -30,7 +30,10 @@ impl Cluster {
             servers.push(pod.serve_tcp(TCP_PORT));
             servers.push(pod.serve_udp(UDP_PORT));
         }
-        Cluster { _servers: servers, node }
+        Cluster {
+            _servers: servers,
+            node,
+        }
     }
 
     pub fn client(&self) -> &tests::Pod {
@@ -42,7 +45,9 @@ impl Cluster {
     }
 
     pub fn backends(&self, port: u16) -> Vec<String> {
-        (0..self.node.pods.len() - 1).map(|i| self.backend(i, port)).collect()
+        (0..self.node.pods.len() - 1)
+            .map(|i| self.backend(i, port))
+            .collect()
     }
 
     /// `bulkhead service add VIP:vport/proto --backend ... ARGS`.
@@ -75,14 +80,23 @@ impl Cluster {
     /// Flows per backend address of the service at `vip`, as `service list` counts them.
     pub fn counted_flows(&self, vip: &str) -> BTreeMap<String, usize> {
         let list = self.list();
-        let svc = list.as_array().unwrap().iter().find(|s| s["service"] == vip).expect("service listed");
+        let svc = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["service"] == vip)
+            .expect("service listed");
         svc["backends"]
             .as_array()
             .unwrap()
             .iter()
             .filter(|b| b["new_flows"].as_u64().unwrap() > 0)
-            .map(|b| (b["addr"].as_str().unwrap().to_owned(), b["new_flows"].as_u64().unwrap() as usize))
+            .map(|b| {
+                (
+                    b["addr"].as_str().unwrap().to_owned(),
+                    b["new_flows"].as_u64().unwrap() as usize,
+                )
+            })
             .collect()
     }
 }
-

@@ -32,7 +32,12 @@ fn exchange(node: &Node, ab: usize, ba: usize) -> [(u64, u64); 4] {
 }
 
 fn expected(ab: u64, ba: u64) -> [(u64, u64); 4] {
-    [(ab, ab * FRAME), (ba, ba * FRAME), (ba, ba * FRAME), (ab, ab * FRAME)]
+    [
+        (ab, ab * FRAME),
+        (ba, ba * FRAME),
+        (ba, ba * FRAME),
+        (ab, ab * FRAME),
+    ]
 }
 
 /// Exchanges traffic until the counter deltas match exactly, at most three times: the kernel's
@@ -88,7 +93,11 @@ fn reup_keeps_one_attachment(test: &str, mode: &str) {
     assert_counts(&node, 10, 5);
     let total_before = node.counters(&node.pods[0].host_if, "ingress");
     node.bulkhead_ok(&["up", "--bridge", &node.bridge]);
-    assert_eq!(node.counters(&node.pods[0].host_if, "ingress"), total_before, "counters were reset");
+    assert_eq!(
+        node.counters(&node.pods[0].host_if, "ingress"),
+        total_before,
+        "counters were reset"
+    );
     assert_counts(&node, 30, 7);
 }
 

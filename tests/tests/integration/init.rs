@@ -12,13 +12,17 @@ use std::{
 use tests::TempDir;
 
 fn init_bin() -> Option<PathBuf> {
-    std::env::var_os("BULKHEAD_INIT_BIN").map(PathBuf::from).filter(|p| p.is_file())
+    std::env::var_os("BULKHEAD_INIT_BIN")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
 }
 
 /// Prints why an init test cannot run here and returns true.
 fn skip_init(test: &str) -> bool {
     if init_bin().is_none() {
-        eprintln!("SKIP {test}: BULKHEAD_INIT_BIN is not set; run the tests through `cargo xtask test`");
+        eprintln!(
+            "SKIP {test}: BULKHEAD_INIT_BIN is not set; run the tests through `cargo xtask test`"
+        );
         return true;
     }
     false
@@ -33,7 +37,9 @@ fn run(args: &[&str]) -> Output {
 }
 
 fn code(out: &Output) -> i32 {
-    out.status.code().unwrap_or_else(|| panic!("bulkhead-init itself died: {:?}", out.status))
+    out.status
+        .code()
+        .unwrap_or_else(|| panic!("bulkhead-init itself died: {:?}", out.status))
 }
 
 fn stderr(out: &Output) -> String {
@@ -51,14 +57,19 @@ fn start(args: &[&str], script: &str) -> (Child, BufReader<std::process::ChildSt
         .expect("start bulkhead-init");
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
-    out.read_line(&mut line).expect("read the script's first line");
+    out.read_line(&mut line)
+        .expect("read the script's first line");
     assert_eq!(line.trim(), "ready", "script did not start");
     (child, out)
 }
 
 fn signal(pid: u32, sig: i32) {
     // SAFETY: kill with a pid we started and a valid signal number.
-    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "kill({pid}, {sig})");
+    assert_eq!(
+        unsafe { libc::kill(pid as i32, sig) },
+        0,
+        "kill({pid}, {sig})"
+    );
 }
 
 /// Waits up to `limit` for `child`; kills it and panics if it is still running.
@@ -106,9 +117,19 @@ fn is_static() {
     if skip_init("is_static") {
         return;
     }
-    let out = Command::new("ldd").arg(init_bin().unwrap()).output().expect("run ldd");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("not a dynamic executable"), "ldd says: {text}");
+    let out = Command::new("ldd")
+        .arg(init_bin().unwrap())
+        .output()
+        .expect("run ldd");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("not a dynamic executable"),
+        "ldd says: {text}"
+    );
 }
 
 #[test]
@@ -116,8 +137,18 @@ fn exit_status_is_propagated() {
     if skip_init("exit_status_is_propagated") {
         return;
     }
-    for (script, want) in [("exit 0", 0), ("exit 42", 42), ("exit 255", 255), ("kill -TERM $$", 143), ("kill -KILL $$", 137)] {
-        assert_eq!(code(&run(&["-s", "--", "sh", "-c", script])), want, "{script}");
+    for (script, want) in [
+        ("exit 0", 0),
+        ("exit 42", 42),
+        ("exit 255", 255),
+        ("kill -TERM $$", 143),
+        ("kill -KILL $$", 137),
+    ] {
+        assert_eq!(
+            code(&run(&["-s", "--", "sh", "-c", script])),
+            want,
+            "{script}"
+        );
     }
 }
 
@@ -126,8 +157,24 @@ fn exit_codes_can_be_remapped_to_zero() {
     if skip_init("exit_codes_can_be_remapped_to_zero") {
         return;
     }
-    assert_eq!(code(&run(&["-s", "-e", "42", "--", "sh", "-c", "exit 42"])), 0);
-    assert_eq!(code(&run(&["-s", "-e", "3", "-e", "143", "--", "sh", "-c", "kill -TERM $$"])), 0);
+    assert_eq!(
+        code(&run(&["-s", "-e", "42", "--", "sh", "-c", "exit 42"])),
+        0
+    );
+    assert_eq!(
+        code(&run(&[
+            "-s",
+            "-e",
+            "3",
+            "-e",
+            "143",
+            "--",
+            "sh",
+            "-c",
+            "kill -TERM $$"
+        ])),
+        0
+    );
     assert_eq!(code(&run(&["-s", "-e42", "--", "sh", "-c", "exit 41"])), 41);
 }
 
@@ -143,24 +190,51 @@ fn errors_exit_as_tini_does() {
     let cases: [(&[&str], i32, &str); 9] = [
         (&[], 1, "Usage:"),
         (&["-s"], 1, "Usage:"),
-        (&["-s", "--", "/nonexistent/program"], 127, "exec /nonexistent/program failed: No such file or directory"),
+        (
+            &["-s", "--", "/nonexistent/program"],
+            127,
+            "exec /nonexistent/program failed: No such file or directory",
+        ),
         (&["-s", "--", not_exec], 126, "Permission denied"),
         (&["-x", "--", "true"], 1, "invalid option -- 'x'"),
-        (&["--frobnicate", "--", "true"], 1, "unrecognized option '--frobnicate'"),
-        (&["-p", "SIGFOO", "--", "true"], 1, "Not a valid option for -p: SIGFOO"),
-        (&["-e", "256", "--", "true"], 1, "Not a valid option for -e: 256"),
+        (
+            &["--frobnicate", "--", "true"],
+            1,
+            "unrecognized option '--frobnicate'",
+        ),
+        (
+            &["-p", "SIGFOO", "--", "true"],
+            1,
+            "Not a valid option for -p: SIGFOO",
+        ),
+        (
+            &["-e", "256", "--", "true"],
+            1,
+            "Not a valid option for -e: 256",
+        ),
         (&["-p"], 1, "option requires an argument -- 'p'"),
     ];
     for (args, want, message) in cases {
         let out = run(args);
         assert_eq!(code(&out), want, "{args:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains(message), "{args:?}: expected {message:?} in {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(message),
+            "{args:?}: expected {message:?} in {}",
+            stderr(&out)
+        );
     }
     // Help, version and license go to stdout and succeed.
-    for (args, text) in [(&["-h"][..], "Usage:"), (&["--version"][..], "bulkhead-init version"), (&["-l"][..], "license")] {
+    for (args, text) in [
+        (&["-h"][..], "Usage:"),
+        (&["--version"][..], "bulkhead-init version"),
+        (&["-l"][..], "license"),
+    ] {
         let out = run(args);
         assert_eq!(code(&out), 0, "{args:?}");
-        assert!(String::from_utf8_lossy(&out.stdout).contains(text), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(text),
+            "{args:?}"
+        );
     }
 }
 
@@ -172,10 +246,25 @@ fn warns_unless_pid1_or_subreaper() {
     let warning = "not running as PID 1";
     assert!(stderr(&run(&["--", "true"])).contains(warning));
     assert!(!stderr(&run(&["-s", "--", "true"])).contains(warning));
-    let out = init().args(["--", "true"]).env("TINI_SUBREAPER", "1").output().unwrap();
-    assert!(!stderr(&out).contains(warning), "TINI_SUBREAPER did not register a subreaper");
-    let quiet = init().args(["--", "true"]).env("TINI_VERBOSITY", "0").output().unwrap();
-    assert_eq!(stderr(&quiet), "", "TINI_VERBOSITY=0 should silence warnings");
+    let out = init()
+        .args(["--", "true"])
+        .env("TINI_SUBREAPER", "1")
+        .output()
+        .unwrap();
+    assert!(
+        !stderr(&out).contains(warning),
+        "TINI_SUBREAPER did not register a subreaper"
+    );
+    let quiet = init()
+        .args(["--", "true"])
+        .env("TINI_VERBOSITY", "0")
+        .output()
+        .unwrap();
+    assert_eq!(
+        stderr(&quiet),
+        "",
+        "TINI_VERBOSITY=0 should silence warnings"
+    );
 }
 
 #[test]
@@ -202,7 +291,11 @@ fn every_catchable_signal_is_forwarded() {
         let (mut child, _out) = start(&["-s"], &script);
         signal(child.id(), sig);
         let status = wait_within(&mut child, Duration::from_secs(5));
-        assert_eq!(status.code(), Some(100 + sig), "SIG{name} was not forwarded");
+        assert_eq!(
+            status.code(),
+            Some(100 + sig),
+            "SIG{name} was not forwarded"
+        );
     }
 }
 
@@ -218,18 +311,31 @@ fn signals_reach_the_process_group_with_g() {
         "(trap 'touch {m}; exit 0' USR1; {SPIN}) & trap '' USR1; sleep 0.1; echo ready; {SPIN}",
         m = marker.display()
     );
-    for (args, env, reaches) in [(&["-s"][..], None, false), (&["-s", "-g"][..], None, true), (&["-s"][..], Some("1"), true)] {
+    for (args, env, reaches) in [
+        (&["-s"][..], None, false),
+        (&["-s", "-g"][..], None, true),
+        (&["-s"][..], Some("1"), true),
+    ] {
         let _ = std::fs::remove_file(&marker);
         let mut cmd = init();
-        cmd.args(args).args(["--", "sh", "-c", &script]).stdout(Stdio::piped()).stderr(Stdio::null());
+        cmd.args(args)
+            .args(["--", "sh", "-c", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
         if let Some(v) = env {
             cmd.env("TINI_KILL_PROCESS_GROUP", v);
         }
         let mut child = cmd.spawn().unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         signal(child.id(), libc::SIGUSR1);
-        assert_eq!(wait_for_file(&marker, Duration::from_millis(700)), reaches, "{args:?} env {env:?}");
+        assert_eq!(
+            wait_for_file(&marker, Duration::from_millis(700)),
+            reaches,
+            "{args:?} env {env:?}"
+        );
         kill_all(&mut child);
     }
 }
@@ -251,7 +357,10 @@ fn parent_death_signal_is_delivered_and_forwarded() {
     );
     let status = Command::new("sh").args(["-c", &script]).status().unwrap();
     assert!(status.success());
-    assert!(wait_for_file(&marker, Duration::from_secs(3)), "the parent death signal did not reach the program");
+    assert!(
+        wait_for_file(&marker, Duration::from_secs(3)),
+        "the parent death signal did not reach the program"
+    );
 }
 
 /// Counts zombies among the processes whose parent is `$P`, from inside a script.
@@ -285,10 +394,20 @@ fn reaps_orphans_as_subreaper_and_warns_with_w() {
     if skip_init("reaps_orphans_as_subreaper_and_warns_with_w") {
         return;
     }
-    let script = format!("P=$PPID; for i in $(seq 30); do (true &); done; sleep 0.5; {COUNT_ZOMBIES}; exit $((100 + Z))");
+    let script = format!(
+        "P=$PPID; for i in $(seq 30); do (true &); done; sleep 0.5; {COUNT_ZOMBIES}; exit $((100 + Z))"
+    );
     let out = run(&["-s", "-w", "--", "sh", "-c", &script]);
-    assert_eq!(code(&out), 100, "zombies left as subreaper: {}", stderr(&out));
-    assert!(stderr(&out).contains("Reaped zombie process with pid="), "-w printed no warning");
+    assert_eq!(
+        code(&out),
+        100,
+        "zombies left as subreaper: {}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("Reaped zombie process with pid="),
+        "-w printed no warning"
+    );
     // Without a subreaper the orphans go elsewhere: none are ours to reap, none left as ours.
     let verbose = run(&["-s", "-vv", "--", "true"]);
     assert!(String::from_utf8_lossy(&verbose.stdout).contains("Spawned child process 'true'"));
@@ -300,7 +419,9 @@ fn zombie_storm_and_signal_burst_keep_the_exit_status() {
         return;
     }
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP zombie_storm_and_signal_burst_keep_the_exit_status: needs root for a PID namespace");
+        eprintln!(
+            "SKIP zombie_storm_and_signal_burst_keep_the_exit_status: needs root for a PID namespace"
+        );
         return;
     }
     // 3000 orphans, while 2000 signals hit init; the program's own status must survive.
@@ -316,21 +437,37 @@ fn zombie_storm_and_signal_burst_keep_the_exit_status() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     // Find init (unshare's child) and flood it.
-    let init_pid = children_of(child.id()).into_iter().next().expect("init under unshare");
+    let init_pid = children_of(child.id())
+        .into_iter()
+        .next()
+        .expect("init under unshare");
     for i in 0..2000 {
-        let sig = if i % 2 == 0 { libc::SIGUSR1 } else { libc::SIGUSR2 };
+        let sig = if i % 2 == 0 {
+            libc::SIGUSR1
+        } else {
+            libc::SIGUSR2
+        };
         // SAFETY: signalling the init we started.
         unsafe { libc::kill(init_pid, sig) };
     }
     let status = wait_within(&mut child, Duration::from_secs(60));
-    assert_eq!(status.code(), Some(42), "exit status lost or zombies left (42 + zombies)");
+    assert_eq!(
+        status.code(),
+        Some(42),
+        "exit status lost or zombies left (42 + zombies)"
+    );
 }
 
 fn children_of(pid: u32) -> Vec<i32> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    text.split_whitespace().filter_map(|p| p.parse().ok()).collect()
+    let text =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    text.split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 #[test]
@@ -341,10 +478,16 @@ fn wait_all_lets_the_tree_finish_then_kills_what_is_left() {
     let dir = TempDir::new("bhi");
     let marker = dir.path().join("finished");
     // A background job that ignores SIGTERM and needs 0.5 s to finish its work.
-    let job = format!("(trap '' TERM; sleep 0.5; touch {}) & exit 0", marker.display());
+    let job = format!(
+        "(trap '' TERM; sleep 0.5; touch {}) & exit 0",
+        marker.display()
+    );
     let out = run(&["-s", "--", "sh", "-c", &job]);
     assert_eq!(code(&out), 0);
-    assert!(!marker.exists(), "without --wait-all the group should be killed when the program exits");
+    assert!(
+        !marker.exists(),
+        "without --wait-all the group should be killed when the program exits"
+    );
 
     let out = run(&["-s", "--wait-all=5", "--", "sh", "-c", &job]);
     assert_eq!(code(&out), 0);
@@ -352,10 +495,20 @@ fn wait_all_lets_the_tree_finish_then_kills_what_is_left() {
 
     // A job that never finishes is killed when the time is up.
     let started = Instant::now();
-    let out = run(&["-s", "--wait-all=1", "--", "sh", "-c", "(trap '' TERM; sleep 30) & exit 7"]);
+    let out = run(&[
+        "-s",
+        "--wait-all=1",
+        "--",
+        "sh",
+        "-c",
+        "(trap '' TERM; sleep 30) & exit 7",
+    ]);
     assert_eq!(code(&out), 7);
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(10), "took {took:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(10),
+        "took {took:?}"
+    );
 }
 
 #[test]
@@ -370,15 +523,24 @@ fn forward_all_reaches_daemons_outside_the_group() {
         "setsid sh -c \"trap 'touch {m}; exit 0' USR1; {SPIN}\" & trap '' USR1; sleep 0.2; echo ready; {SPIN}",
         m = marker.display()
     );
-    for (args, reaches) in [(&["-s", "-g"][..], false), (&["-s", "--forward-all"][..], true)] {
+    for (args, reaches) in [
+        (&["-s", "-g"][..], false),
+        (&["-s", "--forward-all"][..], true),
+    ] {
         let _ = std::fs::remove_file(&marker);
         let (mut child, _out) = start(args, &script);
         signal(child.id(), libc::SIGUSR1);
-        assert_eq!(wait_for_file(&marker, Duration::from_millis(700)), reaches, "{args:?}");
+        assert_eq!(
+            wait_for_file(&marker, Duration::from_millis(700)),
+            reaches,
+            "{args:?}"
+        );
         kill_all(&mut child);
     }
     // The daemon left the group on purpose; end it by what it runs.
-    let _ = Command::new("pkill").args(["-f", &marker.display().to_string()]).status();
+    let _ = Command::new("pkill")
+        .args(["-f", &marker.display().to_string()])
+        .status();
 }
 
 #[test]
@@ -391,14 +553,21 @@ fn grace_period_kills_a_program_that_ignores_sigterm() {
     let started = Instant::now();
     signal(child.id(), libc::SIGTERM);
     let status = wait_within(&mut child, Duration::from_secs(5));
-    assert_eq!(status.code(), Some(137), "expected SIGKILL after the grace period");
+    assert_eq!(
+        status.code(),
+        Some(137),
+        "expected SIGKILL after the grace period"
+    );
     assert!(started.elapsed() >= Duration::from_millis(900));
 
     // Without it, SIGTERM alone does not stop the program.
     let (mut child, _out) = start(&["-s"], &script);
     signal(child.id(), libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(child.try_wait().unwrap().is_none(), "stopped without a grace period");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "stopped without a grace period"
+    );
     kill_all(&mut child);
 }
 
@@ -410,10 +579,16 @@ fn rewrite_forwards_one_signal_as_another() {
     let script = format!("trap 'exit 3' QUIT; trap 'exit 15' TERM; echo ready; {SPIN}");
     let (mut child, _out) = start(&["-s", "--rewrite", "TERM:QUIT"], &script);
     signal(child.id(), libc::SIGTERM);
-    assert_eq!(wait_within(&mut child, Duration::from_secs(5)).code(), Some(3));
+    assert_eq!(
+        wait_within(&mut child, Duration::from_secs(5)).code(),
+        Some(3)
+    );
     let (mut child, _out) = start(&["-s", "--rewrite=SIGUSR1:15"], &script);
     signal(child.id(), libc::SIGUSR1);
-    assert_eq!(wait_within(&mut child, Duration::from_secs(5)).code(), Some(15));
+    assert_eq!(
+        wait_within(&mut child, Duration::from_secs(5)).code(),
+        Some(15)
+    );
     let out = run(&["--rewrite", "TERM", "--", "true"]);
     assert_eq!(code(&out), 1);
     assert!(stderr(&out).contains("FROM:TO"));
@@ -426,7 +601,10 @@ fn setsid_runs_the_program_in_a_new_session() {
     }
     // Field 6 of /proc/PID/stat is the session id: equal to the pid for a session leader.
     let script = "set -- $(cut -d' ' -f6 /proc/$$/stat); [ \"$1\" = $$ ] && exit 10 || exit 20";
-    assert_eq!(code(&run(&["-s", "--setsid", "--", "sh", "-c", script])), 10);
+    assert_eq!(
+        code(&run(&["-s", "--setsid", "--", "sh", "-c", script])),
+        10
+    );
     assert_eq!(code(&run(&["-s", "--", "sh", "-c", script])), 20);
 }
 
@@ -446,7 +624,10 @@ trap 'echo interrupted; exit 0' INT; echo ready; while :; do sleep 0.02; done";
     };
     use std::os::fd::FromRawFd;
     let mut cmd = init();
-    cmd.args(["-s", "--", "sh", "-c", script]).stdin(stdio(slave)).stdout(stdio(slave)).stderr(stdio(slave));
+    cmd.args(["-s", "--", "sh", "-c", script])
+        .stdin(stdio(slave))
+        .stdout(stdio(slave))
+        .stderr(stdio(slave));
     // SAFETY: in the forked child only: a new session whose controlling terminal is the pty.
     unsafe {
         cmd.pre_exec(|| {
@@ -468,7 +649,10 @@ trap 'echo interrupted; exit 0' INT; echo ready; while :; do sleep 0.02; done";
         let n = master.read(&mut buf).unwrap_or(0);
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
-    assert!(seen.contains("foreground"), "the program is not in the foreground: {seen:?}");
+    assert!(
+        seen.contains("foreground"),
+        "the program is not in the foreground: {seen:?}"
+    );
     master.write_all(&[0x03]).unwrap();
     let status = wait_within(&mut child, Duration::from_secs(5));
     while let Ok(n) = master.read(&mut buf) {
@@ -477,7 +661,10 @@ trap 'echo interrupted; exit 0' INT; echo ready; while :; do sleep 0.02; done";
         }
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
-    assert!(seen.contains("interrupted"), "Ctrl-C did not reach the program: {seen:?}");
+    assert!(
+        seen.contains("interrupted"),
+        "Ctrl-C did not reach the program: {seen:?}"
+    );
     assert_eq!(status.code(), Some(0), "{status:?} {:?}", status.signal());
 }
 
@@ -487,7 +674,15 @@ fn openpty() -> (std::fs::File, i32) {
     let (mut master, mut slave) = (0, 0);
     // SAFETY: openpty writes two descriptors into the locals; null name/termios/winsize are
     // allowed.
-    let r = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
     assert_eq!(r, 0, "openpty failed");
     // SAFETY: `master` is a descriptor we own from here on.
     let file = unsafe { std::fs::File::from_raw_fd(master) };

@@ -4,9 +4,9 @@
 
 mod cluster;
 mod counters;
+mod doctor;
 mod edges;
 mod init;
-mod doctor;
 mod node;
 mod packets;
 mod services;

@@ -18,7 +18,11 @@ fn tcp_service_reaches_every_backend_and_the_counters_agree() {
     let c = Cluster::new(3);
     let vip = c.add_service(80, "tcp", &[]);
     let seen = c.spread(vip, 60);
-    assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), c.backends(TCP_PORT), "every backend answers: {seen:?}");
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        c.backends(TCP_PORT),
+        "every backend answers: {seen:?}"
+    );
     // The datapath's own per-backend counters saw the same flows.
     assert_eq!(c.counted_flows(&format!("{VIP}:80/tcp")), seen);
 }
@@ -32,7 +36,11 @@ fn tcp_connection_stays_on_one_backend() {
     let vip = c.add_service(80, "tcp", &[]);
     for _ in 0..5 {
         let mut conn = c.client().tcp_connect(vip);
-        assert_eq!(conn.peer_addr().unwrap(), vip.into(), "the client talks to the VIP");
+        assert_eq!(
+            conn.peer_addr().unwrap(),
+            vip.into(),
+            "the client talks to the VIP"
+        );
         let first = ask(&mut conn);
         for _ in 0..10 {
             assert_eq!(ask(&mut conn), first, "a connection moved between backends");
@@ -53,11 +61,19 @@ fn udp_service_replies_come_from_the_vip_and_flows_stick() {
         let (first, from) = udp_ask(&sock, vip);
         assert_eq!(from, vip.into(), "reply not translated back to the VIP");
         for _ in 0..3 {
-            assert_eq!(udp_ask(&sock, vip).0, first, "a UDP flow moved between backends");
+            assert_eq!(
+                udp_ask(&sock, vip).0,
+                first,
+                "a UDP flow moved between backends"
+            );
         }
         *seen.entry(first).or_insert(0) += 1;
     }
-    assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), c.backends(UDP_PORT), "{seen:?}");
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        c.backends(UDP_PORT),
+        "{seen:?}"
+    );
 }
 
 #[test]
@@ -66,7 +82,9 @@ fn schedulers_spread_flows_as_they_promise() {
         return;
     }
     let c = Cluster::new(3);
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let all = c.backends(TCP_PORT);
 
     // rr: per-CPU cursors, so each backend is within one turn per CPU of an equal share.
@@ -76,11 +94,27 @@ fn schedulers_spread_flows_as_they_promise() {
 
     // Weighted rr (IPVS wrr), weights 1:2:3.
     let svc = format!("{VIP}:82/tcp");
-    c.node.bulkhead_ok(&["service", "add", &svc, "-s", "wrr", "-b", &format!("{}@1", all[0]), "-b", &format!("{}@2", all[1]), "-b", &format!("{}@3", all[2])]);
+    c.node.bulkhead_ok(&[
+        "service",
+        "add",
+        &svc,
+        "-s",
+        "wrr",
+        "-b",
+        &format!("{}@1", all[0]),
+        "-b",
+        &format!("{}@2", all[1]),
+        "-b",
+        &format!("{}@3", all[2]),
+    ]);
     let seen = c.spread(SocketAddrV4::new(VIP, 82), 60);
     for (i, want) in [(0, 10), (1, 20), (2, 30)] {
         let got = seen.get(&all[i]).copied().unwrap_or(0);
-        assert!(got.abs_diff(want) <= 2 * cpus, "wrr weight {}: {got} of 60 ({seen:?})", i + 1);
+        assert!(
+            got.abs_diff(want) <= 2 * cpus,
+            "wrr weight {}: {got} of 60 ({seen:?})",
+            i + 1
+        );
     }
 
     // sh and dh: one client, one destination: every flow to one backend.
@@ -108,9 +142,18 @@ fn least_connections_counts_open_connections() {
     for conn in &mut conns {
         *seen.entry(ask(conn)).or_insert(0) += 1;
     }
-    assert_eq!(seen.values().copied().collect::<Vec<_>>(), vec![2, 2, 2], "lc with 6 open connections: {seen:?}");
+    assert_eq!(
+        seen.values().copied().collect::<Vec<_>>(),
+        vec![2, 2, 2],
+        "lc with 6 open connections: {seen:?}"
+    );
     let open = |c: &Cluster| -> Vec<u64> {
-        c.list()[0]["backends"].as_array().unwrap().iter().map(|b| b["connections"].as_u64().unwrap()).collect()
+        c.list()[0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["connections"].as_u64().unwrap())
+            .collect()
     };
     assert_eq!(open(&c), vec![2, 2, 2]);
     drop(conns);
@@ -127,7 +170,10 @@ fn affinity_pins_a_client_to_one_backend() {
     let sticky = c.spread(c.add_service(80, "tcp", &["--affinity", "60"]), 20);
     assert_eq!(sticky.len(), 1, "with affinity: {sticky:?}");
     let loose = c.spread(c.add_service(81, "tcp", &[]), 20);
-    assert!(loose.len() > 1, "the control service should spread: {loose:?}");
+    assert!(
+        loose.len() > 1,
+        "the control service should spread: {loose:?}"
+    );
 }
 
 #[test]
@@ -143,19 +189,31 @@ fn draining_keeps_established_connections_and_steers_new_ones_away() {
 
     c.node.bulkhead_ok(&["backend", "drain", &svc, &pinned]);
     let seen = c.spread(vip, 30);
-    assert!(!seen.contains_key(&pinned), "a draining backend got new flows: {seen:?}");
-    assert_eq!(ask(&mut conn), pinned, "the established connection broke on drain");
+    assert!(
+        !seen.contains_key(&pinned),
+        "a draining backend got new flows: {seen:?}"
+    );
+    assert_eq!(
+        ask(&mut conn),
+        pinned,
+        "the established connection broke on drain"
+    );
 
     // Removing it (gracefully) keeps the connection too.
     c.node.bulkhead_ok(&["backend", "del", &svc, &pinned]);
-    assert_eq!(ask(&mut conn), pinned, "the established connection broke on graceful delete");
+    assert_eq!(
+        ask(&mut conn),
+        pinned,
+        "the established connection broke on graceful delete"
+    );
     let listed = c.list()[0]["backends"].as_array().unwrap().len();
     assert_eq!(listed, 2);
 
     // --force drops it: the next segment picks another backend, which resets it.
     let mut other = c.client().tcp_connect(vip);
     let victim = ask(&mut other);
-    c.node.bulkhead_ok(&["backend", "del", &svc, &victim, "--force"]);
+    c.node
+        .bulkhead_ok(&["backend", "del", &svc, &victim, "--force"]);
     use std::io::{Read, Write};
     let _ = other.write_all(b"?\n");
     let mut buf = [0u8; 64];
@@ -171,17 +229,30 @@ fn backends_can_be_added_and_reweighted_under_traffic() {
     let c = Cluster::new(3);
     let all = c.backends(TCP_PORT);
     let svc = format!("{VIP}:80/tcp");
-    c.node.bulkhead_ok(&["service", "add", &svc, "-s", "rr", "-b", &all[0], "-b", &all[1]]);
+    c.node.bulkhead_ok(&[
+        "service", "add", &svc, "-s", "rr", "-b", &all[0], "-b", &all[1],
+    ]);
     let vip = SocketAddrV4::new(VIP, 80);
     let mut conn = c.client().tcp_connect(vip);
     let pinned = ask(&mut conn);
 
     c.node.bulkhead_ok(&["backend", "add", &svc, &all[2]]);
-    assert!(c.spread(vip, 12).contains_key(&all[2]), "the new backend gets no flows");
+    assert!(
+        c.spread(vip, 12).contains_key(&all[2]),
+        "the new backend gets no flows"
+    );
     // Weight 0 (IPVS quiesce): no new flows.
-    c.node.bulkhead_ok(&["backend", "add", &svc, &format!("{}@0", all[0])]);
-    assert!(!c.spread(vip, 12).contains_key(&all[0]), "a weight-0 backend still gets flows");
-    assert_eq!(ask(&mut conn), pinned, "an established connection broke while the set changed");
+    c.node
+        .bulkhead_ok(&["backend", "add", &svc, &format!("{}@0", all[0])]);
+    assert!(
+        !c.spread(vip, 12).contains_key(&all[0]),
+        "a weight-0 backend still gets flows"
+    );
+    assert_eq!(
+        ask(&mut conn),
+        pinned,
+        "an established connection broke while the set changed"
+    );
 }
 
 #[test]
@@ -197,7 +268,11 @@ fn restarting_bulkhead_keeps_established_connections() {
     c.node.bulkhead_ok(&["up", "--bridge", &c.node.bridge]);
     let after: Vec<String> = conns.iter_mut().map(ask).collect();
     assert_eq!(before, after);
-    assert_eq!(c.spread(vip, 6).values().sum::<usize>(), 6, "new connections after a restart");
+    assert_eq!(
+        c.spread(vip, 6).values().sum::<usize>(),
+        6,
+        "new connections after a restart"
+    );
 }
 
 #[test]
@@ -220,7 +295,11 @@ fn ten_thousand_services_restore_in_one_command_and_the_last_works() {
     eprintln!("restore of 10000 services took {:?}", started.elapsed());
     assert!(out.contains("restored 10000 services"), "{out}");
     let last = SocketAddrV4::new(vip(9_999), 80);
-    assert_eq!(c.spread(last, 30).len(), 3, "the last service does not balance");
+    assert_eq!(
+        c.spread(last, 30).len(),
+        3,
+        "the last service does not balance"
+    );
     // save reads back what was restored, line for line.
     assert_eq!(c.node.bulkhead_ok(&["service", "save"]), text);
 }
@@ -229,16 +308,35 @@ fn restore(node: &Node, text: &str) -> String {
     use std::io::Write;
     let bin = tests::bulkhead_bin().unwrap();
     let mut child = std::process::Command::new(bin)
-        .args(["--netns", node.ns.path().to_str().unwrap(), "--bpffs", node.bpffs().path().to_str().unwrap()])
-        .args(["--state-dir", node.state_dir().to_str().unwrap(), "service", "restore"])
+        .args([
+            "--netns",
+            node.ns.path().to_str().unwrap(),
+            "--bpffs",
+            node.bpffs().path().to_str().unwrap(),
+        ])
+        .args([
+            "--state-dir",
+            node.state_dir().to_str().unwrap(),
+            "service",
+            "restore",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 #[test]
@@ -250,34 +348,67 @@ fn bad_input_is_refused_clearly_and_leaves_no_partial_state() {
     c.add_service(80, "tcp", &[]);
     let before = c.node.bulkhead_ok(&["service", "save"]);
     let b = c.backend(0, TCP_PORT);
-    let many: Vec<String> = (0..1025).map(|i| format!("198.18.{}.{}:80", 1 + i / 250, 1 + i % 250)).collect();
+    let many: Vec<String> = (0..1025)
+        .map(|i| format!("198.18.{}.{}:80", 1 + i / 250, 1 + i % 250))
+        .collect();
     let mut too_many = vec!["service", "add", "198.19.0.11:80"];
     for m in &many {
         too_many.extend(["-b", m.as_str()]);
     }
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["service", "add", "198.19.0.10:80/tcp", "-b", &b], "already exists"),
-        (vec!["service", "add", "198.19.0.12:0/tcp", "-b", &b], "port 0"),
-        (vec!["service", "add", "198.19.0.12:80/sctp", "-b", &b], "unsupported protocol"),
-        (vec!["service", "add", "198.19.0.300:80", "-b", &b], "IPV4:PORT"),
-        (vec!["service", "add", "198.19.0.12:80", "-b", &b, "-b", &b], "listed twice"),
-        (vec!["service", "add", "198.19.0.12:80", "-s", "lblc", "-b", &b], "scheduler"),
+        (
+            vec!["service", "add", "198.19.0.10:80/tcp", "-b", &b],
+            "already exists",
+        ),
+        (
+            vec!["service", "add", "198.19.0.12:0/tcp", "-b", &b],
+            "port 0",
+        ),
+        (
+            vec!["service", "add", "198.19.0.12:80/sctp", "-b", &b],
+            "unsupported protocol",
+        ),
+        (
+            vec!["service", "add", "198.19.0.300:80", "-b", &b],
+            "IPV4:PORT",
+        ),
+        (
+            vec!["service", "add", "198.19.0.12:80", "-b", &b, "-b", &b],
+            "listed twice",
+        ),
+        (
+            vec!["service", "add", "198.19.0.12:80", "-s", "lblc", "-b", &b],
+            "scheduler",
+        ),
         (too_many, "limit is 1024"),
         (vec!["service", "del", "198.19.0.99:80"], "no service"),
         (vec!["backend", "add", "198.19.0.99:80", &b], "no service"),
-        (vec!["backend", "del", "198.19.0.10:80", "198.18.0.77:80"], "has no backend"),
+        (
+            vec!["backend", "del", "198.19.0.10:80", "198.18.0.77:80"],
+            "has no backend",
+        ),
     ];
     for (args, why) in cases {
         let out = c.node.bulkhead(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
-        assert!(stderr.contains(why), "{:?}: expected {why:?} in: {stderr}", &args[..3]);
+        assert!(
+            stderr.contains(why),
+            "{:?}: expected {why:?} in: {stderr}",
+            &args[..3]
+        );
     }
     // A restore with one bad line adds nothing at all.
-    let bad = format!("-A -t 198.19.0.20:80\n-a -t 198.19.0.20:80 -r {b}\n-A -t 198.19.0.21:80\n-a -t 198.19.0.22:80 -r {b}\n");
+    let bad = format!(
+        "-A -t 198.19.0.20:80\n-a -t 198.19.0.20:80 -r {b}\n-A -t 198.19.0.21:80\n-a -t 198.19.0.22:80 -r {b}\n"
+    );
     let out = restore(&c.node, &bad);
     assert!(out.contains("line 4"), "{out}");
-    assert_eq!(c.node.bulkhead_ok(&["service", "save"]), before, "bad input changed the table");
+    assert_eq!(
+        c.node.bulkhead_ok(&["service", "save"]),
+        before,
+        "bad input changed the table"
+    );
 }
 
 #[test]
@@ -289,19 +420,34 @@ fn conntrack_lists_translated_flows_and_flushes_them() {
     let vip = c.add_service(80, "tcp", &[]);
     let mut conn = c.client().tcp_connect(vip);
     let backend = ask(&mut conn);
-    let flows: serde_json::Value = serde_json::from_str(&c.node.bulkhead_ok(&["conntrack", "list", "--json"])).unwrap();
+    let flows: serde_json::Value =
+        serde_json::from_str(&c.node.bulkhead_ok(&["conntrack", "list", "--json"])).unwrap();
     let flows = flows.as_array().unwrap();
     assert_eq!(flows.len(), 1, "{flows:?}");
     assert_eq!(flows[0]["client"], conn.local_addr().unwrap().to_string());
     assert_eq!(flows[0]["service"], vip.to_string());
     assert_eq!(flows[0]["backend"], backend);
     assert_eq!(flows[0]["state"], "established");
-    assert!(c.node.bulkhead_ok(&["conntrack", "flush"]).contains("flushed 1 flows"));
-    let stats: serde_json::Value = serde_json::from_str(&c.node.bulkhead_ok(&["conntrack", "stats", "--json"])).unwrap();
+    assert!(
+        c.node
+            .bulkhead_ok(&["conntrack", "flush"])
+            .contains("flushed 1 flows")
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&c.node.bulkhead_ok(&["conntrack", "stats", "--json"])).unwrap();
     let tcp = &stats[0];
     assert_eq!(tcp["table"], "tcp");
-    assert_eq!((tcp["inserts"].as_u64(), tcp["removals"].as_u64(), tcp["entries"].as_u64()), (Some(2), Some(2), Some(0)), "{stats}");
-    let empty: serde_json::Value = serde_json::from_str(&c.node.bulkhead_ok(&["conntrack", "list", "--json"])).unwrap();
+    assert_eq!(
+        (
+            tcp["inserts"].as_u64(),
+            tcp["removals"].as_u64(),
+            tcp["entries"].as_u64()
+        ),
+        (Some(2), Some(2), Some(0)),
+        "{stats}"
+    );
+    let empty: serde_json::Value =
+        serde_json::from_str(&c.node.bulkhead_ok(&["conntrack", "list", "--json"])).unwrap();
     assert_eq!(empty.as_array().unwrap().len(), 0);
 }
 
@@ -309,8 +455,19 @@ fn conntrack_lists_translated_flows_and_flushes_them() {
 fn events_during(node: &Node, traffic: impl FnOnce()) -> String {
     let bin = tests::bulkhead_bin().unwrap();
     let child = std::process::Command::new(bin)
-        .args(["--netns", node.ns.path().to_str().unwrap(), "--bpffs", node.bpffs().path().to_str().unwrap()])
-        .args(["--state-dir", node.state_dir().to_str().unwrap(), "events", "--duration", "2"])
+        .args([
+            "--netns",
+            node.ns.path().to_str().unwrap(),
+            "--bpffs",
+            node.bpffs().path().to_str().unwrap(),
+        ])
+        .args([
+            "--state-dir",
+            node.state_dir().to_str().unwrap(),
+            "events",
+            "--duration",
+            "2",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -318,7 +475,11 @@ fn events_during(node: &Node, traffic: impl FnOnce()) -> String {
     std::thread::sleep(std::time::Duration::from_millis(500));
     traffic();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "events failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "events failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -332,12 +493,19 @@ fn datapath_events_are_off_by_default_and_show_new_flows_when_enabled() {
     let quiet = events_during(&c.node, || drop(c.client().tcp_request(vip)));
     assert_eq!(quiet, "", "events emitted while off");
 
-    c.node.bulkhead_ok(&["up", "--bridge", &c.node.bridge, "--datapath-log", "debug"]);
+    c.node
+        .bulkhead_ok(&["up", "--bridge", &c.node.bridge, "--datapath-log", "debug"]);
     let client = c.client().addr;
     let loud = events_during(&c.node, || drop(c.client().tcp_request(vip)));
     let backend = c.backend(0, TCP_PORT);
-    let line = loud.lines().find(|l| l.contains("new flow")).unwrap_or_else(|| panic!("no new-flow event in {loud:?}"));
-    assert!(line.contains(&client.to_string()) && line.contains(&backend.replace(':', ":")), "{line}");
+    let line = loud
+        .lines()
+        .find(|l| l.contains("new flow"))
+        .unwrap_or_else(|| panic!("no new-flow event in {loud:?}"));
+    assert!(
+        line.contains(&client.to_string()) && line.contains(&backend),
+        "{line}"
+    );
 }
 
 #[test]
@@ -351,8 +519,19 @@ fn a_client_reusing_its_port_through_a_vip_gets_a_new_flow() {
     for host in 3..=4 {
         servers.push(node.add_pod(host).serve_tcp_once(TCP_PORT));
     }
-    let backends: Vec<String> = node.pods[1..].iter().map(|p| format!("{}:{TCP_PORT}", p.addr)).collect();
-    node.bulkhead_ok(&["service", "add", "198.19.0.10:80/tcp", "-b", &backends[0], "-b", &backends[1]]);
+    let backends: Vec<String> = node.pods[1..]
+        .iter()
+        .map(|p| format!("{}:{TCP_PORT}", p.addr))
+        .collect();
+    node.bulkhead_ok(&[
+        "service",
+        "add",
+        "198.19.0.10:80/tcp",
+        "-b",
+        &backends[0],
+        "-b",
+        &backends[1],
+    ]);
     let vip = SocketAddrV4::new(VIP, 80);
     // The server closes first, so the client may reuse port 40000 at once; every connection
     // must open promptly (a stale flow would cost a SYN retransmit, a second or more).
@@ -361,13 +540,20 @@ fn a_client_reusing_its_port_through_a_vip_gets_a_new_flow() {
         let mut conn = node.pods[0].tcp_connect_from(vip, 40000);
         let answer = ask(&mut conn);
         assert!(backends.contains(&answer), "round {round}: {answer}");
-        assert!(started.elapsed() < std::time::Duration::from_millis(900), "round {round} took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(900),
+            "round {round} took {:?}",
+            started.elapsed()
+        );
         drop(conn);
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     // Straight to a backend from the same port afterwards works too.
     let direct: SocketAddrV4 = backends[0].parse().unwrap();
-    assert_eq!(ask(&mut node.pods[0].tcp_connect_from(direct, 40000)), backends[0]);
+    assert_eq!(
+        ask(&mut node.pods[0].tcp_connect_from(direct, 40000)),
+        backends[0]
+    );
     drop(servers);
 }
 
@@ -383,9 +569,20 @@ fn udp_flows_move_when_their_backend_is_removed() {
     for host in 3..=4 {
         servers.push(Some(node.add_pod(host).serve_udp(UDP_PORT)));
     }
-    let backends: Vec<String> = node.pods[1..].iter().map(|p| format!("{}:{UDP_PORT}", p.addr)).collect();
+    let backends: Vec<String> = node.pods[1..]
+        .iter()
+        .map(|p| format!("{}:{UDP_PORT}", p.addr))
+        .collect();
     let svc = "198.19.0.10:53/udp";
-    node.bulkhead_ok(&["service", "add", svc, "-b", &backends[0], "-b", &backends[1]]);
+    node.bulkhead_ok(&[
+        "service",
+        "add",
+        svc,
+        "-b",
+        &backends[0],
+        "-b",
+        &backends[1],
+    ]);
     let vip = SocketAddrV4::new(VIP, 53);
     let sock = node.pods[0].udp_client();
     let (first, _) = udp_ask(&sock, vip);
@@ -394,7 +591,11 @@ fn udp_flows_move_when_their_backend_is_removed() {
     servers[gone] = None;
     node.bulkhead_ok(&["backend", "del", svc, &first]);
     let (next, from) = udp_ask(&sock, vip);
-    assert_eq!(next, backends[1 - gone], "the flow was not moved off the removed backend");
+    assert_eq!(
+        next,
+        backends[1 - gone],
+        "the flow was not moved off the removed backend"
+    );
     assert_eq!(from, vip.into());
 }
 
@@ -408,13 +609,23 @@ fn a_service_without_backends_works_once_one_is_added() {
     c.node.bulkhead_ok(&["service", "add", svc]);
     let vip = SocketAddrV4::new(VIP, 53);
     let sock = c.client().udp_client();
-    sock.set_read_timeout(Some(std::time::Duration::from_millis(300))).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
     sock.send_to(b"?", vip).unwrap();
     let mut buf = [0u8; 64];
-    assert!(sock.recv_from(&mut buf).is_err(), "an answer from a service without backends");
-    sock.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
-    c.node.bulkhead_ok(&["backend", "add", svc, &c.backend(0, UDP_PORT)]);
-    assert_eq!(udp_ask(&sock, vip).0, c.backend(0, UDP_PORT), "the next datagram after a backend appeared");
+    assert!(
+        sock.recv_from(&mut buf).is_err(),
+        "an answer from a service without backends"
+    );
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    c.node
+        .bulkhead_ok(&["backend", "add", svc, &c.backend(0, UDP_PORT)]);
+    assert_eq!(
+        udp_ask(&sock, vip).0,
+        c.backend(0, UDP_PORT),
+        "the next datagram after a backend appeared"
+    );
 }
 
 #[test]
@@ -423,16 +634,23 @@ fn a_connection_to_a_service_without_backends_is_refused_at_once() {
         return;
     }
     let c = Cluster::new(1);
-    c.node.bulkhead_ok(&["service", "add", "198.19.0.10:80/tcp"]);
+    c.node
+        .bulkhead_ok(&["service", "add", "198.19.0.10:80/tcp"]);
     let vip = SocketAddrV4::new(VIP, 80);
     let started = std::time::Instant::now();
     let err = c
         .client()
         .ns
-        .run(move || std::net::TcpStream::connect_timeout(&vip.into(), std::time::Duration::from_secs(3)))
+        .run(move || {
+            std::net::TcpStream::connect_timeout(&vip.into(), std::time::Duration::from_secs(3))
+        })
         .expect_err("connected to a service without backends");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
-    assert!(started.elapsed() < std::time::Duration::from_millis(500), "refusal took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(500),
+        "refusal took {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -441,14 +659,21 @@ fn conntrack_timeouts_are_configurable_and_idle_flows_expire() {
         return;
     }
     let c = Cluster::new(3);
-    c.node.bulkhead_ok(&["up", "--bridge", &c.node.bridge, "--conntrack-timeouts", "udp=1"]);
+    c.node.bulkhead_ok(&[
+        "up",
+        "--bridge",
+        &c.node.bridge,
+        "--conntrack-timeouts",
+        "udp=1",
+    ]);
     let vip = c.add_service(53, "udp", &[]);
     let flows = |c: &Cluster| c.list()[0]["new_flows"].as_u64().unwrap();
     let sock = c.client().udp_client();
     let first = udp_ask(&sock, vip).0;
     assert_eq!(udp_ask(&sock, vip).0, first, "a live flow moved");
     let list = |c: &Cluster| -> usize {
-        let v: serde_json::Value = serde_json::from_str(&c.node.bulkhead_ok(&["conntrack", "list", "--json"])).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&c.node.bulkhead_ok(&["conntrack", "list", "--json"])).unwrap();
         v.as_array().unwrap().len()
     };
     assert_eq!(list(&c), 1);
@@ -458,7 +683,20 @@ fn conntrack_timeouts_are_configurable_and_idle_flows_expire() {
     std::thread::sleep(std::time::Duration::from_millis(2500));
     assert_eq!(list(&c), 0, "an expired flow is still listed");
     assert_eq!(udp_ask(&sock, vip).0, first);
-    assert_eq!(flows(&c), 2, "the datagram after the timeout did not start a new flow");
-    let bad = c.node.bulkhead(&["up", "--bridge", &c.node.bridge, "--conntrack-timeouts", "tcp-fin=3"]);
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown timeout"), "{bad:?}");
+    assert_eq!(
+        flows(&c),
+        2,
+        "the datagram after the timeout did not start a new flow"
+    );
+    let bad = c.node.bulkhead(&[
+        "up",
+        "--bridge",
+        &c.node.bridge,
+        "--conntrack-timeouts",
+        "tcp-fin=3",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("unknown timeout"),
+        "{bad:?}"
+    );
 }
