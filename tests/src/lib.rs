@@ -479,7 +479,9 @@ pub struct Server {
 }
 
 impl Server {
-    fn spawn(body: impl FnOnce(Arc<AtomicBool>) + Send + 'static) -> Self {
+    /// Runs `body` on a thread until the server is dropped (it should return once the flag is
+    /// set).
+    pub fn spawn(body: impl FnOnce(Arc<AtomicBool>) + Send + 'static) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         Server {

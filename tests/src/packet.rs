@@ -192,3 +192,18 @@ pub fn addresses(f: &[u8]) -> (std::net::Ipv4Addr, std::net::Ipv4Addr) {
     let addr = |o: usize| std::net::Ipv4Addr::new(f[o], f[o + 1], f[o + 2], f[o + 3]);
     (addr(ETH + 12), addr(ETH + 16))
 }
+
+/// Marks a frame built by [`frame`] as a fragment (more fragments to come, offset in 8-byte
+/// units) and fixes its IP checksum.
+pub fn set_fragment(f: &mut [u8], more: bool, offset: u16) {
+    let field = if more { 0x2000 } else { 0 } | (offset & 0x1fff);
+    f[ETH + 6..ETH + 8].copy_from_slice(&field.to_be_bytes());
+    f[ETH + 10..ETH + 12].copy_from_slice(&[0, 0]);
+    let c = fold(sum16(&f[ETH..ETH + IP]));
+    f[ETH + 10..ETH + 12].copy_from_slice(&c.to_be_bytes());
+}
+
+/// True when the IPv4 header checksum holds.
+pub fn ip_checksum_ok(f: &[u8]) -> bool {
+    fold(sum16(&f[ETH..ETH + IP])) == 0
+}

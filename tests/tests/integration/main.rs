@@ -3,6 +3,7 @@
 //! Tests that cannot run here print `SKIP <test>: <reason>` and return.
 
 mod cluster;
+mod correctness;
 mod counters;
 mod doctor;
 mod edges;

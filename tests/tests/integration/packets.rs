@@ -4,7 +4,7 @@
 //! Unlike packets between veths (CHECKSUM_PARTIAL, never verified on receipt), a test-run
 //! packet carries complete checksums, so a wrong incremental update shows here.
 
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use bulkhead::{
     loader::{Datapath, LogLevel},
@@ -14,7 +14,7 @@ use tests::{
     BpffsDir,
     packet::{
         ACK, L4, SYN, addresses, checksums_ok, endpoints, frame, icmp_checksums, icmp_error,
-        l4_checksum, quoted_endpoints,
+        ip_checksum_ok, l4_checksum, quoted_endpoints, set_fragment,
     },
 };
 
@@ -580,5 +580,211 @@ fn a_udp_flood_cannot_evict_tcp_flows() {
     assert!(
         u.entries <= u.capacity && u.evictions >= 600_000 - u.capacity,
         "{u:?}"
+    );
+}
+
+#[test]
+fn icmp_errors_about_translated_flows_are_translated_back() {
+    if tests::skip("icmp_errors_about_translated_flows_are_translated_back") {
+        return;
+    }
+    let pins = BpffsDir::new();
+    let dp = datapath(&pins);
+    let (client, vip, backend) = (
+        sock("198.18.0.2:40000"),
+        sock("198.19.0.10:80"),
+        sock("198.18.0.3:8080"),
+    );
+    let router = Ipv4Addr::new(198, 18, 0, 1);
+    assert_eq!(
+        dp.run_ingress(&frame(client, vip, L4::Tcp(SYN), b""))
+            .unwrap()
+            .0,
+        TC_ACT_OK
+    );
+    // A router's "fragmentation needed" quoting the whole packet as it left for the backend:
+    // translated where the node's own errors pass (egress) and where others arrive (ingress).
+    let sent = frame(client, backend, L4::Tcp(ACK), &[0u8; 64]);
+    let err = icmp_error(router, *client.ip(), 3, 4, 1280, &sent[14..]);
+    for (hook, (verdict, out)) in [
+        ("egress", dp.run_egress(&err).unwrap()),
+        ("ingress", dp.run_ingress(&err).unwrap()),
+    ] {
+        assert_eq!(verdict, TC_ACT_OK, "{hook}");
+        assert_eq!(
+            quoted_endpoints(&out),
+            (client, vip),
+            "{hook}: the quote names the VIP"
+        );
+        assert_eq!(
+            addresses(&out),
+            (router, *client.ip()),
+            "{hook}: a router's own address stays"
+        );
+        assert_eq!(out[38..42], err[38..42], "{hook}: the next-hop MTU is kept");
+        icmp_checksums(&out).unwrap_or_else(|what| panic!("{hook}: bad {what}"));
+    }
+    // The backend's own port unreachable about a datagram, quoting the 28 bytes routers must:
+    // the outer source is the backend, and becomes the VIP.
+    let (c2, dns_vip, dns_backend) = (
+        sock("198.18.0.2:40001"),
+        sock("198.19.0.10:53"),
+        sock("198.18.0.3:5353"),
+    );
+    assert_eq!(
+        dp.run_ingress(&frame(c2, dns_vip, L4::Udp, b"q"))
+            .unwrap()
+            .0,
+        TC_ACT_OK
+    );
+    let sent = frame(c2, dns_backend, L4::Udp, b"q");
+    let (verdict, out) = dp
+        .run_ingress(&icmp_error(
+            *dns_backend.ip(),
+            *c2.ip(),
+            3,
+            3,
+            0,
+            &sent[14..42],
+        ))
+        .unwrap();
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(addresses(&out), (*dns_vip.ip(), *c2.ip()));
+    assert_eq!(quoted_endpoints(&out), (c2, dns_vip));
+    icmp_checksums(&out).unwrap_or_else(|what| panic!("bad {what}"));
+    // The client's error about a reply it got from the VIP goes to the backend, quoting the
+    // reply as the backend sent it.
+    let reply = frame(vip, client, L4::Tcp(SYN | ACK), b"");
+    let (verdict, out) = dp
+        .run_ingress(&icmp_error(*client.ip(), *vip.ip(), 3, 3, 0, &reply[14..]))
+        .unwrap();
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(addresses(&out), (*client.ip(), *backend.ip()));
+    assert_eq!(quoted_endpoints(&out), (backend, client));
+    icmp_checksums(&out).unwrap_or_else(|what| panic!("bad {what}"));
+    // An error about no tracked flow, and an echo request, pass untouched.
+    let stranger = frame(sock("198.18.0.2:40009"), backend, L4::Tcp(ACK), b"");
+    let err = icmp_error(router, *client.ip(), 3, 4, 1280, &stranger[14..]);
+    assert_eq!(dp.run_egress(&err).unwrap(), (TC_ACT_OK, err.clone()));
+    let echo = icmp_error(*client.ip(), *vip.ip(), 8, 0, 0, &sent[14..42]);
+    assert_eq!(dp.run_ingress(&echo).unwrap(), (TC_ACT_OK, echo.clone()));
+}
+
+#[test]
+fn a_backend_behind_two_vips_sees_two_client_ports() {
+    if tests::skip("a_backend_behind_two_vips_sees_two_client_ports") {
+        return;
+    }
+    let pins = BpffsDir::new();
+    let dp = Datapath::load(pins.path(), LogLevel::Off).expect("load the datapath");
+    let mut table = ServiceTable::open(pins.path()).unwrap();
+    let (vip1, vip2) = (sock("198.19.0.20:80"), sock("198.19.0.21:80"));
+    let (client, backend) = (sock("198.18.0.2:40000"), sock("198.18.0.3:8080"));
+    for vip in [vip1, vip2] {
+        table
+            .add(&ServiceSpec {
+                vaddr: format!("{vip}/tcp").parse().unwrap(),
+                scheduler: Default::default(),
+                affinity_secs: 0,
+                nodeport: None,
+                backends: vec![backend.to_string().parse().unwrap()],
+            })
+            .unwrap();
+    }
+    let (_, out) = dp
+        .run_ingress(&frame(client, vip1, L4::Tcp(SYN), b""))
+        .unwrap();
+    assert_eq!(
+        endpoints(&out),
+        (client, backend),
+        "the first flow keeps the client's port"
+    );
+    let (_, out) = dp
+        .run_ingress(&frame(client, vip2, L4::Tcp(SYN), b""))
+        .unwrap();
+    let (seen, to) = endpoints(&out);
+    assert_eq!((seen.ip(), to), (client.ip(), backend));
+    assert_ne!(
+        seen.port(),
+        client.port(),
+        "the second flow must not reuse the first one's tuple"
+    );
+    assert!(checksums_ok(&out));
+    // Replies find their own flow, and the client its own port; later packets keep theirs.
+    let (_, out) = dp
+        .run_ingress(&frame(backend, seen, L4::Tcp(SYN | ACK), b""))
+        .unwrap();
+    assert_eq!(endpoints(&out), (vip2, client));
+    assert!(checksums_ok(&out));
+    let (_, out) = dp
+        .run_ingress(&frame(backend, client, L4::Tcp(SYN | ACK), b""))
+        .unwrap();
+    assert_eq!(endpoints(&out), (vip1, client));
+    let (_, out) = dp
+        .run_ingress(&frame(client, vip2, L4::Tcp(ACK), b"data"))
+        .unwrap();
+    assert_eq!(endpoints(&out), (seen, backend));
+    // An error about the translated packet names the client's own port again.
+    let sent = frame(seen, backend, L4::Tcp(ACK), b"data");
+    let (_, out) = dp
+        .run_egress(&icmp_error(
+            Ipv4Addr::new(198, 18, 0, 1),
+            *client.ip(),
+            3,
+            4,
+            1280,
+            &sent[14..],
+        ))
+        .unwrap();
+    assert_eq!(quoted_endpoints(&out), (client, vip2));
+    icmp_checksums(&out).unwrap_or_else(|what| panic!("bad {what}"));
+}
+
+#[test]
+fn later_fragments_follow_their_first() {
+    if tests::skip("later_fragments_follow_their_first") {
+        return;
+    }
+    let pins = BpffsDir::new();
+    let dp = datapath(&pins);
+    let (client, vip, backend) = (
+        sock("198.18.0.2:40010"),
+        sock("198.19.0.10:53"),
+        sock("198.18.0.3:5353"),
+    );
+    // The first fragment has the ports and is translated like any datagram.
+    let mut first = frame(client, vip, L4::Udp, &[1u8; 32]);
+    set_fragment(&mut first, true, 0);
+    let (verdict, out) = dp.run_ingress(&first).unwrap();
+    assert_eq!((verdict, endpoints(&out)), (TC_ACT_OK, (client, backend)));
+    assert!(ip_checksum_ok(&out));
+    // A later fragment of the same datagram (addresses, IP id, protocol) has no UDP header:
+    // only its destination address changes.
+    let mut later = frame(client, vip, L4::Udp, &[2u8; 24]);
+    set_fragment(&mut later, false, 5);
+    let (verdict, out) = dp.run_ingress(&later).unwrap();
+    assert_eq!(
+        (verdict, addresses(&out)),
+        (TC_ACT_OK, (*client.ip(), *backend.ip()))
+    );
+    assert!(ip_checksum_ok(&out));
+    assert_eq!(
+        out[34..],
+        later[34..],
+        "a later fragment's payload is not ours to touch"
+    );
+    // A later fragment of a datagram whose first fragment never came passes unchanged.
+    later[18] ^= 0xff; // another IP id
+    set_fragment(&mut later, false, 5);
+    assert_eq!(dp.run_ingress(&later).unwrap(), (TC_ACT_OK, later.clone()));
+    // A fragmented reply comes back from the VIP, all of it.
+    let mut first = frame(backend, client, L4::Udp, &[3u8; 32]);
+    set_fragment(&mut first, true, 0);
+    assert_eq!(endpoints(&dp.run_ingress(&first).unwrap().1), (vip, client));
+    let mut later = frame(backend, client, L4::Udp, &[4u8; 24]);
+    set_fragment(&mut later, false, 5);
+    assert_eq!(
+        addresses(&dp.run_ingress(&later).unwrap().1),
+        (*vip.ip(), *client.ip())
     );
 }
