@@ -649,3 +649,13 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Endpoint {}
 }
+
+// The current layout in `map::LAYOUT_HISTORY` must be the one this build declares: changing a
+// type without recording its new size there would load over pinned maps of the old layout.
+const fn current_size(entry: usize) -> usize {
+    let sizes = map::LAYOUT_HISTORY[entry].1;
+    sizes[sizes.len() - 1] as usize
+}
+const _: () = assert!(current_size(0) == core::mem::size_of::<Flow>());
+const _: () = assert!(current_size(1) == core::mem::size_of::<Flow>());
+const _: () = assert!(current_size(2) == core::mem::size_of::<NodeConfig>());

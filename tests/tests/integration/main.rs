@@ -11,3 +11,4 @@ mod init;
 mod node;
 mod packets;
 mod services;
+mod upgrade;
