@@ -483,11 +483,16 @@ fn conntrack(paths: &Paths, cmd: ConntrackCommand, out: &mut impl Write) -> anyh
                 "PROTO", "CLIENT", "SERVICE", "BACKEND", "STATE", "EXPIRES"
             )?;
             for f in flows {
+                // A translated client port shows as `client:port>seen-port`.
+                let client = match f.client_port_at_backend {
+                    Some(port) => format!("{}>{port}", f.client),
+                    None => f.client.to_string(),
+                };
                 writeln!(
                     out,
                     "{:<6}{:<24}{:<24}{:<24}{:<13}{:>7}s",
                     f.proto.to_string(),
-                    f.client.to_string(),
+                    client,
                     f.service.to_string(),
                     f.backend.to_string(),
                     f.state,

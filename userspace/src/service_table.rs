@@ -1187,6 +1187,7 @@ impl ServiceTable {
                     client: sock(k.saddr, k.sport),
                     service: sock(k.daddr, k.dport),
                     backend: sock(f.nat_addr, f.nat_port),
+                    client_port_at_backend: (f.peer_port != 0).then(|| u16::from_be(f.peer_port)),
                     state: flow_state_name(proto, f.state),
                     idle_secs: age,
                     expires_in_secs: u64::from(timeout) - age,
@@ -1486,6 +1487,10 @@ pub struct FlowInfo {
     pub client: SocketAddrV4,
     pub service: SocketAddrV4,
     pub backend: SocketAddrV4,
+    /// The port the backend sees the client on, when it differs from the client's own (the
+    /// same client port already reached this backend through another VIP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_port_at_backend: Option<u16>,
     pub state: &'static str,
     pub idle_secs: u64,
     pub expires_in_secs: u64,

@@ -20,8 +20,8 @@ pub struct Options {
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum What {
-    /// Service load balancing: direct (baseline), bulkhead, iptables and nftables
-    /// (kube-proxy style), per number of services installed.
+    /// Service load balancing: direct (baseline), bulkhead, bulkhead without its stack bypass,
+    /// iptables and nftables (kube-proxy style), per number of services installed.
     Datapath {
         /// Run inside a VM booting Debian's kernel, which has IPVS (adds the ipvs mode).
         #[arg(long)]
@@ -36,7 +36,7 @@ pub enum What {
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
         /// Modes to run, comma-separated.
-        #[arg(long, default_value = "direct,bulkhead,iptables,nftables")]
+        #[arg(long, default_value = "direct,bulkhead,bulkhead-nobypass,iptables,nftables")]
         modes: String,
     },
     /// bulkhead-init against tini, tini-static, dumb-init and catatonit.

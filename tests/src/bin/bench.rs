@@ -36,6 +36,9 @@ const KEEP: u8 = b'K';
 enum Mode {
     Direct,
     Bulkhead,
+    /// Bulkhead with the stack bypass turned off: every translated packet goes through the
+    /// bridge and the node's routing, as before the bypass existed.
+    BulkheadNoBypass,
     Iptables,
     Nftables,
     Ipvs,
@@ -46,6 +49,7 @@ impl Mode {
         match self {
             Mode::Direct => "direct",
             Mode::Bulkhead => "bulkhead",
+            Mode::BulkheadNoBypass => "bulkhead-nobypass",
             Mode::Iptables => "iptables",
             Mode::Nftables => "nftables",
             Mode::Ipvs => "ipvs",
@@ -67,7 +71,7 @@ fn parse_args() -> Result<Args, String> {
         services: vec![1, 1000, 10_000, 100_000],
         seconds: 5.0,
         concurrency: 8,
-        modes: vec![Mode::Direct, Mode::Bulkhead, Mode::Iptables, Mode::Nftables],
+        modes: vec![Mode::Direct, Mode::Bulkhead, Mode::BulkheadNoBypass, Mode::Iptables, Mode::Nftables],
         out: PathBuf::from("target/bench"),
         install_budget: Duration::from_secs(300),
     };
@@ -97,6 +101,7 @@ fn parse_args() -> Result<Args, String> {
                     .map(|m| match m {
                         "direct" => Ok(Mode::Direct),
                         "bulkhead" => Ok(Mode::Bulkhead),
+                        "bulkhead-nobypass" => Ok(Mode::BulkheadNoBypass),
                         "iptables" => Ok(Mode::Iptables),
                         "nftables" => Ok(Mode::Nftables),
                         "ipvs" => Ok(Mode::Ipvs),
@@ -370,7 +375,7 @@ fn install(mode: Mode, node: &Node, n: usize) -> Result<(), String> {
     let b = backends(node);
     match mode {
         Mode::Direct => Ok(()),
-        Mode::Bulkhead => {
+        Mode::Bulkhead | Mode::BulkheadNoBypass => {
             let mut text = String::with_capacity(n * 200);
             for i in 0..n {
                 let v = vip(i);
@@ -564,6 +569,9 @@ fn measure(mode: Mode, n: usize, args: &Args) -> Row {
     if matches!(mode, Mode::Iptables | Mode::Nftables | Mode::Ipvs) {
         node.ns.sysctl("net.bridge.bridge-nf-call-iptables", "1");
     }
+    if mode == Mode::BulkheadNoBypass {
+        node.bulkhead_ok(&["up", "--bridge", &node.bridge, "--bypass", "off"]);
+    }
 
     let mut row = Row {
         mode,
@@ -729,6 +737,20 @@ Latency: request/reply on persistent connections. Ratios are to `direct` at the 
             ));
         }
     }
+    for r in &bulk {
+        if let Some(s) = rows
+            .iter()
+            .find(|s| s.mode == Mode::BulkheadNoBypass && s.services == r.services && s.conn_rate > 0.0)
+        {
+            goal(format!(
+                "- stack bypass at {} services: {:.2}x the connection rate and {:.2}x the p50 latency of \
+                 bulkhead without it",
+                r.services,
+                r.conn_rate / s.conn_rate,
+                r.p50_us / s.p50_us
+            ));
+        }
+    }
     for r in rows
         .iter()
         .filter(|r| r.mode == Mode::Iptables && r.services >= 10_000)
@@ -811,10 +833,11 @@ fn chart(rows: &[Row], path: &Path) -> Result<(), String> {
         .y_desc("connections / s")
         .draw()
         .map_err(|e| e.to_string())?;
-    let colors = [BLACK, BLUE, RED, GREEN, MAGENTA];
+    let colors = [BLACK, BLUE, CYAN, RED, GREEN, MAGENTA];
     for (k, mode) in [
         Mode::Direct,
         Mode::Bulkhead,
+        Mode::BulkheadNoBypass,
         Mode::Iptables,
         Mode::Nftables,
         Mode::Ipvs,
