@@ -15,6 +15,7 @@ use crate::{
     loader::{self, LogLevel},
     netns,
     node::{self, Paths},
+    sandbox,
     service_table::{BackendSpec, BackendState, ServiceSpec, ServiceTable, VirtualAddr},
 };
 
@@ -84,9 +85,40 @@ pub enum Command {
     },
     /// Per-interface packet and byte counters, and datapath verdict reasons.
     Stats {
+        /// A sandbox: its memory (current, peak, OOM kills), cpu (time, throttling) and pids,
+        /// from cgroup accounting.
+        name: Option<String>,
         #[arg(long)]
         json: bool,
     },
+    /// Run a command in a new sandbox: `bulkhead run [OPTIONS] -- CMD ARGS`.
+    Run(Box<RunArgs>),
+    /// Sandboxes: name, pid, address, state, memory, cpu.
+    Ps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command inside a running sandbox (its namespaces and cgroup).
+    Exec {
+        name: String,
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Stop a sandbox: SIGTERM, then SIGKILL after the grace period.
+    Stop {
+        names: Vec<String>,
+        /// Seconds to wait before killing.
+        #[arg(long, short = 't', default_value_t = 10)]
+        time: u64,
+    },
+    /// Remove sandboxes that have stopped (or, with --force, kill and remove running ones).
+    Rm {
+        names: Vec<String>,
+        #[arg(long, short = 'f')]
+        force: bool,
+    },
+    /// The output of a detached sandbox.
+    Logs { name: String },
     /// Virtual services (ipvsadm -A/-D/-L/-S/-R).
     #[command(subcommand)]
     Service(ServiceCommand),
@@ -99,6 +131,58 @@ pub enum Command {
     /// Pods the datapath hands packets to directly (stack bypass).
     #[command(subcommand)]
     Endpoint(EndpointCommand),
+}
+
+/// `bulkhead run`'s options, docker's names where docker has one.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Name (default: generated); names its state, cgroup and `--backend NAME:PORT`.
+    #[arg(long)]
+    name: Option<String>,
+    /// Hostname inside (default: the name).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Memory limit, e.g. 256m (b, k, m, g); exceeding it gets the process OOM-killed.
+    #[arg(long, short = 'm', value_name = "SIZE")]
+    memory: Option<String>,
+    /// CPU limit in CPUs, e.g. 0.5 (a CFS quota per 100 ms period).
+    #[arg(long, value_name = "CPUS")]
+    cpus: Option<String>,
+    /// Most processes the sandbox may have at once.
+    #[arg(long, value_name = "N")]
+    pids_limit: Option<u64>,
+    /// A directory to use as the root (pivot_root); default: the host's, privately mounted.
+    #[arg(long, value_name = "DIR")]
+    rootfs: Option<PathBuf>,
+    /// Address in the pod subnet (default: the lowest free one).
+    #[arg(long)]
+    ip: Option<Ipv4Addr>,
+    /// Publish a port of the node through the datapath: HOSTPORT:PORT[/udp].
+    #[arg(long, short = 'p', value_name = "HOSTPORT:PORT[/udp]")]
+    publish: Vec<String>,
+    /// Environment variable for the command, KEY=VALUE; repeat for each.
+    #[arg(long, short = 'e', value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory of the command inside.
+    #[arg(long, short = 'w', value_name = "DIR")]
+    workdir: Option<String>,
+    /// A user namespace: root inside is uid 100000 outside.
+    #[arg(long)]
+    userns: bool,
+    /// A cgroup namespace.
+    #[arg(long)]
+    cgroupns: bool,
+    /// Keep every capability, writable /sys and /proc/sys, no no_new_privs.
+    #[arg(long)]
+    privileged: bool,
+    /// Create the cgroup under this one instead of under bulkhead's own.
+    #[arg(long, value_name = "PATH")]
+    cgroup_parent: Option<String>,
+    /// Run in the background; `bulkhead logs NAME` shows its output.
+    #[arg(long, short = 'd')]
+    detach: bool,
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -318,6 +402,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )?;
         }
         Command::Down => {
+            // Sandboxes go first: their veths hang on the bridge that goes next.
+            for record in sandbox::list(&paths) {
+                sandbox::remove(&paths, &record)
+                    .with_context(|| format!("remove sandbox {}", record.name))?;
+            }
             let record = node::down(&paths).context("take the node down")?;
             writeln!(
                 out,
@@ -338,7 +427,55 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             loader::follow_events(&paths.bpffs, duration.map(std::time::Duration::from_secs))
                 .context("follow datapath events")?;
         }
-        Command::Stats { json } => print_stats(&paths, json, &mut out)?,
+        Command::Stats { name: None, json } => print_stats(&paths, json, &mut out)?,
+        Command::Stats {
+            name: Some(name),
+            json,
+        } => {
+            let usage = sandbox::stats(&paths, &name)
+                .with_context(|| format!("stats of sandbox {name}"))?;
+            print_usage(&name, &usage, json, &mut out)?;
+        }
+        Command::Run(args) => {
+            out.flush()?;
+            drop(out);
+            return run_sandbox(&paths, *args);
+        }
+        Command::Ps { json } => print_ps(&paths, json, &mut out)?,
+        Command::Exec { name, command } => {
+            out.flush()?;
+            drop(out);
+            let code = sandbox::exec(&paths, &name, &command)
+                .with_context(|| format!("exec in sandbox {name}"))?;
+            return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+        }
+        Command::Stop { names, time } => {
+            for name in names {
+                let killed = sandbox::stop(&paths, &name, std::time::Duration::from_secs(time))
+                    .with_context(|| format!("stop sandbox {name}"))?;
+                writeln!(
+                    out,
+                    "{name}{}",
+                    if killed {
+                        " (killed after the grace period)"
+                    } else {
+                        ""
+                    }
+                )?;
+            }
+        }
+        Command::Rm { names, force } => {
+            for name in names {
+                sandbox::rm(&paths, &name, force)
+                    .with_context(|| format!("remove sandbox {name}"))?;
+                writeln!(out, "{name}")?;
+            }
+        }
+        Command::Logs { name } => {
+            out.write_all(
+                &sandbox::logs(&paths, &name).with_context(|| format!("logs of sandbox {name}"))?,
+            )?;
+        }
         Command::Service(cmd) => service(&paths, cmd, &mut out)?,
         Command::Backend(cmd) => backend(&paths, cmd)?,
         Command::Conntrack(cmd) => conntrack(&paths, cmd, &mut out)?,
@@ -369,7 +506,7 @@ fn service(paths: &Paths, cmd: ServiceCommand, out: &mut impl Write) -> anyhow::
                 nodeport,
                 backends: backends
                     .iter()
-                    .map(|b| b.parse())
+                    .map(|b| sandbox::resolve_backend(paths, b).parse())
                     .collect::<Result<_, _>>()?,
             };
             table(paths)?
@@ -443,7 +580,10 @@ fn backend(paths: &Paths, cmd: BackendCommand) -> anyhow::Result<()> {
     let mut table = table(paths)?;
     match cmd {
         BackendCommand::Add { service, backend } => {
-            let (vaddr, spec): (VirtualAddr, BackendSpec) = (service.parse()?, backend.parse()?);
+            let (vaddr, spec): (VirtualAddr, BackendSpec) = (
+                service.parse()?,
+                sandbox::resolve_backend(paths, &backend).parse()?,
+            );
             table
                 .add_backend(&vaddr, &spec)
                 .with_context(|| format!("add backend {} to {vaddr}", spec.addr))?;
@@ -453,13 +593,19 @@ fn backend(paths: &Paths, cmd: BackendCommand) -> anyhow::Result<()> {
             backend,
             force,
         } => {
-            let (vaddr, spec): (VirtualAddr, BackendSpec) = (service.parse()?, backend.parse()?);
+            let (vaddr, spec): (VirtualAddr, BackendSpec) = (
+                service.parse()?,
+                sandbox::resolve_backend(paths, &backend).parse()?,
+            );
             table
                 .delete_backend(&vaddr, spec.addr, force)
                 .with_context(|| format!("delete backend {} of {vaddr}", spec.addr))?;
         }
         BackendCommand::Drain { service, backend } => {
-            let (vaddr, spec): (VirtualAddr, BackendSpec) = (service.parse()?, backend.parse()?);
+            let (vaddr, spec): (VirtualAddr, BackendSpec) = (
+                service.parse()?,
+                sandbox::resolve_backend(paths, &backend).parse()?,
+            );
             table
                 .drain_backend(&vaddr, spec.addr)
                 .with_context(|| format!("drain backend {} of {vaddr}", spec.addr))?;
@@ -649,5 +795,158 @@ fn endpoint(paths: &node::Paths, cmd: EndpointCommand, out: &mut impl Write) -> 
             }
         }
     }
+    Ok(())
+}
+
+fn run_sandbox(paths: &Paths, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let spec = match run_spec(args) {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!("bulkhead: {e}");
+            return Ok(ExitCode::from(125));
+        }
+    };
+    match sandbox::run(paths, &spec) {
+        Ok((name, None)) => {
+            println!("{name}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok((_, Some(sandbox::Exit(code)))) => Ok(ExitCode::from(code.clamp(0, 255) as u8)),
+        // docker's convention: 127 for a command that is not there, 125 for run itself failing.
+        Err(e) => {
+            eprintln!("bulkhead: run: {}", sandbox::error_chain(&e));
+            Ok(ExitCode::from(
+                if matches!(e, sandbox::SandboxError::CommandNotFound { .. }) {
+                    127
+                } else {
+                    125
+                },
+            ))
+        }
+    }
+}
+
+fn run_spec(args: RunArgs) -> Result<sandbox::RunSpec, sandbox::SandboxError> {
+    use sandbox::spec;
+    Ok(sandbox::RunSpec {
+        name: args.name.as_deref().map(str::parse).transpose()?,
+        hostname: args.hostname,
+        memory: args.memory.as_deref().map(spec::parse_size).transpose()?,
+        cpus: args.cpus.as_deref().map(spec::parse_cpus).transpose()?,
+        pids_limit: args.pids_limit,
+        rootfs: args.rootfs,
+        ip: args.ip,
+        publish: args
+            .publish
+            .iter()
+            .map(|p| p.parse())
+            .collect::<Result<_, _>>()?,
+        env: args
+            .env
+            .iter()
+            .map(|e| spec::parse_env(e))
+            .collect::<Result<_, _>>()?,
+        workdir: args.workdir,
+        userns: args.userns,
+        cgroupns: args.cgroupns,
+        privileged: args.privileged,
+        detach: args.detach,
+        cgroup_parent: args.cgroup_parent,
+        command: args.command,
+    })
+}
+
+fn print_ps(paths: &Paths, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    let rows: Vec<serde_json::Value> = sandbox::list(paths)
+        .into_iter()
+        .map(|r| {
+            let running = r.running();
+            let usage = sandbox::cgroup::usage(&r.cgroup);
+            let state = if running {
+                "running".to_owned()
+            } else {
+                match r.exit_code(paths) {
+                    Some(code) => format!("exited ({code})"),
+                    None => "exited".to_owned(),
+                }
+            };
+            serde_json::json!({
+                "name": r.name.as_str(),
+                "pid": r.pid,
+                "address": r.addr.to_string(),
+                "state": state,
+                "memory_bytes": usage.memory_bytes,
+                "cpu_usec": usage.cpu_usec,
+                "command": r.command.join(" "),
+            })
+        })
+        .collect();
+    if json {
+        writeln!(out, "{}", serde_json::Value::Array(rows))?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<20}{:>8}  {:<16}{:<14}{:>10}{:>10}  COMMAND",
+        "NAME", "PID", "ADDRESS", "STATE", "MEMORY", "CPU"
+    )?;
+    for r in rows {
+        writeln!(
+            out,
+            "{:<20}{:>8}  {:<16}{:<14}{:>10}{:>9}s  {}",
+            r["name"].as_str().unwrap_or(""),
+            r["pid"],
+            r["address"].as_str().unwrap_or(""),
+            r["state"].as_str().unwrap_or(""),
+            human_bytes(r["memory_bytes"].as_u64().unwrap_or(0)),
+            format!("{:.2}", r["cpu_usec"].as_u64().unwrap_or(0) as f64 / 1e6),
+            r["command"].as_str().unwrap_or("")
+        )?;
+    }
+    Ok(())
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1}GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1}MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1}KiB", n as f64 / 1024.0),
+        n => format!("{n}B"),
+    }
+}
+
+fn print_usage(
+    name: &str,
+    u: &sandbox::cgroup::Usage,
+    json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(u)?)?;
+        return Ok(());
+    }
+    let limit = |l: Option<u64>, f: fn(u64) -> String| l.map_or_else(|| "no limit".to_owned(), f);
+    writeln!(out, "sandbox {name}")?;
+    writeln!(
+        out,
+        "memory   {} (peak {}, limit {}), OOM kills {}",
+        human_bytes(u.memory_bytes),
+        human_bytes(u.memory_peak_bytes),
+        limit(u.memory_limit_bytes, human_bytes),
+        u.oom_kills
+    )?;
+    writeln!(
+        out,
+        "cpu      {:.3} s, throttled {:.3} s in {} periods",
+        u.cpu_usec as f64 / 1e6,
+        u.throttled_usec as f64 / 1e6,
+        u.throttled_periods
+    )?;
+    writeln!(
+        out,
+        "pids     {} (limit {})",
+        u.pids,
+        limit(u.pids_limit, |n| n.to_string())
+    )?;
     Ok(())
 }

@@ -11,4 +11,5 @@ pub mod loader;
 pub mod migrate;
 pub mod netns;
 pub mod node;
+pub mod sandbox;
 pub mod service_table;

@@ -57,15 +57,42 @@ impl Ip {
 
     /// Runs `ip ARGS` and returns its standard output.
     pub fn run(&self, args: &[&str]) -> Result<String, LinkError> {
+        self.run_cmd(Command::new(&self.bin), args)
+    }
+
+    /// Runs `ip ARGS` inside the network namespace `netns` (a `/proc/PID/ns/net` or a bind
+    /// mount of one), as `ip netns exec` would for a named one.
+    pub fn run_in(&self, netns: &Path, args: &[&str]) -> Result<String, LinkError> {
+        use std::os::{fd::AsRawFd, unix::process::CommandExt};
+        let ns = std::fs::File::open(netns).map_err(|source| LinkError::Spawn {
+            bin: netns.to_owned(),
+            args: "open the network namespace".into(),
+            source,
+        })?;
+        let mut cmd = Command::new(&self.bin);
+        let fd = ns.as_raw_fd();
+        // SAFETY: setns(2) is async-signal-safe; the descriptor stays open (owned by `ns`)
+        // until the command has been spawned.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = self.run_cmd(cmd, args);
+        drop(ns);
+        out
+    }
+
+    fn run_cmd(&self, mut cmd: Command, args: &[&str]) -> Result<String, LinkError> {
         let joined = args.join(" ");
-        let out = Command::new(&self.bin)
-            .args(args)
-            .output()
-            .map_err(|source| LinkError::Spawn {
-                bin: self.bin.clone(),
-                args: joined.clone(),
-                source,
-            })?;
+        let out = cmd.args(args).output().map_err(|source| LinkError::Spawn {
+            bin: self.bin.clone(),
+            args: joined.clone(),
+            source,
+        })?;
         if !out.status.success() {
             return Err(LinkError::Failed {
                 args: joined,

@@ -36,7 +36,10 @@ pub enum What {
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
         /// Modes to run, comma-separated.
-        #[arg(long, default_value = "direct,bulkhead,bulkhead-nobypass,iptables,nftables")]
+        #[arg(
+            long,
+            default_value = "direct,bulkhead,bulkhead-nobypass,iptables,nftables"
+        )]
         modes: String,
     },
     /// bulkhead-init against tini, tini-static, dumb-init and catatonit.

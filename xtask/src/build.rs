@@ -68,6 +68,10 @@ pub fn run(opts: &Options) -> anyhow::Result<Artifacts> {
             .join("init")
             .join("bulkhead-init"),
     };
+    // `bulkhead run` looks for bulkhead-init next to itself first.
+    let beside = artifacts.bulkhead.with_file_name("bulkhead-init");
+    std::fs::copy(&artifacts.init, &beside)
+        .with_context(|| format!("copy bulkhead-init to {}", beside.display()))?;
     eprintln!("build: eBPF object  {}", artifacts.ebpf.display());
     eprintln!("build: bulkhead     {}", artifacts.bulkhead.display());
     eprintln!("build: bulkhead-init {}", artifacts.init.display());

@@ -71,7 +71,13 @@ fn parse_args() -> Result<Args, String> {
         services: vec![1, 1000, 10_000, 100_000],
         seconds: 5.0,
         concurrency: 8,
-        modes: vec![Mode::Direct, Mode::Bulkhead, Mode::BulkheadNoBypass, Mode::Iptables, Mode::Nftables],
+        modes: vec![
+            Mode::Direct,
+            Mode::Bulkhead,
+            Mode::BulkheadNoBypass,
+            Mode::Iptables,
+            Mode::Nftables,
+        ],
         out: PathBuf::from("target/bench"),
         install_budget: Duration::from_secs(300),
     };
@@ -738,10 +744,9 @@ Latency: request/reply on persistent connections. Ratios are to `direct` at the 
         }
     }
     for r in &bulk {
-        if let Some(s) = rows
-            .iter()
-            .find(|s| s.mode == Mode::BulkheadNoBypass && s.services == r.services && s.conn_rate > 0.0)
-        {
+        if let Some(s) = rows.iter().find(|s| {
+            s.mode == Mode::BulkheadNoBypass && s.services == r.services && s.conn_rate > 0.0
+        }) {
             goal(format!(
                 "- stack bypass at {} services: {:.2}x the connection rate and {:.2}x the p50 latency of \
                  bulkhead without it",

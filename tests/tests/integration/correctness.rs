@@ -259,9 +259,15 @@ fn one_backend_behind_two_vips_keeps_both_connections_apart() {
     assert_eq!(first.peer_addr().unwrap(), vips[0].into());
     assert_eq!(second.peer_addr().unwrap(), vips[1].into());
     // `conntrack list` shows the translated port of the second flow only.
-    let flows: serde_json::Value = serde_json::from_str(&c.node.bulkhead_ok(&["conntrack", "list", "--json"])).unwrap();
+    let flows: serde_json::Value =
+        serde_json::from_str(&c.node.bulkhead_ok(&["conntrack", "list", "--json"])).unwrap();
     let seen_port = |vip: SocketAddrV4| {
-        flows.as_array().unwrap().iter().find(|f| f["service"] == vip.to_string()).map(|f| f["client_port_at_backend"].clone())
+        flows
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["service"] == vip.to_string())
+            .map(|f| f["client_port_at_backend"].clone())
     };
     let translated: u16 = seen_second.rsplit(':').next().unwrap().parse().unwrap();
     assert_eq!(seen_port(vips[0]), Some(serde_json::Value::Null), "{flows}");

@@ -1,0 +1,1012 @@
+//! Sandboxes: `bulkhead run`, `ps`, `exec`, `stop`, `rm`, `stats`, `logs`.
+//!
+//! A sandbox is a process tree in new pid, mount, uts, ipc and network namespaces (user and
+//! cgroup ones on request) with `bulkhead-init` as its PID 1, a veth pair into the node's bridge
+//! (datapath attached, registered as an endpoint for the stack bypass) and a cgroup with its
+//! limits. Its state lives in the state dir, so separate commands cooperate through it:
+//!
+//! ```text
+//! <state>/sandboxes/<name>/record.json   what was made (the source of truth for rm)
+//! <state>/sandboxes/<name>/ns/{net,uts,ipc}   namespace bind mounts
+//! <state>/sandboxes/<name>/log, exit     a detached sandbox's output and exit status
+//! <state>/leases/<addr>                  address leases (created exclusively: no collisions)
+//! ```
+//!
+//! Everything `run` creates is undone by [`remove`], which tolerates pieces that are already
+//! gone; a `run` that fails part way calls it on what it made.
+
+pub mod cgroup;
+pub mod process;
+pub mod spec;
+
+use std::{
+    ffi::CString,
+    fs,
+    io::{self, Read, Write},
+    net::{Ipv4Addr, SocketAddrV4},
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::{
+        signal::{Signal, kill},
+        wait::{WaitPidFlag, WaitStatus, waitpid},
+    },
+    unistd::Pid,
+};
+pub use spec::{Name, Publish, RunSpec};
+
+use crate::{
+    link::{Ip, LinkError},
+    node::{self, NodeError, NodeRecord, Paths},
+    service_table::{
+        BackendSpec, Proto, ServiceSpec, ServiceTable, ServiceTableError, VirtualAddr,
+    },
+};
+
+/// The PATH a sandbox's command is looked up in (and gets) unless `--env PATH=...` says otherwise.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Environment variable naming the `bulkhead-init` binary.
+pub const INIT_ENV: &str = "BULKHEAD_INIT";
+/// First outside id and count of a `--userns` sandbox's mapping (root inside is this id).
+const USERNS_FIRST: u32 = 100_000;
+const USERNS_COUNT: u32 = 65_536;
+/// Namespaces kept by bind mounts in the sandbox's state.
+const BOUND_NAMESPACES: [&str; 3] = ["net", "uts", "ipc"];
+/// Signals a foreground `run` passes on to the sandbox.
+const FORWARDED: [Signal; 7] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGWINCH,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("invalid sandbox name {name:?}: {why}")]
+    BadName { name: String, why: String },
+    #[error("invalid {what} {value:?}: {why}")]
+    BadValue {
+        what: &'static str,
+        value: String,
+        why: String,
+    },
+    #[error("a sandbox named {name} already exists")]
+    NameInUse { name: Name },
+    #[error("no sandbox named {name}")]
+    Unknown { name: String },
+    #[error("sandbox {name} is running; stop it first, or remove it with --force")]
+    Running { name: Name },
+    #[error("rootfs {path} is not a directory")]
+    RootfsMissing { path: PathBuf },
+    #[error("command not found: {command} (looked in {} of the sandbox's root {})", DEFAULT_PATH, root.display())]
+    CommandNotFound { command: String, root: PathBuf },
+    #[error("no command to run (give it after --)")]
+    NoCommand,
+    #[error(
+        "cannot find bulkhead-init (set {INIT_ENV}, or put it next to bulkhead); `cargo xtask build` builds it"
+    )]
+    NoInit,
+    #[error("the node has no pod subnet; bring it up with `bulkhead up --subnet ADDR/LEN`")]
+    NoSubnet,
+    #[error("{addr} is not in the pod subnet {subnet}")]
+    AddressOutside { addr: Ipv4Addr, subnet: String },
+    #[error("address {addr} is already in use by {holder}")]
+    AddressTaken { addr: Ipv4Addr, holder: String },
+    #[error("no free address left in {subnet}")]
+    SubnetFull { subnet: String },
+    #[error("cannot publish port {port}/{proto}: address already in use by {holder}")]
+    PortInUse {
+        port: u16,
+        proto: Proto,
+        holder: String,
+    },
+    #[error("setting up the sandbox failed: {message}")]
+    Setup { message: String },
+    #[error("cannot {action}")]
+    Io {
+        action: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cgroup: cannot {action}")]
+    Cgroup {
+        action: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error(transparent)]
+    Service(#[from] ServiceTableError),
+}
+
+impl SandboxError {
+    fn io(action: &str, source: io::Error) -> Self {
+        SandboxError::Io {
+            action: action.to_owned(),
+            source,
+        }
+    }
+
+    fn cgroup(action: &str, e: cgroups_rs::fs::error::Error) -> Self {
+        SandboxError::Cgroup {
+            action: action.to_owned(),
+            source: io::Error::other(e.to_string()),
+        }
+    }
+}
+
+type Result<T, E = SandboxError> = std::result::Result<T, E>;
+
+/// What `run` made, as `ps`, `exec`, `stop`, `rm` and `stats` find it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Record {
+    pub name: Name,
+    pub pid: i32,
+    /// Start time of `pid` (clock ticks after boot), so a reused pid is not mistaken for it.
+    pub start_time: u64,
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+    /// The host side of the veth pair, on the bridge.
+    pub host_if: String,
+    pub mac: String,
+    pub hostname: String,
+    pub command: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub workdir: String,
+    pub detached: bool,
+    pub userns: bool,
+    pub cgroupns: bool,
+    pub privileged: bool,
+    pub rootfs: Option<PathBuf>,
+    pub cgroup: cgroup::Placement,
+    pub publish: Vec<Publish>,
+    pub created_unix: u64,
+}
+
+fn sandboxes_dir(paths: &Paths) -> PathBuf {
+    paths.state_dir.join("sandboxes")
+}
+
+fn sandbox_dir(paths: &Paths, name: &Name) -> PathBuf {
+    sandboxes_dir(paths).join(name.as_str())
+}
+
+fn leases_dir(paths: &Paths) -> PathBuf {
+    paths.state_dir.join("leases")
+}
+
+impl Record {
+    pub fn load(paths: &Paths, name: &str) -> Result<Self> {
+        let unknown = || SandboxError::Unknown {
+            name: name.to_owned(),
+        };
+        let name: Name = name.parse().map_err(|_| unknown())?;
+        let text = fs::read_to_string(sandbox_dir(paths, &name).join("record.json"))
+            .map_err(|_| unknown())?;
+        serde_json::from_str(&text)
+            .map_err(|e| SandboxError::io("parse the sandbox record", io::Error::other(e)))
+    }
+
+    fn save(&self, paths: &Paths) -> Result<()> {
+        let dir = sandbox_dir(paths, &self.name);
+        let tmp = dir.join("record.json.tmp");
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| SandboxError::io("encode the record", io::Error::other(e)))?;
+        fs::write(&tmp, text).map_err(|e| SandboxError::io("write the sandbox record", e))?;
+        fs::rename(&tmp, dir.join("record.json"))
+            .map_err(|e| SandboxError::io("write the sandbox record", e))
+    }
+
+    /// True while the sandbox's init runs (not a zombie, not a reused pid).
+    pub fn running(&self) -> bool {
+        matches!(proc_stat(self.pid), Some((state, start)) if state != 'Z' && state != 'X' && start == self.start_time)
+    }
+
+    /// Exit status of a sandbox that ended, when known (detached sandboxes record it).
+    pub fn exit_code(&self, paths: &Paths) -> Option<i32> {
+        fs::read_to_string(sandbox_dir(paths, &self.name).join("exit"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+/// State and start time of a process, from `/proc/PID/stat`.
+fn proc_stat(pid: i32) -> Option<(char, u64)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold anything; fields follow the last ')'.
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some((
+        fields.first()?.chars().next()?,
+        fields.get(19)?.parse().ok()?,
+    ))
+}
+
+/// Every sandbox record, by name.
+pub fn list(paths: &Paths) -> Vec<Record> {
+    let mut all: Vec<Record> = fs::read_dir(sandboxes_dir(paths))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Record::load(paths, &e.file_name().to_string_lossy()).ok())
+        .collect();
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    all
+}
+
+/// Finds `bulkhead-init`: [`INIT_ENV`], next to this executable, or in PATH.
+fn find_init() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(INIT_ENV) {
+        return Ok(PathBuf::from(p));
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.join("bulkhead-init")));
+    let in_path = std::env::var_os("PATH").into_iter().flat_map(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("bulkhead-init"))
+            .collect::<Vec<_>>()
+    });
+    beside
+        .into_iter()
+        .chain(in_path)
+        .find(|p| p.is_file())
+        .ok_or(SandboxError::NoInit)
+}
+
+/// The outcome of a foreground `run`: the command's exit status, as a shell reports it.
+pub struct Exit(pub i32);
+
+/// `bulkhead run`: creates the sandbox and runs the command in it. In the foreground, waits,
+/// forwarding signals, removes the sandbox and returns the command's status; with `detach`,
+/// returns once the command runs, leaving a monitor process to collect its status.
+pub fn run(paths: &Paths, spec: &RunSpec) -> Result<(Name, Option<Exit>)> {
+    if spec.detach {
+        return run_detached(paths, spec).map(|name| (name, None));
+    }
+    // Blocked before the clone so none is lost; the child unblocks them.
+    let mut forwarded = nix::sys::signal::SigSet::empty();
+    FORWARDED.iter().for_each(|&s| forwarded.add(s));
+    forwarded.add(Signal::SIGCHLD);
+    forwarded
+        .thread_block()
+        .map_err(|e| SandboxError::io("block signals", e.into()))?;
+    let (record, _) = start(paths, spec, None)?;
+    let code = wait_forwarding(Pid::from_raw(record.pid), &forwarded);
+    let _ = forwarded.thread_unblock();
+    remove(paths, &record)?;
+    Ok((record.name, Some(Exit(code))))
+}
+
+/// Waits for `pid`, passing on every forwarded signal; returns its status as a shell would.
+fn wait_forwarding(pid: Pid, set: &nix::sys::signal::SigSet) -> i32 {
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => return code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+            Err(_) => return 255,
+            _ => {}
+        }
+        match set.wait() {
+            Ok(Signal::SIGCHLD) | Err(_) => {}
+            Ok(sig) => {
+                let _ = kill(pid, sig);
+            }
+        }
+    }
+}
+
+/// `run -d`: a monitor process (its own session) creates the sandbox, reports back, and stays
+/// to collect the exit status; the command's output goes to the sandbox's log.
+fn run_detached(paths: &Paths, spec: &RunSpec) -> Result<Name> {
+    let (report_r, report_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| SandboxError::io("create a pipe", e.into()))?;
+    let name = spec.name.clone().unwrap_or_else(generated_name);
+    let spec = RunSpec {
+        name: Some(name.clone()),
+        ..spec.clone()
+    };
+    // SAFETY: this process is single-threaded (the CLI runs no threads), so the child may do
+    // anything the parent could.
+    match unsafe { nix::unistd::fork() }
+        .map_err(|e| SandboxError::io("fork the monitor", e.into()))?
+    {
+        nix::unistd::ForkResult::Child => {
+            drop(report_r);
+            let mut report = fs::File::from(report_w);
+            let _ = nix::unistd::setsid();
+            if let Ok(null) = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+            {
+                use std::os::fd::AsRawFd;
+                // SAFETY: dup2 onto this process's standard descriptors.
+                unsafe {
+                    libc::dup2(null.as_raw_fd(), 0);
+                    libc::dup2(null.as_raw_fd(), 1);
+                    libc::dup2(null.as_raw_fd(), 2);
+                }
+            }
+            let code = match monitor(paths, &spec, &mut report) {
+                Ok(()) => 0,
+                Err(e) => {
+                    let _ = write!(report, "{}", error_chain(&e));
+                    1
+                }
+            };
+            // SAFETY: leave without running the CLI's exit path in this copy.
+            unsafe { libc::_exit(code) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(report_w);
+            let mut message = String::new();
+            let mut file = fs::File::from(report_r);
+            let _ = file.read_to_string(&mut message);
+            if message == "ok" {
+                Ok(name)
+            } else {
+                let _ = waitpid(child, None);
+                Err(SandboxError::Setup {
+                    message: if message.is_empty() {
+                        "the monitor died".into()
+                    } else {
+                        message
+                    },
+                })
+            }
+        }
+    }
+}
+
+fn monitor(paths: &Paths, spec: &RunSpec, report: &mut fs::File) -> Result<()> {
+    let name = spec.name.clone().expect("named by run_detached");
+    let log_path = sandbox_dir(paths, &name).join("log");
+    let (record, _) = start(paths, spec, Some(log_path))?;
+    let _ = report.write_all(b"ok");
+    drop(std::mem::replace(
+        report,
+        fs::File::open("/dev/null").map_err(|e| SandboxError::io("open /dev/null", e))?,
+    ));
+    let status = match waitpid(Pid::from_raw(record.pid), None) {
+        Ok(WaitStatus::Exited(_, code)) => code,
+        Ok(WaitStatus::Signaled(_, sig, _)) => 128 + sig as i32,
+        _ => 255,
+    };
+    let _ = fs::write(
+        sandbox_dir(paths, &record.name).join("exit"),
+        format!("{status}\n"),
+    );
+    Ok(())
+}
+
+/// `e` and its sources, one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn generated_name() -> Name {
+    let mut bytes = [0u8; 4];
+    let _ = fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    format!(
+        "sb-{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+    .parse()
+    .expect("a valid name")
+}
+
+/// Creates the sandbox and starts its command; on failure removes whatever it made.
+fn start(paths: &Paths, spec: &RunSpec, log: Option<PathBuf>) -> Result<(Record, ())> {
+    // Everything that can be checked is checked before anything is made.
+    let command = spec.command.first().ok_or(SandboxError::NoCommand)?;
+    let node = NodeRecord::load(paths)?;
+    let subnet = node.subnet.clone().ok_or(SandboxError::NoSubnet)?;
+    let (gateway, prefix) = parse_cidr(&subnet).ok_or(SandboxError::NoSubnet)?;
+    let name = spec.name.clone().unwrap_or_else(generated_name);
+    let hostname = spec.hostname.clone().unwrap_or_else(|| name.to_string());
+    if hostname.is_empty() || hostname.len() > 64 || hostname.contains(['/', '\0']) {
+        return Err(SandboxError::BadValue {
+            what: "hostname",
+            value: hostname,
+            why: "1 to 64 bytes, no '/'".into(),
+        });
+    }
+    let root = match &spec.rootfs {
+        Some(r) if r.is_dir() => r
+            .canonicalize()
+            .map_err(|e| SandboxError::io("resolve the rootfs", e))?,
+        Some(r) => return Err(SandboxError::RootfsMissing { path: r.clone() }),
+        None => PathBuf::from("/"),
+    };
+    let path_var = spec
+        .env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+    process::resolve_command(&root, command, path_var)?;
+    let init =
+        fs::File::open(find_init()?).map_err(|e| SandboxError::io("open bulkhead-init", e))?;
+    if let Some(ip) = spec.ip {
+        let mask = if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - prefix)
+        };
+        if u32::from(ip) & mask != u32::from(gateway) & mask || ip == gateway {
+            return Err(SandboxError::AddressOutside { addr: ip, subnet });
+        }
+    }
+    for p in &spec.publish {
+        check_publish(paths, p)?;
+    }
+    let ip = Ip::find()?;
+
+    let dir = sandbox_dir(paths, &name);
+    fs::create_dir_all(sandboxes_dir(paths))
+        .map_err(|e| SandboxError::io("create the state dir", e))?;
+    match fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(SandboxError::NameInUse { name });
+        }
+        Err(e) => return Err(SandboxError::io("create the sandbox's state dir", e)),
+    }
+    // From here on, a failure removes what was made.
+    let mut record = Record {
+        name: name.clone(),
+        pid: 0,
+        start_time: 0,
+        addr: Ipv4Addr::UNSPECIFIED,
+        prefix,
+        host_if: String::new(),
+        mac: String::new(),
+        hostname,
+        command: spec.command.clone(),
+        env: spec.env.clone(),
+        workdir: spec.workdir.clone().unwrap_or_else(|| "/".into()),
+        detached: spec.detach,
+        userns: spec.userns,
+        cgroupns: spec.cgroupns,
+        privileged: spec.privileged,
+        rootfs: spec.rootfs.as_ref().map(|_| root.clone()),
+        cgroup: cgroup::Placement {
+            v2: false,
+            path: String::new(),
+            parents: Default::default(),
+        },
+        publish: Vec::new(),
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    match build(paths, spec, &node, gateway, &ip, init, log, &mut record) {
+        Ok(()) => Ok((record, ())),
+        Err(e) => {
+            if record.pid > 0 {
+                let _ = kill(Pid::from_raw(record.pid), Signal::SIGKILL);
+                let _ = waitpid(Pid::from_raw(record.pid), None);
+            }
+            let _ = remove(paths, &record);
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build(
+    paths: &Paths,
+    spec: &RunSpec,
+    node: &NodeRecord,
+    gateway: Ipv4Addr,
+    ip: &Ip,
+    init: fs::File,
+    log: Option<PathBuf>,
+    record: &mut Record,
+) -> Result<()> {
+    record.addr = lease(paths, &record.name, spec.ip, gateway, record.prefix)?;
+    record.cgroup =
+        cgroup::Placement::for_sandbox(record.name.as_str(), spec.cgroup_parent.as_deref())?;
+    cgroup::create(
+        &record.cgroup,
+        &cgroup::Limits {
+            memory: spec.memory,
+            cpus: spec.cpus,
+            pids: spec.pids_limit,
+        },
+    )?;
+
+    let mut argv = vec!["bulkhead-init".to_owned(), "--".to_owned()];
+    argv.extend(spec.command.iter().cloned());
+    let mut env = vec![
+        ("PATH".to_owned(), DEFAULT_PATH.to_owned()),
+        ("HOSTNAME".to_owned(), record.hostname.clone()),
+        ("HOME".to_owned(), "/root".to_owned()),
+    ];
+    if let Ok(term) = std::env::var("TERM") {
+        env.push(("TERM".into(), term));
+    }
+    for (k, v) in &spec.env {
+        env.retain(|(key, _)| key != k);
+        env.push((k.clone(), v.clone()));
+    }
+    let log = match log {
+        Some(path) => Some(
+            fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o640)
+                .open(path)
+                .map_err(|e| SandboxError::io("create the sandbox's log", e))?,
+        ),
+        None => None,
+    };
+    let child_spec = process::ChildSpec {
+        hostname: record.hostname.clone(),
+        rootfs: record.rootfs.clone(),
+        workdir: record.workdir.clone(),
+        argv: process::c_strings(&argv)?,
+        envp: env
+            .iter()
+            .map(|(k, v)| CString::new(format!("{k}={v}")))
+            .collect::<Result<_, _>>()
+            .map_err(|_| SandboxError::BadValue {
+                what: "env",
+                value: String::new(),
+                why: "contains a NUL byte".into(),
+            })?,
+        userns: spec.userns,
+        cgroupns: spec.cgroupns,
+        privileged: spec.privileged,
+        init,
+        log,
+    };
+    let mut child = process::spawn(&child_spec)?;
+    record.pid = child.pid.as_raw();
+    record.start_time = proc_stat(record.pid).map_or(0, |(_, t)| t);
+    cgroup::add(&record.cgroup, record.pid as u32)?;
+    if spec.userns {
+        child.map_users(USERNS_FIRST, USERNS_COUNT)?;
+    }
+    plug(paths, node, gateway, ip, record)?;
+    bind_namespaces(paths, record)?;
+    record.save(paths)?;
+    for p in &spec.publish {
+        publish(paths, record, p)?;
+        record.publish.push(*p);
+        record.save(paths)?;
+    }
+    child.release()
+}
+
+fn parse_cidr(text: &str) -> Option<(Ipv4Addr, u8)> {
+    let (a, l) = text.split_once('/')?;
+    let len: u8 = l.parse().ok()?;
+    (len <= 30).then_some((a.parse().ok()?, len))
+}
+
+/// Takes an address for `name`: `wanted`, or the lowest free one of the subnet. A lease is a
+/// file created exclusively, so two `run`s never get the same address; pods registered with the
+/// datapath by other means (`bulkhead endpoint add`) are skipped too.
+fn lease(
+    paths: &Paths,
+    name: &Name,
+    wanted: Option<Ipv4Addr>,
+    gateway: Ipv4Addr,
+    prefix: u8,
+) -> Result<Ipv4Addr> {
+    let dir = leases_dir(paths);
+    fs::create_dir_all(&dir).map_err(|e| SandboxError::io("create the lease dir", e))?;
+    let endpoints: Vec<Ipv4Addr> = crate::loader::Endpoints::open(&paths.bpffs)
+        .map(|e| e.list().into_iter().map(|(a, _)| a).collect())
+        .unwrap_or_default();
+    let take = |addr: Ipv4Addr| -> Result<bool> {
+        if endpoints.contains(&addr) {
+            return Ok(false);
+        }
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dir.join(addr.to_string()))
+        {
+            Ok(mut f) => {
+                let _ = f.write_all(name.as_str().as_bytes());
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(SandboxError::io("write an address lease", e)),
+        }
+    };
+    if let Some(addr) = wanted {
+        if take(addr)? {
+            return Ok(addr);
+        }
+        let holder = fs::read_to_string(dir.join(addr.to_string()))
+            .map(|n| format!("sandbox {n}"))
+            .unwrap_or_else(|_| "a pod registered with the datapath".into());
+        return Err(SandboxError::AddressTaken { addr, holder });
+    }
+    let mask = u32::MAX << (32 - prefix);
+    let net = u32::from(gateway) & mask;
+    for host in 1..(!mask) {
+        let addr = Ipv4Addr::from(net | host);
+        if addr != gateway && take(addr)? {
+            return Ok(addr);
+        }
+    }
+    Err(SandboxError::SubnetFull {
+        subnet: format!("{}/{prefix}", Ipv4Addr::from(net)),
+    })
+}
+
+fn release_lease(paths: &Paths, record: &Record) {
+    let path = leases_dir(paths).join(record.addr.to_string());
+    if fs::read_to_string(&path).is_ok_and(|n| n == record.name.as_str()) {
+        let _ = fs::remove_file(path);
+    }
+}
+
+/// The veth pair: the host side on the bridge with the datapath attached and the pod
+/// registered for the bypass, the other side `eth0` in the sandbox with its address and a
+/// default route through the bridge.
+fn plug(
+    paths: &Paths,
+    node: &NodeRecord,
+    gateway: Ipv4Addr,
+    ip: &Ip,
+    record: &mut Record,
+) -> Result<()> {
+    let o = record.addr.octets();
+    // docker's convention: 02:42 and the IPv4 address.
+    let mac = [0x02, 0x42, o[0], o[1], o[2], o[3]];
+    record.mac = crate::link::format_mac(&mac);
+    let tag = u32::from(record.addr) ^ (record.pid as u32).rotate_left(16);
+    record.host_if = format!("bh{tag:08x}");
+    let peer = format!("bp{tag:08x}");
+    ip.run(&[
+        "link",
+        "add",
+        &record.host_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &peer,
+    ])?;
+    ip.run(&["link", "set", &peer, "netns", &record.pid.to_string()])?;
+    ip.run(&["link", "set", &record.host_if, "master", &node.bridge, "up"])?;
+    let netns = PathBuf::from(format!("/proc/{}/ns/net", record.pid));
+    let cidr = format!("{}/{}", record.addr, record.prefix);
+    let gw = gateway.to_string();
+    for args in [
+        vec!["link", "set", &peer, "name", "eth0"],
+        vec!["link", "set", "eth0", "address", &record.mac],
+        vec!["addr", "add", &cidr, "dev", "eth0"],
+        vec!["link", "set", "eth0", "up"],
+        vec!["link", "set", "lo", "up"],
+        vec!["route", "add", "default", "via", &gw],
+    ] {
+        ip.run_in(&netns, &args)?;
+    }
+    node::attach(paths, &record.host_if)?;
+    node::endpoint_add(paths, record.addr, &record.host_if, mac)?;
+    Ok(())
+}
+
+/// Bind mounts of the sandbox's namespaces in its state dir: they outlive the processes, so the
+/// network namespace (and its veth) stays findable until `rm`.
+fn bind_namespaces(paths: &Paths, record: &Record) -> Result<()> {
+    let dir = sandbox_dir(paths, &record.name).join("ns");
+    fs::create_dir_all(&dir).map_err(|e| SandboxError::io("create the namespace dir", e))?;
+    for ns in BOUND_NAMESPACES {
+        let target = dir.join(ns);
+        fs::File::create(&target)
+            .map_err(|e| SandboxError::io("create a namespace mount point", e))?;
+        let source = PathBuf::from(format!("/proc/{}/ns/{ns}", record.pid));
+        nix::mount::mount(
+            Some(&source),
+            &target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| SandboxError::io(&format!("bind the {ns} namespace"), e.into()))?;
+    }
+    Ok(())
+}
+
+fn unbind_namespaces(paths: &Paths, record: &Record) {
+    let dir = sandbox_dir(paths, &record.name).join("ns");
+    for ns in BOUND_NAMESPACES {
+        let target = dir.join(ns);
+        let _ = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH);
+        let _ = fs::remove_file(&target);
+    }
+    let _ = fs::remove_dir(&dir);
+}
+
+/// The service a published port is: every node address at the host port, to the sandbox.
+fn published_vaddr(p: &Publish) -> VirtualAddr {
+    VirtualAddr {
+        addr: Ipv4Addr::UNSPECIFIED,
+        port: p.host_port,
+        proto: if p.udp { Proto::Udp } else { Proto::Tcp },
+    }
+}
+
+/// Refuses a host port that something already holds, naming it: a published port or NodePort
+/// of the datapath, or a socket listening in the node's namespace.
+fn check_publish(paths: &Paths, p: &Publish) -> Result<()> {
+    let vaddr = published_vaddr(p);
+    let in_use = |holder: String| SandboxError::PortInUse {
+        port: p.host_port,
+        proto: vaddr.proto,
+        holder,
+    };
+    if let Ok(table) = ServiceTable::open(&paths.bpffs) {
+        for s in table.list() {
+            let same_proto = s.service.proto == vaddr.proto;
+            if same_proto && s.service == vaddr {
+                let owner = list(paths)
+                    .into_iter()
+                    .find(|r| r.publish.iter().any(|q| published_vaddr(q) == vaddr));
+                return Err(in_use(match owner {
+                    Some(r) => format!("sandbox {} (published)", r.name),
+                    None => format!("service {vaddr}"),
+                }));
+            }
+            if same_proto && s.nodeport == Some(p.host_port) {
+                return Err(in_use(format!("the NodePort of service {}", s.service)));
+            }
+        }
+    }
+    let flag = if p.udp { "-Hlnup" } else { "-Hlntp" };
+    if let Ok(out) = std::process::Command::new("ss")
+        .args([flag, &format!("sport = :{}", p.host_port)])
+        .output()
+    {
+        let text = String::from_utf8_lossy(&out.stdout);
+        if let Some(line) = text.lines().find(|l| !l.trim().is_empty()) {
+            let who = line.split("users:").nth(1).map_or_else(
+                || line.trim().to_owned(),
+                |u| format!("process {}", u.trim()),
+            );
+            return Err(in_use(who));
+        }
+    }
+    Ok(())
+}
+
+fn publish(paths: &Paths, record: &Record, p: &Publish) -> Result<()> {
+    let mut table = ServiceTable::open(&paths.bpffs)?;
+    table.add(&ServiceSpec {
+        vaddr: published_vaddr(p),
+        scheduler: Default::default(),
+        affinity_secs: 0,
+        nodeport: None,
+        backends: vec![BackendSpec {
+            addr: SocketAddrV4::new(record.addr, p.port),
+            weight: 1,
+        }],
+    })?;
+    Ok(())
+}
+
+/// Removes everything `run` made for `record`, whatever is already gone. Kills what still
+/// runs in its cgroup.
+pub fn remove(paths: &Paths, record: &Record) -> Result<()> {
+    if !record.publish.is_empty()
+        && let Ok(mut table) = ServiceTable::open(&paths.bpffs)
+    {
+        for p in &record.publish {
+            let _ = table.delete(&published_vaddr(p));
+        }
+    }
+    if record.addr != Ipv4Addr::UNSPECIFIED {
+        let _ = node::endpoint_del(paths, record.addr);
+    }
+    if !record.host_if.is_empty() {
+        let _ = node::detach(paths, &record.host_if);
+        if let Ok(ip) = Ip::find()
+            && Ip::exists(&record.host_if)
+        {
+            let _ = ip.run(&["link", "del", &record.host_if]);
+        }
+    }
+    unbind_namespaces(paths, record);
+    let cgroup_result = if record.cgroup.path.is_empty() {
+        Ok(())
+    } else {
+        cgroup::destroy(&record.cgroup)
+    };
+    if record.pid > 0 {
+        // Reap it if it is ours (a foreground run); harmless otherwise.
+        let _ = waitpid(Pid::from_raw(record.pid), Some(WaitPidFlag::WNOHANG));
+    }
+    if record.addr != Ipv4Addr::UNSPECIFIED {
+        release_lease(paths, record);
+    }
+    cgroup_result?;
+    let _ = fs::remove_dir_all(sandbox_dir(paths, &record.name));
+    Ok(())
+}
+
+/// `bulkhead rm`.
+pub fn rm(paths: &Paths, name: &str, force: bool) -> Result<()> {
+    let record = Record::load(paths, name)?;
+    if record.running() && !force {
+        return Err(SandboxError::Running { name: record.name });
+    }
+    remove(paths, &record)
+}
+
+/// `bulkhead stop`: SIGTERM to the init (which passes it on), SIGKILL to everything in the
+/// cgroup after `grace`. Returns whether it had to kill.
+pub fn stop(paths: &Paths, name: &str, grace: Duration) -> Result<bool> {
+    let record = Record::load(paths, name)?;
+    if !record.running() {
+        return Ok(false);
+    }
+    let pid = Pid::from_raw(record.pid);
+    let _ = kill(pid, Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if !record.running() {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for p in cgroup::procs(&record.cgroup) {
+        let _ = kill(Pid::from_raw(p as i32), Signal::SIGKILL);
+    }
+    let _ = kill(pid, Signal::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while record.running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(true)
+}
+
+/// `bulkhead stats`.
+pub fn stats(paths: &Paths, name: &str) -> Result<cgroup::Usage> {
+    Ok(cgroup::usage(&Record::load(paths, name)?.cgroup))
+}
+
+/// `bulkhead logs`: the output of a detached sandbox.
+pub fn logs(paths: &Paths, name: &str) -> Result<Vec<u8>> {
+    let record = Record::load(paths, name)?;
+    match fs::read(sandbox_dir(paths, &record.name).join("log")) {
+        Ok(bytes) => Ok(bytes),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(SandboxError::io("read the log", e)),
+    }
+}
+
+/// `bulkhead exec`: runs `command` inside a running sandbox: its cgroup and every namespace
+/// (the mount namespace last, which also enters its root), with its environment and
+/// privileges. Returns the command's status.
+pub fn exec(paths: &Paths, name: &str, command: &[String]) -> Result<i32> {
+    let record = Record::load(paths, name)?;
+    if !record.running() {
+        return Err(SandboxError::Setup {
+            message: format!("sandbox {name} is not running"),
+        });
+    }
+    let program = command.first().ok_or(SandboxError::NoCommand)?;
+    let mut order = Vec::new();
+    if record.userns {
+        order.push(("user", libc::CLONE_NEWUSER));
+    }
+    if record.cgroupns {
+        order.push(("cgroup", libc::CLONE_NEWCGROUP));
+    }
+    order.extend([
+        ("ipc", libc::CLONE_NEWIPC),
+        ("uts", libc::CLONE_NEWUTS),
+        ("net", libc::CLONE_NEWNET),
+        ("pid", libc::CLONE_NEWPID),
+        ("mnt", libc::CLONE_NEWNS),
+    ]);
+    let fds: Vec<(fs::File, i32)> = order
+        .iter()
+        .map(|(ns, flag)| {
+            fs::File::open(format!("/proc/{}/ns/{ns}", record.pid))
+                .map(|f| (f, *flag))
+                .map_err(|e| SandboxError::io(&format!("open the sandbox's {ns} namespace"), e))
+        })
+        .collect::<Result<_>>()?;
+    let argv = process::c_strings(command)?;
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), DEFAULT_PATH.into()),
+        ("HOSTNAME".into(), record.hostname.clone()),
+        ("HOME".into(), "/root".into()),
+    ];
+    for (k, v) in &record.env {
+        env.retain(|(key, _)| key != k);
+        env.push((k.clone(), v.clone()));
+    }
+    let envp = process::c_strings(env.iter().map(|(k, v)| format!("{k}={v}")))?;
+    cgroup::add(&record.cgroup, std::process::id())?;
+    for (file, flag) in &fds {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns(2) on a namespace descriptor; this process is single-threaded, as
+        // entering a mount or user namespace requires.
+        if unsafe { libc::setns(file.as_raw_fd(), *flag) } != 0 {
+            return Err(SandboxError::io(
+                "enter the sandbox's namespaces",
+                io::Error::last_os_error(),
+            ));
+        }
+    }
+    let path_var = record
+        .env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+    process::resolve_command(Path::new("/"), program, path_var)?;
+    let mut forwarded = nix::sys::signal::SigSet::empty();
+    FORWARDED.iter().for_each(|&s| forwarded.add(s));
+    forwarded.add(Signal::SIGCHLD);
+    forwarded
+        .thread_block()
+        .map_err(|e| SandboxError::io("block signals", e.into()))?;
+    // SAFETY: single-threaded; the child only sets itself up and execs.
+    match unsafe { nix::unistd::fork() }.map_err(|e| SandboxError::io("fork", e.into()))? {
+        nix::unistd::ForkResult::Child => {
+            let _ = forwarded.thread_unblock();
+            let err = process::exec_in_sandbox(
+                &record.workdir,
+                record.userns,
+                record.privileged,
+                &argv,
+                &envp,
+                path_var,
+            );
+            eprintln!("bulkhead exec: {err}");
+            // SAFETY: leave without the parent's exit path.
+            unsafe {
+                libc::_exit(if err.contains("No such file") {
+                    127
+                } else {
+                    126
+                })
+            }
+        }
+        nix::unistd::ForkResult::Parent { child } => Ok(wait_forwarding(child, &forwarded)),
+    }
+}
+
+/// A backend written as `NAME:PORT[@WEIGHT]` with the name of a sandbox becomes its address;
+/// anything else is returned as it is (and parsed as an address later).
+pub fn resolve_backend(paths: &Paths, text: &str) -> String {
+    let Some((host, rest)) = text.split_once(':') else {
+        return text.to_owned();
+    };
+    if host.parse::<Ipv4Addr>().is_ok() {
+        return text.to_owned();
+    }
+    match Record::load(paths, host) {
+        Ok(r) => format!("{}:{rest}", r.addr),
+        Err(_) => text.to_owned(),
+    }
+}

@@ -1,0 +1,570 @@
+//! The sandbox's first process: cloned into new namespaces, held until the parent has placed it
+//! (cgroup, user mappings, network), then given its own /proc, /dev, /tmp and root, its
+//! hostname and reduced privileges, and replaced by `bulkhead-init` running the command.
+//!
+//! The child runs between `clone(2)` and `execve(2)` in a copy of a single-threaded process:
+//! it only makes system calls and formats error strings. Any failure is written to an error
+//! pipe (close-on-exec, so a successful exec reads as end of file) and the child exits 127.
+
+use std::{
+    ffi::{CString, OsStr},
+    fs::File,
+    io::{Read, Write},
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::{Path, PathBuf},
+};
+
+use nix::{
+    mount::{MntFlags, MsFlags, mount, umount2},
+    sched::CloneFlags,
+    unistd::{Pid, chdir, pivot_root, sethostname},
+};
+
+use super::SandboxError;
+
+/// What the child needs, prepared by the parent before cloning (no allocation decisions left
+/// for the child except error messages).
+pub struct ChildSpec {
+    pub hostname: String,
+    pub rootfs: Option<PathBuf>,
+    pub workdir: String,
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+    pub userns: bool,
+    pub cgroupns: bool,
+    pub privileged: bool,
+    /// `bulkhead-init`, opened before the root changes, executed through the descriptor.
+    pub init: File,
+    /// Standard output and error for a detached sandbox (its log), standard input /dev/null.
+    pub log: Option<File>,
+}
+
+/// A cloned child waiting for [`Child::release`].
+pub struct Child {
+    pub pid: Pid,
+    go: Option<File>,
+    errors: File,
+}
+
+/// Capabilities a sandbox keeps unless `--privileged`: docker's default set.
+const DEFAULT_CAPS: [u32; 14] = [
+    0,  // CAP_CHOWN
+    1,  // CAP_DAC_OVERRIDE
+    3,  // CAP_FOWNER
+    4,  // CAP_FSETID
+    5,  // CAP_KILL
+    6,  // CAP_SETGID
+    7,  // CAP_SETUID
+    8,  // CAP_SETPCAP
+    10, // CAP_NET_BIND_SERVICE
+    13, // CAP_NET_RAW
+    18, // CAP_SYS_CHROOT
+    27, // CAP_MKNOD
+    29, // CAP_AUDIT_WRITE
+    31, // CAP_SETFCAP
+];
+
+/// Device nodes of the sandbox's /dev, bound from the host's.
+const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Clones the sandbox's first process into new namespaces. It waits for [`Child::release`].
+pub fn spawn(spec: &ChildSpec) -> Result<Child, SandboxError> {
+    if let Some(root) = &spec.rootfs {
+        // The mount points the child needs, made while still privileged on the host (root of a
+        // user namespace may not write to a rootfs owned by the host's root).
+        for dir in ["proc", "sys", "dev", "tmp"] {
+            ensure_dir(&root.join(dir)).map_err(|message| SandboxError::Setup { message })?;
+        }
+    }
+    let pipe = || {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| SandboxError::io("create a pipe", e.into()))
+    };
+    let (go_r, go_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let mut flags = CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWNET;
+    if spec.userns {
+        flags |= CloneFlags::CLONE_NEWUSER;
+    }
+    if spec.cgroupns {
+        flags |= CloneFlags::CLONE_NEWCGROUP;
+    }
+    // SAFETY: clone(2) without a new stack behaves like fork(2): the child continues on a copy
+    // of this (single-threaded) process's memory. It only runs `child_main`, which makes system
+    // calls and exits or execs.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags.bits() as libc::c_ulong | libc::SIGCHLD as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    match ret {
+        -1 => Err(SandboxError::io(
+            "clone the sandbox's first process",
+            std::io::Error::last_os_error(),
+        )),
+        0 => {
+            drop(go_w);
+            drop(err_r);
+            child_main(spec, go_r, err_w)
+        }
+        pid => {
+            drop(go_r);
+            drop(err_w);
+            Ok(Child {
+                pid: Pid::from_raw(pid as i32),
+                go: Some(File::from(go_w)),
+                errors: File::from(err_r),
+            })
+        }
+    }
+}
+
+impl Child {
+    /// Writes the user and group mappings of a `--userns` sandbox: root inside is an
+    /// unprivileged range outside.
+    pub fn map_users(&self, first: u32, count: u32) -> Result<(), SandboxError> {
+        let dir = PathBuf::from(format!("/proc/{}", self.pid));
+        let write = |file: &str, text: String| {
+            std::fs::write(dir.join(file), text)
+                .map_err(|e| SandboxError::io(&format!("write {file} of the sandbox"), e))
+        };
+        write("setgroups", "deny".into())?;
+        write("uid_map", format!("0 {first} {count}\n"))?;
+        write("gid_map", format!("0 {first} {count}\n"))
+    }
+
+    /// Lets the child set itself up and exec; returns once it has exec'd, or its error.
+    pub fn release(&mut self) -> Result<(), SandboxError> {
+        if let Some(mut go) = self.go.take() {
+            go.write_all(b"g")
+                .map_err(|e| SandboxError::io("release the sandbox's first process", e))?;
+        }
+        let mut message = String::new();
+        let _ = self.errors.read_to_string(&mut message);
+        if message.is_empty() {
+            Ok(())
+        } else {
+            Err(SandboxError::Setup { message })
+        }
+    }
+}
+
+/// The child, up to exec. Never returns.
+fn child_main(spec: &ChildSpec, go: OwnedFd, errors: OwnedFd) -> ! {
+    let mut errors = File::from(errors);
+    // Signals the parent blocks to forward them must reach the command.
+    // SAFETY: an empty mask set and installed; no memory is shared.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        // Die with the parent while it is still setting us up.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    let mut byte = [0u8; 1];
+    let mut go = File::from(go);
+    if !matches!(go.read(&mut byte), Ok(1)) {
+        // The parent gave up (and cleans up).
+        // SAFETY: exit without running this copy's destructors or atexit handlers.
+        unsafe { libc::_exit(127) };
+    }
+    let err = match setup_and_exec(spec) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    let _ = errors.write_all(err.as_bytes());
+    // SAFETY: as above.
+    unsafe { libc::_exit(127) }
+}
+
+enum Never {}
+
+/// Mounts, hostname, privileges, exec. Returns only an error message.
+fn setup_and_exec(spec: &ChildSpec) -> Result<Never, String> {
+    let sys = |what: &str, e: nix::Error| format!("{what}: {e}");
+    if spec.userns {
+        // Become root of the new user namespace (the parent has written the mappings).
+        // SAFETY: plain credential system calls.
+        let r = unsafe { libc::setresgid(0, 0, 0) | libc::setresuid(0, 0, 0) };
+        if r != 0 {
+            return Err(format!(
+                "become root in the user namespace: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| sys("make mounts private", e))?;
+    let root = match &spec.rootfs {
+        Some(r) => {
+            mount(
+                Some(r.as_path()),
+                r.as_path(),
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(|e| sys(&format!("bind {}", r.display()), e))?;
+            r.clone()
+        }
+        None => PathBuf::from("/"),
+    };
+    let at = |p: &str| root.join(p);
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    // /tmp first: the new /dev is assembled there when there is no separate root.
+    ensure_dir(&at("tmp"))?;
+    mount(
+        Some("tmpfs"),
+        &at("tmp"),
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )
+    .map_err(|e| sys("mount /tmp", e))?;
+    build_dev(&at("dev"), &at("tmp/.bulkhead-dev"))?;
+    ensure_dir(&at("proc"))?;
+    mount(Some("proc"), &at("proc"), Some("proc"), nodev, None::<&str>)
+        .map_err(|e| sys("mount /proc", e))?;
+    ensure_dir(&at("sys"))?;
+    let sys_flags = if spec.privileged {
+        nodev
+    } else {
+        nodev | MsFlags::MS_RDONLY
+    };
+    mount(
+        Some("sysfs"),
+        &at("sys"),
+        Some("sysfs"),
+        sys_flags,
+        None::<&str>,
+    )
+    .map_err(|e| sys("mount /sys", e))?;
+    if !spec.privileged {
+        let proc_sys = at("proc/sys");
+        mount(
+            Some(&proc_sys),
+            &proc_sys,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| sys("bind /proc/sys", e))?;
+        mount(
+            None::<&str>,
+            &proc_sys,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nodev,
+            None::<&str>,
+        )
+        .map_err(|e| sys("make /proc/sys read-only", e))?;
+    }
+    if spec.rootfs.is_some() {
+        // pivot_root(".", "."): the old root ends up stacked on the new one and is detached at
+        // once; no directory for it is needed inside the rootfs (which root of a user
+        // namespace may not be allowed to create).
+        chdir(&root).map_err(|e| sys("enter the root", e))?;
+        pivot_root(".", ".").map_err(|e| sys("pivot_root", e))?;
+        umount2(".", MntFlags::MNT_DETACH).map_err(|e| sys("detach the old root", e))?;
+        chdir("/").map_err(|e| sys("enter the new root", e))?;
+    }
+    sethostname(&spec.hostname).map_err(|e| sys("set the hostname", e))?;
+    chdir(spec.workdir.as_str())
+        .map_err(|e| sys(&format!("enter the working directory {}", spec.workdir), e))?;
+    if let Some(log) = &spec.log {
+        let null = File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
+        // SAFETY: dup2 onto the standard descriptors of this process.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 0);
+            libc::dup2(log.as_raw_fd(), 1);
+            libc::dup2(log.as_raw_fd(), 2);
+        }
+    }
+    if !spec.privileged {
+        drop_privileges()?;
+    }
+    // Set up: from here the sandbox outlives whoever started it.
+    // SAFETY: prctl with plain integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
+    let argv: Vec<*const libc::c_char> = spec
+        .argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp: Vec<*const libc::c_char> = spec
+        .envp
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    // SAFETY: null-terminated arrays of pointers to NUL-terminated strings that outlive the
+    // call; the descriptor is an open executable.
+    unsafe { libc::fexecve(spec.init.as_raw_fd(), argv.as_ptr(), envp.as_ptr()) };
+    Err(format!(
+        "exec bulkhead-init: {}",
+        std::io::Error::last_os_error()
+    ))
+}
+
+fn ensure_dir(path: &Path) -> Result<(), String> {
+    match std::fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(format!("create {}: {e}", path.display())),
+    }
+}
+
+/// A minimal /dev at `dev`: a tmpfs with the usual device nodes bound from the host's, a new
+/// devpts instance, /dev/shm, and the conventional links. Assembled at `staging` (the host's
+/// /dev is still visible then) and moved into place.
+fn build_dev(dev: &Path, staging: &Path) -> Result<(), String> {
+    let sys = |what: String, e: nix::Error| format!("{what}: {e}");
+    ensure_dir(staging)?;
+    mount(
+        Some("tmpfs"),
+        staging,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=755,size=65536k"),
+    )
+    .map_err(|e| sys("mount a tmpfs for /dev".into(), e))?;
+    for name in DEVICES {
+        let host = Path::new("/dev").join(name);
+        let node = staging.join(name);
+        File::create(&node).map_err(|e| format!("create {}: {e}", node.display()))?;
+        mount(
+            Some(&host),
+            &node,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| sys(format!("bind {}", host.display()), e))?;
+    }
+    for dir in ["pts", "shm"] {
+        ensure_dir(&staging.join(dir))?;
+    }
+    mount(
+        Some("devpts"),
+        &staging.join("pts"),
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=620"),
+    )
+    .map_err(|e| sys("mount /dev/pts".into(), e))?;
+    mount(
+        Some("shm"),
+        &staging.join("shm"),
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=1777,size=65536k"),
+    )
+    .map_err(|e| sys("mount /dev/shm".into(), e))?;
+    for (link, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(target, staging.join(link))
+            .map_err(|e| format!("link /dev/{link}: {e}"))?;
+    }
+    ensure_dir(dev)?;
+    mount(
+        Some(staging),
+        dev,
+        None::<&str>,
+        MsFlags::MS_MOVE,
+        None::<&str>,
+    )
+    .map_err(|e| sys("move /dev into place".into(), e))?;
+    let _ = std::fs::remove_dir(staging);
+    Ok(())
+}
+
+/// Docker's default capability set and no_new_privs.
+fn drop_privileges() -> Result<(), String> {
+    // The highest capability this kernel knows.
+    let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40);
+    for cap in 0..=last {
+        if !DEFAULT_CAPS.contains(&cap) {
+            // SAFETY: prctl with plain integer arguments.
+            let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+            if r != 0 {
+                return Err(format!(
+                    "drop capability {cap}: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+    }
+    // The bounding set limits what exec grants; the sets this process holds now must shrink
+    // too, or the init would run with them.
+    let mask: u64 = DEFAULT_CAPS.iter().map(|c| 1u64 << c).sum();
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let header = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    }; // _LINUX_CAPABILITY_VERSION_3
+    let half = |shift: u32| Data {
+        effective: (mask >> shift) as u32,
+        permitted: (mask >> shift) as u32,
+        inheritable: 0,
+    };
+    let data = [half(0), half(32)];
+    // SAFETY: capset(2) with a version-3 header and the two data structs it reads.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &header as *const Header, data.as_ptr()) };
+    if r != 0 {
+        return Err(format!(
+            "set capabilities: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: prctl with plain integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(format!(
+            "set no_new_privs: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Finds `command` the way the sandbox's exec will: a path (relative to the sandbox's root),
+/// or a name searched in `path_var`'s directories there. `Err` names what is missing.
+pub fn resolve_command(root: &Path, command: &str, path_var: &str) -> Result<(), SandboxError> {
+    use std::os::unix::fs::PermissionsExt;
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    // Symbolic links resolve inside the root, as they will once it is the sandbox's `/`.
+    let executable = |p: &Path| {
+        let mut p = p.to_owned();
+        for _ in 0..40 {
+            match std::fs::read_link(&p) {
+                Ok(target) if target.is_absolute() => p = inside(&target),
+                Ok(target) => p = p.parent().unwrap_or(root).join(target),
+                Err(_) => {
+                    return std::fs::metadata(&p)
+                        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+                }
+            }
+        }
+        false
+    };
+    let found = if command.contains('/') {
+        executable(&inside(Path::new(command)))
+    } else {
+        path_var
+            .split(':')
+            .any(|dir| executable(&inside(&Path::new(dir).join(command))))
+    };
+    if found {
+        Ok(())
+    } else {
+        Err(SandboxError::CommandNotFound {
+            command: command.to_owned(),
+            root: root.to_owned(),
+        })
+    }
+}
+
+/// `CString`s for exec, refusing interior NUL bytes.
+pub fn c_strings<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(
+    items: I,
+) -> Result<Vec<CString>, SandboxError> {
+    items
+        .into_iter()
+        .map(|s| {
+            CString::new(s.as_ref().as_bytes()).map_err(|_| SandboxError::BadValue {
+                what: "argument",
+                value: s.as_ref().to_string_lossy().into_owned(),
+                why: "contains a NUL byte".into(),
+            })
+        })
+        .collect()
+}
+
+/// The forked child of `bulkhead exec`, already in the sandbox's namespaces: takes the
+/// sandbox's identity and privileges and execs. Returns only an error message.
+pub fn exec_in_sandbox(
+    workdir: &str,
+    userns: bool,
+    privileged: bool,
+    argv: &[CString],
+    envp: &[CString],
+    path_var: &str,
+) -> String {
+    if userns {
+        // SAFETY: plain credential system calls.
+        if unsafe { libc::setresgid(0, 0, 0) | libc::setresuid(0, 0, 0) } != 0 {
+            return format!(
+                "become root in the user namespace: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    if let Err(e) = chdir(workdir) {
+        return format!("enter {workdir}: {e}");
+    }
+    if !privileged && let Err(e) = drop_privileges() {
+        return e;
+    }
+    let program = argv[0].to_bytes();
+    let candidates: Vec<CString> = if program.contains(&b'/') {
+        vec![argv[0].clone()]
+    } else {
+        path_var
+            .split(':')
+            .filter_map(|dir| CString::new([dir.as_bytes(), b"/", program].concat()).ok())
+            .collect()
+    };
+    let argv: Vec<*const libc::c_char> = argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp: Vec<*const libc::c_char> = envp
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let mut last = std::io::Error::from_raw_os_error(libc::ENOENT);
+    for path in &candidates {
+        // SAFETY: null-terminated arrays of NUL-terminated strings that outlive the call.
+        unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        last = std::io::Error::last_os_error();
+    }
+    format!("exec {}: {last}", String::from_utf8_lossy(program))
+}
