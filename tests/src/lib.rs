@@ -577,6 +577,7 @@ impl Node {
             .arg(self.state.path())
             .args(args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(std::env::var_os("BULKHEAD_INIT_BIN").map(|init| ("BULKHEAD_INIT", init)))
             .output()
             .expect("run bulkhead")
     }
@@ -736,4 +737,26 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.bulkhead(&["down"]);
     }
+}
+
+/// A root filesystem of busybox alone (`/bin/busybox` and a relative link per applet), for
+/// `bulkhead run --rootfs`; `None` where busybox is not installed (`cargo xtask setup`
+/// installs busybox-static).
+pub fn busybox_rootfs() -> Option<TempDir> {
+    let busybox = ["/usr/bin/busybox", "/bin/busybox"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.is_file())?;
+    let root = TempDir::new("bhroot");
+    let bin = root.path().join("bin");
+    fs::create_dir_all(&bin).ok()?;
+    fs::copy(busybox, bin.join("busybox")).ok()?;
+    let list = Command::new(busybox).arg("--list").output().ok()?;
+    for applet in String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter(|a| *a != "busybox")
+    {
+        let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
+    }
+    Some(root)
 }

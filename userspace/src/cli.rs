@@ -445,9 +445,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Exec { name, command } => {
             out.flush()?;
             drop(out);
-            let code = sandbox::exec(&paths, &name, &command)
-                .with_context(|| format!("exec in sandbox {name}"))?;
-            return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+            return match sandbox::exec(&paths, &name, &command) {
+                Ok(code) => Ok(ExitCode::from(code.clamp(0, 255) as u8)),
+                Err(e @ sandbox::SandboxError::CommandNotFound { .. }) => {
+                    eprintln!("bulkhead: exec in sandbox {name}: {e}");
+                    Ok(ExitCode::from(127))
+                }
+                Err(e) => Err(anyhow::Error::new(e).context(format!("exec in sandbox {name}"))),
+            };
         }
         Command::Stop { names, time } => {
             for name in names {

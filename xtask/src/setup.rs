@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 /// Debian packages the tests and the demo need.
-pub const TEST_PACKAGES: &[&str] = &["iproute2", "bpftool"];
+pub const TEST_PACKAGES: &[&str] = &["iproute2", "bpftool", "busybox-static"];
 
 pub fn run() -> anyhow::Result<()> {
     nightly()?;

@@ -10,5 +10,6 @@ mod edges;
 mod init;
 mod node;
 mod packets;
+mod sandboxes;
 mod services;
 mod upgrade;

@@ -1,0 +1,657 @@
+//! `bulkhead run` and friends against the real kernel: namespaces, cgroup limits (this machine's
+//! v1 controllers, or v2 where that is what is mounted), the veth on the bridge, services over
+//! sandboxes, published ports, and a clean `rm`.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddrV4, TcpListener, TcpStream},
+    path::Path,
+    process::Output,
+    time::{Duration, Instant},
+};
+
+use tests::{Node, TempDir, busybox_rootfs, skip};
+
+/// A node with a busybox rootfs to run sandboxes from.
+struct Host {
+    node: Node,
+    rootfs: TempDir,
+}
+
+impl Host {
+    fn new(test: &str) -> Option<Self> {
+        if skip(test) {
+            return None;
+        }
+        let Some(rootfs) = busybox_rootfs() else {
+            eprintln!("SKIP {test}: no busybox (cargo xtask setup installs busybox-static)");
+            return None;
+        };
+        Some(Host {
+            node: Node::new(),
+            rootfs,
+        })
+    }
+
+    fn root(&self) -> &str {
+        self.rootfs.path().to_str().unwrap()
+    }
+
+    /// `bulkhead run --rootfs ROOT ARGS -- sh -c SCRIPT`.
+    fn run(&self, args: &[&str], script: &str) -> Output {
+        let mut all = vec!["run", "--rootfs", self.root()];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--", "/bin/sh", "-c", script]);
+        self.node.bulkhead(&all)
+    }
+
+    /// A detached sandbox named `name`; panics unless it starts.
+    fn detach(&self, name: &str, args: &[&str], script: &str) {
+        let mut all = vec!["-d", "--name", name];
+        all.extend_from_slice(args);
+        let out = self.run(&all, script);
+        assert!(out.status.success(), "run -d {name}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim(), name);
+    }
+
+    fn ps(&self) -> serde_json::Value {
+        serde_json::from_str(&self.node.bulkhead_ok(&["ps", "--json"])).unwrap()
+    }
+
+    fn state(&self, name: &str) -> String {
+        let ps = self.ps();
+        ps.as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .map(|s| s["state"].as_str().unwrap().to_owned())
+            .unwrap_or_default()
+    }
+
+    fn stats(&self, name: &str) -> serde_json::Value {
+        serde_json::from_str(&self.node.bulkhead_ok(&["stats", name, "--json"])).unwrap()
+    }
+
+    fn record(&self, name: &str) -> serde_json::Value {
+        let path = self
+            .node
+            .state_dir()
+            .join("sandboxes")
+            .join(name)
+            .join("record.json");
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    /// Waits until `name` is no longer running.
+    fn wait_exit(&self, name: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let state = self.state(name);
+            if state != "running" || Instant::now() > deadline {
+                return state;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// What a sandbox leaves on the machine, as (what, where) pairs; empty after `rm`.
+    fn leftovers(&self, record: &serde_json::Value) -> Vec<String> {
+        let mut left = Vec::new();
+        let name = record["name"].as_str().unwrap();
+        let state = self.node.state_dir().join("sandboxes").join(name);
+        if state.exists() {
+            left.push(format!("state dir {}", state.display()));
+        }
+        let lease = self
+            .node
+            .state_dir()
+            .join("leases")
+            .join(record["addr"].as_str().unwrap());
+        if lease.exists() {
+            left.push(format!("lease {}", lease.display()));
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        if mounts.contains(state.to_str().unwrap()) {
+            left.push("namespace bind mounts".into());
+        }
+        let host_if = record["host_if"].as_str().unwrap();
+        if self.node.ns.ip(&["-o", "link"]).contains(host_if) {
+            left.push(format!("veth {host_if}"));
+        }
+        for dir in cgroup_dirs(record) {
+            if dir.exists() {
+                left.push(format!("cgroup {}", dir.display()));
+            }
+        }
+        if self
+            .node
+            .bulkhead_ok(&["endpoint", "list", "--json"])
+            .contains(&format!("\"{}\"", record["addr"].as_str().unwrap()))
+        {
+            left.push("endpoint".into());
+        }
+        left
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The directories of a sandbox's cgroup, from its record (v1: one per controller).
+fn cgroup_dirs(record: &serde_json::Value) -> Vec<std::path::PathBuf> {
+    let cg = &record["cgroup"];
+    let path = cg["path"].as_str().unwrap();
+    if cg["v2"].as_bool().unwrap() {
+        return vec![Path::new("/sys/fs/cgroup").join(path)];
+    }
+    cg["parents"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(controller, parent)| {
+            Path::new("/sys/fs/cgroup")
+                .join(controller)
+                .join(parent.as_str().unwrap().trim_start_matches('/'))
+                .join(path)
+        })
+        .filter(|d| {
+            d.parent()
+                .is_some_and(|p| p.parent().is_some_and(Path::exists))
+        })
+        .collect()
+}
+
+/// One HTTP GET to busybox httpd, retried while it starts; the body.
+fn http_get(from: &tests::Pod, to: SocketAddrV4) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = from.ns.run(move || -> std::io::Result<String> {
+            let mut conn = TcpStream::connect_timeout(&to.into(), Duration::from_secs(2))?;
+            conn.set_read_timeout(Some(Duration::from_secs(3)))?;
+            conn.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
+            let mut response = String::new();
+            conn.read_to_string(&mut response)?;
+            Ok(response
+                .split("\r\n\r\n")
+                .nth(1)
+                .unwrap_or("")
+                .trim()
+                .to_owned())
+        });
+        match got {
+            Ok(body) if !body.is_empty() => return body,
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            other => panic!("GET {to}: {other:?}"),
+        }
+    }
+}
+
+/// A sandbox command serving its own hostname over HTTP on `port`.
+fn web(port: u16) -> String {
+    format!(
+        "mkdir -p /tmp/www && hostname > /tmp/www/index.html && exec httpd -f -p {port} -h /tmp/www"
+    )
+}
+
+#[test]
+fn a_sandbox_sees_only_itself() {
+    let Some(h) = Host::new("a_sandbox_sees_only_itself") else {
+        return;
+    };
+    let out = h.run(
+        &["--hostname", "inside"],
+        "hostname; ls /sys/class/net | tr '\\n' ' '; echo; ps -o pid,args | tail -n +2; exit 7",
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "the command's status comes back: {}",
+        text(&out.stderr)
+    );
+    let stdout = text(&out.stdout);
+    let mut lines = stdout.lines();
+    assert_eq!(lines.next(), Some("inside"), "{stdout}");
+    assert_eq!(
+        lines.next().map(str::trim),
+        Some("eth0 lo"),
+        "only lo and eth0: {stdout}"
+    );
+    let procs: Vec<&str> = lines.collect();
+    assert!(
+        procs[0].trim().starts_with("1 bulkhead-init -- /bin/sh -c"),
+        "PID 1 is the init: {stdout}"
+    );
+    assert!(
+        procs[1].trim().starts_with("2 /bin/sh -c"),
+        "the command is its child: {stdout}"
+    );
+    assert!(
+        procs.len() <= 4,
+        "no process of the host is visible: {stdout}"
+    );
+    // Foreground runs remove themselves.
+    assert_eq!(h.ps(), serde_json::json!([]));
+}
+
+#[test]
+fn defaults_reduce_privileges_and_privileged_keeps_them() {
+    let Some(h) = Host::new("defaults_reduce_privileges_and_privileged_keeps_them") else {
+        return;
+    };
+    let script = "grep -E '^(CapBnd|NoNewPrivs)' /proc/self/status; touch /sys/x 2>&1; (echo 1 > /proc/sys/kernel/ns_last_pid) 2>&1; true";
+    let out = text(&h.run(&[], script).stdout);
+    assert!(
+        out.contains("CapBnd:\t00000000a80425fb"),
+        "docker's default capability set: {out}"
+    );
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    assert_eq!(
+        out.matches("Read-only file system").count(),
+        2,
+        "/sys and /proc/sys read-only: {out}"
+    );
+    let out = text(&h.run(&["--privileged"], script).stdout);
+    assert!(
+        !out.contains("a80425fb") && out.contains("NoNewPrivs:\t0"),
+        "{out}"
+    );
+}
+
+#[test]
+fn exceeding_the_memory_limit_is_an_oom_kill_that_stats_shows() {
+    let Some(h) = Host::new("exceeding_the_memory_limit_is_an_oom_kill_that_stats_shows") else {
+        return;
+    };
+    h.detach(
+        "hog",
+        &["--memory", "32m"],
+        "awk 'BEGIN { s = \"x\"; while (1) s = s s }'",
+    );
+    let state = h.wait_exit("hog", Duration::from_secs(20));
+    assert_eq!(state, "exited (137)", "killed by SIGKILL");
+    let stats = h.stats("hog");
+    assert!(stats["oom_kills"].as_u64().unwrap() >= 1, "{stats}");
+    assert_eq!(stats["memory_limit_bytes"], 32 << 20, "{stats}");
+    assert!(
+        stats["memory_peak_bytes"].as_u64().unwrap() > 16 << 20,
+        "{stats}"
+    );
+    h.node.bulkhead_ok(&["rm", "hog"]);
+}
+
+#[test]
+fn the_pids_limit_stops_a_fork_bomb() {
+    let Some(h) = Host::new("the_pids_limit_stops_a_fork_bomb") else {
+        return;
+    };
+    h.detach(
+        "bomb",
+        &["--pids-limit", "20"],
+        "i=0; while [ $i -lt 200 ]; do sleep 60 & i=$((i+1)); done; sleep 60",
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let stats = h.stats("bomb");
+    assert_eq!(stats["pids_limit"], 20, "{stats}");
+    assert!(stats["pids"].as_u64().unwrap() <= 20, "{stats}");
+    let logs = h.node.bulkhead_ok(&["logs", "bomb"]);
+    assert!(logs.contains("fork"), "the shell was refused forks: {logs}");
+    h.node.bulkhead_ok(&["rm", "--force", "bomb"]);
+}
+
+#[test]
+fn a_cpu_limit_shows_throttling() {
+    let Some(h) = Host::new("a_cpu_limit_shows_throttling") else {
+        return;
+    };
+    h.detach("spin", &["--cpus", "0.2"], "while :; do :; done");
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let stats = h.stats("spin");
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = stats["cpu_usec"].as_u64().unwrap() as f64 / 1e6;
+    assert!(stats["throttled_periods"].as_u64().unwrap() > 0, "{stats}");
+    assert!(
+        cpu < 0.2 * wall * 1.5 + 0.05,
+        "{cpu} s of cpu in {wall} s at 0.2 CPUs: {stats}"
+    );
+    h.node.bulkhead_ok(&["rm", "--force", "spin"]);
+}
+
+#[test]
+fn sandboxes_reach_each_other_and_a_vip_balances_across_them() {
+    let Some(mut h) = Host::new("sandboxes_reach_each_other_and_a_vip_balances_across_them") else {
+        return;
+    };
+    for name in ["web1", "web2", "web3"] {
+        h.detach(name, &["--hostname", name], &web(8080));
+    }
+    let addr = |name: &str| h.record(name)["addr"].as_str().unwrap().to_owned();
+    // Sandbox to sandbox, over the bridge.
+    let out = h.run(
+        &[],
+        &format!("wget -qO- http://{}:8080/index.html", addr("web2")),
+    );
+    assert_eq!(text(&out.stdout).trim(), "web2", "{}", text(&out.stderr));
+    // A VIP whose backends are named by sandbox name.
+    h.node.bulkhead_ok(&[
+        "service",
+        "add",
+        "198.19.0.10:80",
+        "-s",
+        "rr",
+        "-b",
+        "web1:8080",
+        "-b",
+        "web2:8080",
+        "-b",
+        "web3:8080",
+    ]);
+    let web3 = addr("web3");
+    h.node.add_pod(250);
+    let client = h.node.pods.last().unwrap();
+    let vip = SocketAddrV4::new(std::net::Ipv4Addr::new(198, 19, 0, 10), 80);
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..30 {
+        *seen.entry(http_get(client, vip)).or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        ["web1", "web2", "web3"],
+        "{seen:?}"
+    );
+    let list = h.node.bulkhead_ok(&["service", "list"]);
+    assert!(list.contains(&format!("{web3}:8080")), "{list}");
+}
+
+#[test]
+fn exec_lands_in_the_sandboxs_namespaces_and_cgroup() {
+    let Some(h) = Host::new("exec_lands_in_the_sandboxs_namespaces_and_cgroup") else {
+        return;
+    };
+    h.detach(
+        "target",
+        &["--hostname", "target-host", "-e", "GREETING=hi"],
+        "sleep 600",
+    );
+    let record = h.record("target");
+    let pid = record["pid"].as_i64().unwrap();
+    let out = h.node.bulkhead(&["exec", "target", "--", "/bin/sh", "-c", "hostname; echo $GREETING; for ns in net pid mnt uts ipc; do readlink /proc/self/ns/$ns; done; cat /proc/self/cgroup; ps -o pid,args | tail -n +2 | head -1; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let mut lines = stdout.lines();
+    assert_eq!(lines.next(), Some("target-host"));
+    assert_eq!(lines.next(), Some("hi"), "the sandbox's environment");
+    for ns in ["net", "pid", "mnt", "uts", "ipc"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_eq!(
+            lines.next(),
+            Some(theirs.to_str().unwrap()),
+            "{ns} namespace"
+        );
+    }
+    let rest: Vec<&str> = lines.collect();
+    let cgroup = record["cgroup"]["path"].as_str().unwrap();
+    assert!(
+        rest.iter().any(|l| l.ends_with(cgroup)),
+        "in the sandbox's cgroup: {stdout}"
+    );
+    assert!(
+        rest.last().unwrap().trim().starts_with("1 bulkhead-init"),
+        "sees the sandbox's processes: {stdout}"
+    );
+    let out = h
+        .node
+        .bulkhead(&["exec", "target", "--", "no-such-command"]);
+    assert_eq!(out.status.code(), Some(127), "{}", text(&out.stderr));
+    h.node.bulkhead_ok(&["rm", "--force", "target"]);
+}
+
+#[test]
+fn stop_ends_within_the_grace_period() {
+    let Some(h) = Host::new("stop_ends_within_the_grace_period") else {
+        return;
+    };
+    h.detach(
+        "polite",
+        &[],
+        "trap 'exit 0' TERM; while :; do sleep 1; done",
+    );
+    h.detach("stubborn", &[], "trap '' TERM; while :; do sleep 1; done");
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    assert_eq!(
+        h.node.bulkhead_ok(&["stop", "-t", "5", "polite"]).trim(),
+        "polite"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "polite took {:?}",
+        started.elapsed()
+    );
+    let started = Instant::now();
+    let out = h.node.bulkhead_ok(&["stop", "-t", "1", "stubborn"]);
+    let took = started.elapsed();
+    assert!(out.contains("killed after the grace period"), "{out}");
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(4),
+        "stubborn took {took:?}"
+    );
+    assert_eq!(h.state("polite"), "exited (0)");
+    assert_eq!(h.state("stubborn"), "exited (137)");
+    // A stopped sandbox can be removed without --force; a running one cannot.
+    h.detach("running", &[], "sleep 600");
+    let out = h.node.bulkhead(&["rm", "running"]);
+    assert!(
+        text(&out.stderr).contains("is running"),
+        "{}",
+        text(&out.stderr)
+    );
+    h.node.bulkhead_ok(&["rm", "polite", "stubborn"]);
+    h.node.bulkhead_ok(&["rm", "-f", "running"]);
+}
+
+#[test]
+fn after_rm_nothing_is_left() {
+    let Some(h) = Host::new("after_rm_nothing_is_left") else {
+        return;
+    };
+    h.detach(
+        "gone",
+        &[
+            "--memory",
+            "64m",
+            "--cpus",
+            "0.5",
+            "--pids-limit",
+            "50",
+            "-p",
+            "18080:8080",
+        ],
+        &web(8080),
+    );
+    let record = h.record("gone");
+    let cgroups = cgroup_dirs(&record);
+    assert!(
+        !cgroups.is_empty() && cgroups.iter().all(|d| d.exists()),
+        "{cgroups:?}"
+    );
+    // Beneath the cgroup this test runs in: nothing moved out of the delegated subtree.
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    for dir in &cgroups {
+        let rel = dir
+            .strip_prefix("/sys/fs/cgroup")
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            own.lines().any(|l| {
+                let own_path = l.rsplit(':').next().unwrap().trim_end_matches('/');
+                rel.contains(&format!("{own_path}/bulkhead/gone"))
+            }),
+            "{rel} is not beneath this process's cgroup:\n{own}"
+        );
+    }
+    assert!(
+        h.leftovers(&record).len() >= 5,
+        "the sandbox should exist: {:?}",
+        h.leftovers(&record)
+    );
+    h.node.bulkhead_ok(&["rm", "--force", "gone"]);
+    assert_eq!(h.leftovers(&record), Vec::<String>::new());
+    assert!(
+        !h.node
+            .bulkhead_ok(&["service", "list"])
+            .contains("0.0.0.0:18080"),
+        "the published port is gone"
+    );
+}
+
+#[test]
+fn a_published_port_reaches_the_sandbox_and_a_taken_one_is_refused() {
+    let Some(mut h) = Host::new("a_published_port_reaches_the_sandbox_and_a_taken_one_is_refused")
+    else {
+        return;
+    };
+    h.detach(
+        "pub",
+        &["--hostname", "published", "-p", "18080:8080"],
+        &web(8080),
+    );
+    h.node.add_pod(250);
+    let client = h.node.pods.last().unwrap();
+    assert_eq!(
+        http_get(client, SocketAddrV4::new(h.node.gateway, 18080)),
+        "published"
+    );
+    // Taken by another sandbox's publish...
+    let out = h.run(&["-d", "--name", "second", "-p", "18080:80"], "sleep 60");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("address already in use by sandbox pub"),
+        "{}",
+        text(&out.stderr)
+    );
+    // ...or by a socket listening in the node's namespace.
+    let listener = h
+        .node
+        .ns
+        .run(|| TcpListener::bind("0.0.0.0:18081").unwrap());
+    let out = h.run(&["-d", "--name", "third", "-p", "18081:80"], "sleep 60");
+    assert!(
+        text(&out.stderr).contains("address already in use by process"),
+        "{}",
+        text(&out.stderr)
+    );
+    drop(listener);
+    assert!(
+        h.ps().as_array().unwrap().len() == 1,
+        "the refused runs left nothing: {}",
+        h.ps()
+    );
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
+    let Some(h) = Host::new("bad_input_gets_a_clear_error_and_leaves_nothing_behind") else {
+        return;
+    };
+    h.detach("taken", &[], "sleep 600");
+    let cases: [(&[&str], &str, &str, i32); 7] = [
+        (&["--memory", "lots"], "true", "invalid memory size", 125),
+        (&["--cpus", "0"], "true", "invalid cpus", 125),
+        (
+            &["--name", "../escape"],
+            "true",
+            "invalid sandbox name",
+            125,
+        ),
+        (&["--name", "taken"], "true", "already exists", 125),
+        (&["--publish", "80"], "true", "invalid publish", 125),
+        (
+            &["--ip", "203.0.113.5"],
+            "true",
+            "not in the pod subnet",
+            125,
+        ),
+        (
+            &["--rootfs", "/nonexistent/root"],
+            "true",
+            "is not a directory",
+            125,
+        ),
+    ];
+    for (args, script, message, code) in cases {
+        let mut all = vec!["run"];
+        if !args.contains(&"--rootfs") {
+            all.extend_from_slice(&["--rootfs", h.root()]);
+        }
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--", "/bin/sh", "-c", script]);
+        let out = h.node.bulkhead(&all);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr).contains(message),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    let out = h
+        .node
+        .bulkhead(&["run", "--rootfs", h.root(), "--", "/no/such/command"]);
+    assert_eq!(out.status.code(), Some(127));
+    assert!(
+        text(&out.stderr).contains("command not found: /no/such/command"),
+        "{}",
+        text(&out.stderr)
+    );
+    for cmd in [
+        &["rm", "ghost"][..],
+        &["stop", "ghost"],
+        &["stats", "ghost"],
+        &["logs", "ghost"],
+        &["exec", "ghost", "--", "true"],
+    ] {
+        let out = h.node.bulkhead(cmd);
+        assert!(
+            text(&out.stderr).contains("no sandbox named ghost"),
+            "{cmd:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    // Only the first sandbox exists, with the only lease.
+    let names: Vec<String> = h
+        .ps()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["taken"]);
+    let leases: Vec<_> = std::fs::read_dir(h.node.state_dir().join("leases"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(leases.len(), 1, "{leases:?}");
+}
+
+#[test]
+fn a_user_namespace_maps_root_to_an_unprivileged_id() {
+    let Some(h) = Host::new("a_user_namespace_maps_root_to_an_unprivileged_id") else {
+        return;
+    };
+    let out = h.run(&["--userns"], "id -u; cat /proc/self/uid_map; ls /dev/null");
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "0");
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        ["0", "100000", "65536"]
+    );
+}
