@@ -191,7 +191,10 @@ pub enum CreateError {
 /// would then see two connections on one tuple. The new flow's client port is translated to a
 /// free one instead: `orig.peer_port` gets the port the client appears with, `reply.peer_port`
 /// the client's own, and `reply_key` is updated to match.
-#[inline(always)]
+///
+/// A BPF-to-BPF call: its port search stays out of `new_flow`'s frame, which is on the
+/// deepest call chain (entry point, `new_flow`, the `lc` loop callback).
+#[inline(never)]
 pub fn create(
     orig_key: &FlowKey,
     orig: &mut Flow,

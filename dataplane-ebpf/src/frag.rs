@@ -30,7 +30,8 @@ pub fn remembering(
     result
 }
 
-#[inline(always)]
+/// A BPF-to-BPF call, for the same reason as `deliver`.
+#[inline(never)]
 fn remember(ctx: &TcContext, pkt: &Packet) {
     let (Ok(saddr), Ok(daddr)) = (ctx.load::<u32>(IP_SRC_OFF), ctx.load::<u32>(IP_DST_OFF)) else {
         return;

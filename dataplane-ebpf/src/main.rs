@@ -270,7 +270,10 @@ fn translate_client(
 /// have given it, and the TTL decremented when the node would have routed it. Skips the
 /// bridge, the node's routing and netfilter. Anything else (no endpoint registered, bypass
 /// turned off, a first fragment, a TTL about to expire) takes the normal path.
-#[inline(always)]
+///
+/// A BPF-to-BPF call: its buffers stay out of the entry point's stack frame, which sits under
+/// the deepest call chain (see `new_flow`).
+#[inline(never)]
 fn deliver(ctx: &TcContext, pkt: &Packet, routed: bool) -> Result<(), Verdict> {
     let cfg = conntrack::config();
     if cfg.flags & node_flags::NO_BYPASS != 0 || pkt.first_fragment {
@@ -449,7 +452,10 @@ fn try_egress(ctx: &TcContext, pkt: &Packet, cfg: &NodeConfig) -> Result<(), Ver
 
 /// Starts masquerading a pod's flow leaving the node: the node's address as source, with the
 /// pod's own source port when no other flow to the same peer holds it, else a random one.
-#[inline(always)]
+///
+/// A BPF-to-BPF call, like `deliver`: the egress entry point's frame also sits under the ICMP
+/// translation's.
+#[inline(never)]
 fn masquerade(ctx: &TcContext, pkt: &Packet, cfg: &NodeConfig, now: u64) -> Result<(), Verdict> {
     let state = conntrack::initial_state(pkt);
     let reply = Flow {

@@ -42,6 +42,13 @@ pub enum What {
         )]
         modes: String,
     },
+    /// `bulkhead run -- /bin/true` end to end against `unshare` (the baseline: the same
+    /// namespaces, nothing else), crun and runc running the same trivial bundle.
+    Sandbox {
+        /// Runs per program, interleaved.
+        #[arg(long, default_value_t = 40)]
+        runs: usize,
+    },
     /// bulkhead-init against tini, tini-static, dumb-init and catatonit.
     Init {
         /// Runs of `INIT -- /bin/true` per program (interleaved with the baseline).
@@ -53,6 +60,7 @@ pub enum What {
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     match &opts.what {
         What::Init { runs } => init(*runs),
+        What::Sandbox { runs } => sandbox(*runs),
         What::Datapath {
             vm,
             services,
@@ -325,5 +333,208 @@ Sizes and peak RSS as ratios to dynamically linked tini.\n\n",
     fs::write(dir.join("init.json"), format!("[{}]\n", json.join(",\n")))?;
     println!("{md}");
     println!("written to {}", dir.join("init.md").display());
+    Ok(())
+}
+
+/// Removes the bench's node namespace and state, whatever happened.
+struct BenchNode {
+    ns: String,
+    bulkhead: Vec<String>,
+    dir: PathBuf,
+}
+
+impl Drop for BenchNode {
+    fn drop(&mut self) {
+        let mut down = self.bulkhead.clone();
+        down.push("down".into());
+        let _ = Command::new(&down[0])
+            .args(&down[1..])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn sandbox(runs: usize) -> anyhow::Result<()> {
+    setup::run()?;
+    setup::apt(&["crun", "runc", "busybox-static", "util-linux"])?;
+    let artifacts = build::run(&build::Options { release: true })?;
+    let work = build::root().join("target/bench/sandbox");
+    let _ = fs::remove_dir_all(&work);
+    // A busybox root, shared by every contender.
+    let rootfs = work.join("bundle/rootfs");
+    fs::create_dir_all(rootfs.join("bin"))?;
+    fs::copy("/usr/bin/busybox", rootfs.join("bin/busybox"))?;
+    for applet in ["sh", "true"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
+    }
+    // The OCI bundle: runc's default spec running /bin/true, its cgroup beneath this process's
+    // own (the memory hierarchy places it apart from the others on this machine's v1 hybrid).
+    let bundle = work.join("bundle");
+    let status = Command::new("runc")
+        .arg("spec")
+        .current_dir(&bundle)
+        .status()
+        .context("runc spec")?;
+    if !status.success() {
+        bail!("runc spec failed");
+    }
+    let config_path = bundle.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&fs::read_to_string(&config_path)?)?;
+    config["process"]["args"] = serde_json::json!(["/bin/true"]);
+    config["process"]["terminal"] = serde_json::json!(false);
+    config["root"]["readonly"] = serde_json::json!(false);
+    let own = fs::read_to_string("/proc/self/cgroup")?;
+    let memory = own
+        .lines()
+        .find_map(|l| {
+            l.split(':')
+                .nth(1)
+                .filter(|c| *c == "memory")
+                .and(l.rsplit(':').next())
+        })
+        .or_else(|| own.lines().find_map(|l| l.strip_prefix("0::")))
+        .unwrap_or("/")
+        .trim_end_matches('/')
+        .to_owned();
+    config["linux"]["cgroupsPath"] = serde_json::json!(format!("{memory}/bulkhead-bench-oci"));
+    fs::write(&config_path, serde_json::to_string_pretty(&config)?)?;
+
+    // A node for bulkhead: its own namespace, bridge and pin directory.
+    let ns = format!("bhbench{}", std::process::id());
+    let status = Command::new("ip").args(["netns", "add", &ns]).status()?;
+    if !status.success() {
+        bail!("ip netns add {ns} failed");
+    }
+    let bulkhead: Vec<String> = vec![
+        artifacts.bulkhead.to_string_lossy().into_owned(),
+        "--netns".into(),
+        ns.clone(),
+        "--bpffs".into(),
+        format!("/sys/fs/bpf/{ns}"),
+        "--state-dir".into(),
+        work.join("state").to_string_lossy().into_owned(),
+    ];
+    let node = BenchNode {
+        ns: ns.clone(),
+        bulkhead: bulkhead.clone(),
+        dir: PathBuf::from(format!("/sys/fs/bpf/{ns}")),
+    };
+    let mut up = bulkhead.clone();
+    up.extend(["up", "--bridge", "bhbench0", "--subnet", "198.18.0.1/24"].map(String::from));
+    time_once(&up.iter().map(String::as_str).collect::<Vec<_>>())?;
+
+    let rootfs_s = rootfs.to_string_lossy().into_owned();
+    let bundle_s = bundle.to_string_lossy().into_owned();
+    let mut bulkhead_run = bulkhead.clone();
+    bulkhead_run.extend(["run", "--rootfs", &rootfs_s, "--", "/bin/true"].map(String::from));
+    let contenders: Vec<(&str, Vec<String>)> = vec![
+        (
+            "unshare",
+            [
+                "unshare",
+                "--fork",
+                "--pid",
+                "--mount-proc",
+                "--net",
+                "--uts",
+                "--ipc",
+                "/bin/true",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ),
+        ("bulkhead", bulkhead_run),
+        (
+            "crun",
+            ["crun", "run", "--bundle", &bundle_s, "ID"]
+                .map(String::from)
+                .to_vec(),
+        ),
+        (
+            "runc",
+            ["runc", "run", "--bundle", &bundle_s, "ID"]
+                .map(String::from)
+                .to_vec(),
+        ),
+    ];
+    let mut times: Vec<Vec<Duration>> = vec![Vec::with_capacity(runs); contenders.len()];
+    let mut failures: Vec<Option<String>> = vec![None; contenders.len()];
+    // One warm-up each (and the check that it works at all), then interleaved runs.
+    for round in 0..=runs {
+        for (i, (name, argv)) in contenders.iter().enumerate() {
+            if failures[i].is_some() {
+                continue;
+            }
+            let id = format!("bhbench-{}-{round}", std::process::id());
+            let argv: Vec<&str> = argv
+                .iter()
+                .map(|a| if a == "ID" { id.as_str() } else { a.as_str() })
+                .collect();
+            match time_once(&argv) {
+                Ok(t) if round > 0 => times[i].push(t),
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("bench: {name}: {e:#}");
+                    failures[i] = Some(format!("{e:#}"));
+                }
+            }
+        }
+    }
+    drop(node);
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let p90 = |v: &[Duration]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v[(v.len() * 9 / 10).min(v.len() - 1)]
+    };
+    let base = if times[0].is_empty() {
+        bail!("the unshare baseline did not run: {:?}", failures[0])
+    } else {
+        median(times[0].clone())
+    };
+    let mut md = format!(
+        "Creating a sandbox around `/bin/true`, running it and removing it, end to end; median and p90 of {runs} \
+interleaved runs per program. Baseline: `unshare --fork --pid --mount-proc --net --uts --ipc /bin/true`, {:.0} us. \
+bulkhead also creates and removes a cgroup, a veth pair on the bridge with an address, the datapath attachment and \
+the endpoint entry; crun and runc run the same busybox bundle (runc's default spec, no network setup).\n\n",
+        us(base)
+    );
+    md.push_str(
+        "| program | median (ms) | / unshare | p90 (ms) | note |\n|---|---:|---:|---:|---|\n",
+    );
+    let mut json = Vec::new();
+    for (i, (name, _)) in contenders.iter().enumerate() {
+        match &failures[i] {
+            Some(e) => md.push_str(&format!(
+                "| {name} | - | - | - | did not run: {} |\n",
+                e.lines().next().unwrap_or("")
+            )),
+            None => {
+                let m = median(times[i].clone());
+                md.push_str(&format!(
+                    "| {name} | {:.2} | {:.2} | {:.2} | |\n",
+                    us(m) / 1000.0,
+                    us(m) / us(base),
+                    us(p90(&times[i])) / 1000.0
+                ));
+                json.push(format!(
+                    "{{\"name\":\"{name}\",\"median_us\":{:.0},\"baseline_us\":{:.0}}}",
+                    us(m),
+                    us(base)
+                ));
+            }
+        }
+    }
+    let dir = out_dir()?;
+    fs::write(dir.join("sandbox.md"), &md)?;
+    fs::write(
+        dir.join("sandbox.json"),
+        format!("[{}]\n", json.join(",\n")),
+    )?;
+    println!("{md}");
+    println!("written to {}", dir.join("sandbox.md").display());
     Ok(())
 }

@@ -53,7 +53,67 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let release = build::run(&build::Options { release: true })?;
     crate::run::vm_demo(&release).context("the VM demo failed")?;
     eprintln!("test: the VM demo passed");
+    vm_sandboxes(&release).context("the sandbox tests in the VM failed")?;
+    eprintln!("test: the sandbox tests passed in the VM (cgroup v2)");
     Ok(())
+}
+
+/// Sandbox tests whose subject is the cgroup hierarchy, again inside the VM: its kernel mounts
+/// cgroup v2 alone, where this machine has the v1/v2 hybrid.
+const VM_SANDBOX_TESTS: &[&str] = &[
+    "sandboxes::a_sandbox_sees_only_itself",
+    "sandboxes::exceeding_the_memory_limit_is_an_oom_kill_that_stats_shows",
+    "sandboxes::the_pids_limit_stops_a_fork_bomb",
+    "sandboxes::a_cpu_limit_shows_throttling",
+    "sandboxes::exec_lands_in_the_sandboxs_namespaces_and_cgroup",
+    "sandboxes::after_rm_nothing_is_left",
+];
+
+fn vm_sandboxes(artifacts: &build::Artifacts) -> anyhow::Result<()> {
+    let root = build::root();
+    let out = build::host_cargo(&root, &artifacts.ebpf)
+        .args([
+            "test",
+            "--package",
+            "tests",
+            "--test",
+            "integration",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .output()
+        .context("build the integration tests")?;
+    let executable = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("\"name\":\"integration\""))
+        .find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some(std::path::PathBuf::from(v["executable"].as_str()?))
+        })
+        .context("cargo did not name the integration test binary")?;
+    // Without debug info it is a tenth of the size in the initramfs.
+    let stripped = root.join("target/vm/bulkhead-tests");
+    std::fs::create_dir_all(stripped.parent().unwrap())?;
+    setup::run_cmd(
+        "strip the test binary",
+        std::process::Command::new("strip")
+            .arg("--strip-debug")
+            .arg(&executable)
+            .arg("-o")
+            .arg(&stripped),
+    )?;
+    let body = format!(
+        "grep -q ' /sys/fs/cgroup cgroup2 ' /proc/mounts || {{ echo 'vm: no cgroup2'; exit 1; }}\n\
+export BULKHEAD_BIN=/bin/bulkhead BULKHEAD_INIT_BIN=/bin/bulkhead-init\n\
+/bin/bulkhead-tests --test-threads=1 {}",
+        VM_SANDBOX_TESTS.join(" ")
+    );
+    let binaries = [
+        (artifacts.bulkhead.clone(), "/bin/bulkhead"),
+        (artifacts.init.clone(), "/bin/bulkhead-init"),
+        (stripped, "/bin/bulkhead-tests"),
+    ];
+    crate::vm::run(&body, &binaries, std::time::Duration::from_secs(1200))
 }
 
 fn is_root() -> bool {

@@ -26,34 +26,30 @@ fn sock(s: &str) -> SocketAddrV4 {
     s.parse().unwrap()
 }
 
-/// A datapath loaded into the kernel (not attached anywhere) with one TCP and one UDP service.
+/// A service at `vaddr` (`ADDR:PORT/PROTO`) with `backends`, default scheduler.
+fn spec(vaddr: &str, backends: &[&str]) -> ServiceSpec {
+    ServiceSpec {
+        vaddr: vaddr.parse().unwrap(),
+        scheduler: Default::default(),
+        affinity_secs: 0,
+        nodeport: None,
+        backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
+    }
+}
+
+/// A datapath loaded into the kernel (not attached anywhere) with one TCP and one UDP service,
+/// and two services without backends.
 fn datapath(pins: &BpffsDir) -> Datapath {
     let dp = Datapath::load(pins.path(), LogLevel::Off).expect("load the datapath");
     let mut table = ServiceTable::open(pins.path()).unwrap();
-    for (vaddr, backend) in [
-        ("198.19.0.10:80/tcp", "198.18.0.3:8080"),
-        ("198.19.0.10:53/udp", "198.18.0.3:5353"),
-    ] {
-        let spec = ServiceSpec {
-            vaddr: vaddr.parse().unwrap(),
-            scheduler: Default::default(),
-            affinity_secs: 0,
-            nodeport: None,
-            backends: vec![backend.parse().unwrap()],
-        };
-        table.add(&spec).unwrap();
-    }
-    for vaddr in ["198.19.0.11:80/tcp", "198.19.0.11:80/udp"] {
-        table
-            .add(&ServiceSpec {
-                vaddr: vaddr.parse().unwrap(),
-                scheduler: Default::default(),
-                affinity_secs: 0,
-                nodeport: None,
-                backends: vec![],
-            })
-            .unwrap();
-    }
+    table
+        .add(&spec("198.19.0.10:80/tcp", &["198.18.0.3:8080"]))
+        .unwrap();
+    table
+        .add(&spec("198.19.0.10:53/udp", &["198.18.0.3:5353"]))
+        .unwrap();
+    table.add(&spec("198.19.0.11:80/tcp", &[])).unwrap();
+    table.add(&spec("198.19.0.11:80/udp", &[])).unwrap();
     dp
 }
 
@@ -682,13 +678,7 @@ fn a_backend_behind_two_vips_sees_two_client_ports() {
     let (client, backend) = (sock("198.18.0.2:40000"), sock("198.18.0.3:8080"));
     for vip in [vip1, vip2] {
         table
-            .add(&ServiceSpec {
-                vaddr: format!("{vip}/tcp").parse().unwrap(),
-                scheduler: Default::default(),
-                affinity_secs: 0,
-                nodeport: None,
-                backends: vec![backend.to_string().parse().unwrap()],
-            })
+            .add(&spec(&format!("{vip}/tcp"), &["198.18.0.3:8080"]))
             .unwrap();
     }
     let (_, out) = dp

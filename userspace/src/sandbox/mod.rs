@@ -276,17 +276,23 @@ pub fn run(paths: &Paths, spec: &RunSpec) -> Result<(Name, Option<Exit>)> {
         return run_detached(paths, spec).map(|name| (name, None));
     }
     // Blocked before the clone so none is lost; the child unblocks them.
-    let mut forwarded = nix::sys::signal::SigSet::empty();
-    FORWARDED.iter().for_each(|&s| forwarded.add(s));
-    forwarded.add(Signal::SIGCHLD);
-    forwarded
-        .thread_block()
-        .map_err(|e| SandboxError::io("block signals", e.into()))?;
+    let forwarded = block_forwarded()?;
     let (record, _) = start(paths, spec, None)?;
     let code = wait_forwarding(Pid::from_raw(record.pid), &forwarded);
     let _ = forwarded.thread_unblock();
     remove(paths, &record)?;
     Ok((record.name, Some(Exit(code))))
+}
+
+/// Blocks the signals a waiting `run` or `exec` passes on (and SIGCHLD), to take them with
+/// `sigwait`.
+fn block_forwarded() -> Result<nix::sys::signal::SigSet> {
+    let mut set = nix::sys::signal::SigSet::empty();
+    FORWARDED.iter().for_each(|&s| set.add(s));
+    set.add(Signal::SIGCHLD);
+    set.thread_block()
+        .map_err(|e| SandboxError::io("block signals", e.into()))?;
+    Ok(set)
 }
 
 /// Waits for `pid`, passing on every forwarded signal; returns its status as a shell would.
@@ -964,12 +970,7 @@ pub fn exec(paths: &Paths, name: &str, command: &[String]) -> Result<i32> {
         .find(|(k, _)| k == "PATH")
         .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
     process::resolve_command(Path::new("/"), program, path_var)?;
-    let mut forwarded = nix::sys::signal::SigSet::empty();
-    FORWARDED.iter().for_each(|&s| forwarded.add(s));
-    forwarded.add(Signal::SIGCHLD);
-    forwarded
-        .thread_block()
-        .map_err(|e| SandboxError::io("block signals", e.into()))?;
+    let forwarded = block_forwarded()?;
     // SAFETY: single-threaded; the child only sets itself up and execs.
     match unsafe { nix::unistd::fork() }.map_err(|e| SandboxError::io("fork", e.into()))? {
         nix::unistd::ForkResult::Child => {
