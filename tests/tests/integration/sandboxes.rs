@@ -655,3 +655,21 @@ fn a_user_namespace_maps_root_to_an_unprivileged_id() {
         ["0", "100000", "65536"]
     );
 }
+
+#[test]
+fn a_cgroup_namespace_hides_where_the_sandbox_sits() {
+    let Some(h) = Host::new("a_cgroup_namespace_hides_where_the_sandbox_sits") else {
+        return;
+    };
+    let script = "cat /proc/self/cgroup";
+    let without = text(&h.run(&["--name", "plain"], script).stdout);
+    assert!(
+        without.contains("/bulkhead/plain"),
+        "without it the path shows: {without}"
+    );
+    let with = text(&h.run(&["--name", "hidden", "--cgroupns"], script).stdout);
+    assert!(
+        !with.contains("bulkhead") && with.lines().any(|l| l.ends_with(":/")),
+        "{with}"
+    );
+}

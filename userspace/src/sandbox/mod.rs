@@ -108,6 +108,9 @@ pub enum SandboxError {
     },
     #[error("setting up the sandbox failed: {message}")]
     Setup { message: String },
+    /// An error the detached run's monitor reported, already worded.
+    #[error("{0}")]
+    Reported(String),
     #[error("cannot {action}")]
     Io {
         action: String,
@@ -323,6 +326,11 @@ fn run_detached(paths: &Paths, spec: &RunSpec) -> Result<Name> {
         name: Some(name.clone()),
         ..spec.clone()
     };
+    // Bad input is reported here, with its own error, before the monitor exists.
+    prepare(paths, &spec)?;
+    if sandbox_dir(paths, &name).exists() {
+        return Err(SandboxError::NameInUse { name });
+    }
     // SAFETY: this process is single-threaded (the CLI runs no threads), so the child may do
     // anything the parent could.
     match unsafe { nix::unistd::fork() }
@@ -364,12 +372,12 @@ fn run_detached(paths: &Paths, spec: &RunSpec) -> Result<Name> {
                 Ok(name)
             } else {
                 let _ = waitpid(child, None);
-                Err(SandboxError::Setup {
-                    message: if message.is_empty() {
-                        "the monitor died".into()
-                    } else {
-                        message
-                    },
+                Err(if message.is_empty() {
+                    SandboxError::Setup {
+                        message: "the monitor process died".into(),
+                    }
+                } else {
+                    SandboxError::Reported(message)
                 })
             }
         }
@@ -420,8 +428,21 @@ fn generated_name() -> Name {
     .expect("a valid name")
 }
 
-/// Creates the sandbox and starts its command; on failure removes whatever it made.
-fn start(paths: &Paths, spec: &RunSpec, log: Option<PathBuf>) -> Result<(Record, ())> {
+/// What `run` checked and found before making anything.
+struct Prepared {
+    node: NodeRecord,
+    gateway: Ipv4Addr,
+    prefix: u8,
+    name: Name,
+    hostname: String,
+    root: PathBuf,
+    init: fs::File,
+    ip: Ip,
+}
+
+/// Checks everything that can be checked before anything is made: bad input leaves nothing
+/// behind.
+fn prepare(paths: &Paths, spec: &RunSpec) -> Result<Prepared> {
     // Everything that can be checked is checked before anything is made.
     let command = spec.command.first().ok_or(SandboxError::NoCommand)?;
     let node = NodeRecord::load(paths)?;
@@ -467,6 +488,30 @@ fn start(paths: &Paths, spec: &RunSpec, log: Option<PathBuf>) -> Result<(Record,
     }
     let ip = Ip::find()?;
 
+    Ok(Prepared {
+        node,
+        gateway,
+        prefix,
+        name,
+        hostname,
+        root,
+        init,
+        ip,
+    })
+}
+
+/// Creates the sandbox and starts its command; on failure removes whatever it made.
+fn start(paths: &Paths, spec: &RunSpec, log: Option<PathBuf>) -> Result<(Record, ())> {
+    let Prepared {
+        node,
+        gateway,
+        prefix,
+        name,
+        hostname,
+        root,
+        init,
+        ip,
+    } = prepare(paths, spec)?;
     let dir = sandbox_dir(paths, &name);
     fs::create_dir_all(sandboxes_dir(paths))
         .map_err(|e| SandboxError::io("create the state dir", e))?;

@@ -93,9 +93,8 @@ pub fn spawn(spec: &ChildSpec) -> Result<Child, SandboxError> {
     if spec.userns {
         flags |= CloneFlags::CLONE_NEWUSER;
     }
-    if spec.cgroupns {
-        flags |= CloneFlags::CLONE_NEWCGROUP;
-    }
+    // A cgroup namespace is made by the child once it is in its cgroup (see `setup_and_exec`):
+    // made at clone time, its root would be the cgroup of the process that cloned it.
     // SAFETY: clone(2) without a new stack behaves like fork(2): the child continues on a copy
     // of this (single-threaded) process's memory. It only runs `child_main`, which makes system
     // calls and exits or execs.
@@ -205,6 +204,10 @@ fn setup_and_exec(spec: &ChildSpec) -> Result<Never, String> {
             ));
         }
     }
+    if spec.cgroupns {
+        nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP)
+            .map_err(|e| sys("create the cgroup namespace", e))?;
+    }
     mount(
         None::<&str>,
         "/",
@@ -281,8 +284,20 @@ fn setup_and_exec(spec: &ChildSpec) -> Result<Never, String> {
         // once; no directory for it is needed inside the rootfs (which root of a user
         // namespace may not be allowed to create).
         chdir(&root).map_err(|e| sys("enter the root", e))?;
-        pivot_root(".", ".").map_err(|e| sys("pivot_root", e))?;
-        umount2(".", MntFlags::MNT_DETACH).map_err(|e| sys("detach the old root", e))?;
+        match pivot_root(".", ".") {
+            Ok(()) => {
+                umount2(".", MntFlags::MNT_DETACH).map_err(|e| sys("detach the old root", e))?
+            }
+            // The host's root is an initramfs, which cannot be pivoted away from (an initramfs
+            // boot, like the test VM's): move the new root over it and chroot, as
+            // switch_root and runc's no-pivot mode do.
+            Err(nix::Error::EINVAL) => {
+                mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+                    .map_err(|e| sys("move the root into place", e))?;
+                nix::unistd::chroot(".").map_err(|e| sys("chroot", e))?;
+            }
+            Err(e) => return Err(sys("pivot_root", e)),
+        }
         chdir("/").map_err(|e| sys("enter the new root", e))?;
     }
     sethostname(&spec.hostname).map_err(|e| sys("set the hostname", e))?;
