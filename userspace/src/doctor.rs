@@ -87,14 +87,15 @@ fn kernel() -> Check {
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
     let (major, minor) = parse_release(&release);
-    if (major, minor) >= (5, 10) {
+    // bpf_loop (the lc scheduler) arrived in 5.17; bpf_redirect_peer (the bypass) in 5.10.
+    if (major, minor) >= (5, 17) {
         check("kernel", Status::Ok, format!("Linux {release}"), None)
     } else {
         check(
             "kernel",
             Status::Missing,
             format!("Linux {release}"),
-            Some("Bulkhead needs Linux 5.10 or newer"),
+            Some("Bulkhead needs Linux 5.17 or newer (bpf_loop)"),
         )
     }
 }

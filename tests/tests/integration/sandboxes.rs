@@ -479,11 +479,12 @@ fn after_rm_nothing_is_left() {
     // Beneath the cgroup this test runs in: nothing moved out of the delegated subtree.
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
     for dir in &cgroups {
-        let rel = dir
-            .strip_prefix("/sys/fs/cgroup")
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
+        let rel = format!(
+            "/{}",
+            dir.strip_prefix("/sys/fs/cgroup")
+                .unwrap()
+                .to_string_lossy()
+        );
         assert!(
             own.lines().any(|l| {
                 let own_path = l.rsplit(':').next().unwrap().trim_end_matches('/');
