@@ -60,9 +60,11 @@ impl Ip {
         self.run_cmd(Command::new(&self.bin), args)
     }
 
-    /// Runs `ip ARGS` inside the network namespace `netns` (a `/proc/PID/ns/net` or a bind
-    /// mount of one), as `ip netns exec` would for a named one.
-    pub fn run_in(&self, netns: &Path, args: &[&str]) -> Result<String, LinkError> {
+    /// Runs several `ip` commands (one per entry, each a list of arguments) inside the network
+    /// namespace `netns` (a `/proc/PID/ns/net` or a bind mount of one), as `ip netns exec`
+    /// would for a named one: one process for all of them (`ip -batch`), stopping at the
+    /// first that fails.
+    pub fn batch_in(&self, netns: &Path, commands: &[Vec<&str>]) -> Result<String, LinkError> {
         use std::os::{fd::AsRawFd, unix::process::CommandExt};
         let ns = std::fs::File::open(netns).map_err(|source| LinkError::Spawn {
             bin: netns.to_owned(),
@@ -81,9 +83,14 @@ impl Ip {
                 Ok(())
             });
         }
-        let out = self.run_cmd(cmd, args);
+        let out = self.run_batch(cmd, commands);
         drop(ns);
         out
+    }
+
+    /// As [`Ip::batch_in`], in this process's network namespace.
+    pub fn batch(&self, commands: &[Vec<&str>]) -> Result<String, LinkError> {
+        self.run_batch(Command::new(&self.bin), commands)
     }
 
     fn run_cmd(&self, mut cmd: Command, args: &[&str]) -> Result<String, LinkError> {
@@ -98,6 +105,28 @@ impl Ip {
                 args: joined,
                 stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
             });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn run_batch(&self, mut cmd: Command, commands: &[Vec<&str>]) -> Result<String, LinkError> {
+        use std::io::Write as _;
+        let script: String = commands.iter().map(|c| c.join(" ") + "\n").collect();
+        let joined = format!("-batch - <<< {script:?}");
+        let spawn_err = |source| LinkError::Spawn { bin: self.bin.clone(), args: joined.clone(), source };
+        let mut child = cmd
+            .args(["-batch", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(spawn_err)?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(script.as_bytes()).map_err(spawn_err)?;
+        }
+        let out = child.wait_with_output().map_err(spawn_err)?;
+        if !out.status.success() {
+            return Err(LinkError::Failed { args: joined, stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -191,6 +220,35 @@ impl Ip {
             .ok_or_else(|| parse_err(serde::de::Error::custom("not a MAC address")))?;
         Ok((mac, link.linkinfo.map(|l| l.info_kind).unwrap_or_default()))
     }
+}
+
+/// The MAC address of `ifname` in this process's network namespace (SIOCGIFHWADDR: no `ip`
+/// process for a value asked for on every sandbox start).
+pub fn hw_addr(ifname: &str) -> std::io::Result<[u8; 6]> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let name = ifname.as_bytes();
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::from_raw_os_error(libc::ENODEV));
+    }
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero ifreq is valid; the name fits with its NUL (checked above).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, &src) in req.ifr_name.iter_mut().zip(name) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR fills the ifreq passed by pointer.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the ioctl filled the hardware-address member of the union.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    Ok(std::array::from_fn(|i| data[i] as u8))
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.

@@ -383,21 +383,22 @@ pub fn endpoint_add(
             },
         });
     }
-    let (gateway_mac, _) = ip
-        .link_info(&record.bridge)
-        .map_err(|source| NodeError::Link {
-            action: "inspect",
-            ifname: record.bridge.clone(),
-            source,
-        })?;
-    let ifindex = nix::net::if_::if_nametoindex(ifname).map_err(|_| NodeError::NoInterface {
-        ifname: ifname.to_owned(),
-    })?;
-    let endpoint = dataplane_common::Endpoint {
-        ifindex,
-        mac,
-        gateway_mac,
-    };
+    register_endpoint(paths, &record, addr, ifname, mac)
+}
+
+/// Registers a pod whose host-side interface is known to be a veth (one `bulkhead run` made).
+pub fn register_endpoint(
+    paths: &Paths,
+    record: &NodeRecord,
+    addr: std::net::Ipv4Addr,
+    ifname: &str,
+    mac: [u8; 6],
+) -> Result<(), NodeError> {
+    let gateway_mac = crate::link::hw_addr(&record.bridge)
+        .map_err(|_| NodeError::NoInterface { ifname: record.bridge.clone() })?;
+    let ifindex = nix::net::if_::if_nametoindex(ifname)
+        .map_err(|_| NodeError::NoInterface { ifname: ifname.to_owned() })?;
+    let endpoint = dataplane_common::Endpoint { ifindex, mac, gateway_mac };
     loader::Endpoints::open(&paths.bpffs)?.insert(addr, endpoint)?;
     Ok(())
 }

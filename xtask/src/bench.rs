@@ -191,19 +191,20 @@ fn is_static(path: &Path) -> anyhow::Result<bool> {
     }))
 }
 
-/// Wall time of one run of `argv`, output discarded.
+/// Wall time of one run of `argv`, output discarded (standard error kept for the failure).
 fn time_once(argv: &[&str]) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    let status = Command::new(argv[0])
+    let out = Command::new(argv[0])
         .args(&argv[1..])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
+        .stderr(Stdio::piped())
+        .output()
         .with_context(|| format!("run {argv:?}"))?;
     let took = started.elapsed();
-    if !status.success() {
-        bail!("{argv:?} failed: {status}");
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        bail!("{} failed ({}): {}", argv[0], out.status, stderr.trim().lines().last().unwrap_or(""));
     }
     Ok(took)
 }
