@@ -280,7 +280,7 @@ pub fn run(paths: &Paths, spec: &RunSpec) -> Result<(Name, Option<Exit>)> {
     }
     // Blocked before the clone so none is lost; the child unblocks them.
     let forwarded = block_forwarded()?;
-    let (record, _) = start(paths, spec, None)?;
+    let record = start(paths, spec, None)?;
     let code = wait_forwarding(Pid::from_raw(record.pid), &forwarded);
     let _ = forwarded.thread_unblock();
     remove(paths, &record)?;
@@ -387,7 +387,7 @@ fn run_detached(paths: &Paths, spec: &RunSpec) -> Result<Name> {
 fn monitor(paths: &Paths, spec: &RunSpec, report: &mut fs::File) -> Result<()> {
     let name = spec.name.clone().expect("named by run_detached");
     let log_path = sandbox_dir(paths, &name).join("log");
-    let (record, _) = start(paths, spec, Some(log_path))?;
+    let record = start(paths, spec, Some(log_path))?;
     let _ = report.write_all(b"ok");
     drop(std::mem::replace(
         report,
@@ -501,7 +501,7 @@ fn prepare(paths: &Paths, spec: &RunSpec) -> Result<Prepared> {
 }
 
 /// Creates the sandbox and starts its command; on failure removes whatever it made.
-fn start(paths: &Paths, spec: &RunSpec, log: Option<PathBuf>) -> Result<(Record, ())> {
+fn start(paths: &Paths, spec: &RunSpec, log: Option<PathBuf>) -> Result<Record> {
     let Prepared {
         node,
         gateway,
@@ -551,7 +551,7 @@ fn start(paths: &Paths, spec: &RunSpec, log: Option<PathBuf>) -> Result<(Record,
             .map_or(0, |d| d.as_secs()),
     };
     match build(paths, spec, &node, gateway, &ip, init, log, &mut record) {
-        Ok(()) => Ok((record, ())),
+        Ok(()) => Ok(record),
         Err(e) => {
             if record.pid > 0 {
                 let _ = kill(Pid::from_raw(record.pid), Signal::SIGKILL);
