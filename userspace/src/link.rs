@@ -113,7 +113,11 @@ impl Ip {
         use std::io::Write as _;
         let script: String = commands.iter().map(|c| c.join(" ") + "\n").collect();
         let joined = format!("-batch - <<< {script:?}");
-        let spawn_err = |source| LinkError::Spawn { bin: self.bin.clone(), args: joined.clone(), source };
+        let spawn_err = |source| LinkError::Spawn {
+            bin: self.bin.clone(),
+            args: joined.clone(),
+            source,
+        };
         let mut child = cmd
             .args(["-batch", "-"])
             .stdin(std::process::Stdio::piped())
@@ -126,7 +130,10 @@ impl Ip {
         }
         let out = child.wait_with_output().map_err(spawn_err)?;
         if !out.status.success() {
-            return Err(LinkError::Failed { args: joined, stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+            return Err(LinkError::Failed {
+                args: joined,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }

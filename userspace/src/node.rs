@@ -394,11 +394,17 @@ pub fn register_endpoint(
     ifname: &str,
     mac: [u8; 6],
 ) -> Result<(), NodeError> {
-    let gateway_mac = crate::link::hw_addr(&record.bridge)
-        .map_err(|_| NodeError::NoInterface { ifname: record.bridge.clone() })?;
-    let ifindex = nix::net::if_::if_nametoindex(ifname)
-        .map_err(|_| NodeError::NoInterface { ifname: ifname.to_owned() })?;
-    let endpoint = dataplane_common::Endpoint { ifindex, mac, gateway_mac };
+    let gateway_mac = crate::link::hw_addr(&record.bridge).map_err(|_| NodeError::NoInterface {
+        ifname: record.bridge.clone(),
+    })?;
+    let ifindex = nix::net::if_::if_nametoindex(ifname).map_err(|_| NodeError::NoInterface {
+        ifname: ifname.to_owned(),
+    })?;
+    let endpoint = dataplane_common::Endpoint {
+        ifindex,
+        mac,
+        gateway_mac,
+    };
     loader::Endpoints::open(&paths.bpffs)?.insert(addr, endpoint)?;
     Ok(())
 }

@@ -204,7 +204,12 @@ fn time_once(argv: &[&str]) -> anyhow::Result<Duration> {
     let took = started.elapsed();
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        bail!("{} failed ({}): {}", argv[0], out.status, stderr.trim().lines().last().unwrap_or(""));
+        bail!(
+            "{} failed ({}): {}",
+            argv[0],
+            out.status,
+            stderr.trim().lines().last().unwrap_or("")
+        );
     }
     Ok(took)
 }

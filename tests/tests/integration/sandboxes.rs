@@ -101,13 +101,29 @@ impl Host {
         if self.node.state_dir().join("sandboxes").join(name).exists() {
             left.push("state dir".into());
         }
-        if self.node.state_dir().join("leases").join(record["addr"].as_str().unwrap()).exists() {
+        if self
+            .node
+            .state_dir()
+            .join("leases")
+            .join(record["addr"].as_str().unwrap())
+            .exists()
+        {
             left.push("lease".into());
         }
-        if self.node.ns.ip(&["-o", "link"]).contains(record["host_if"].as_str().unwrap()) {
+        if self
+            .node
+            .ns
+            .ip(&["-o", "link"])
+            .contains(record["host_if"].as_str().unwrap())
+        {
             left.push("veth".into());
         }
-        left.extend(cgroup_dirs(record).into_iter().filter(|d| d.exists()).map(|d| format!("cgroup {}", d.display())));
+        left.extend(
+            cgroup_dirs(record)
+                .into_iter()
+                .filter(|d| d.exists())
+                .map(|d| format!("cgroup {}", d.display())),
+        );
         left
     }
 
@@ -694,7 +710,9 @@ fn a_cgroup_namespace_hides_where_the_sandbox_sits() {
 
 #[test]
 fn a_foreground_run_forwards_signals_and_returns_the_status() {
-    let Some(h) = Host::new("a_foreground_run_forwards_signals_and_returns_the_status") else { return };
+    let Some(h) = Host::new("a_foreground_run_forwards_signals_and_returns_the_status") else {
+        return;
+    };
     let bin = tests::bulkhead_bin().unwrap();
     let mut cli = std::process::Command::new(bin)
         .arg("--netns")
@@ -703,7 +721,16 @@ fn a_foreground_run_forwards_signals_and_returns_the_status() {
         .arg(h.node.bpffs().path())
         .arg("--state-dir")
         .arg(h.node.state_dir())
-        .args(["run", "--name", "fg", "--rootfs", h.root(), "--", "/bin/sh", "-c"])
+        .args([
+            "run",
+            "--name",
+            "fg",
+            "--rootfs",
+            h.root(),
+            "--",
+            "/bin/sh",
+            "-c",
+        ])
         .arg("trap 'exit 42' TERM; while :; do sleep 0.1; done")
         .envs(std::env::var_os("BULKHEAD_INIT_BIN").map(|init| ("BULKHEAD_INIT", init)))
         .spawn()
@@ -714,20 +741,40 @@ fn a_foreground_run_forwards_signals_and_returns_the_status() {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(200));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(cli.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(cli.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let status = cli.wait().unwrap();
-    assert_eq!(status.code(), Some(42), "SIGTERM reached the command through the CLI and the init");
-    assert_eq!(h.ps(), serde_json::json!([]), "and the sandbox removed itself");
+    assert_eq!(
+        status.code(),
+        Some(42),
+        "SIGTERM reached the command through the CLI and the init"
+    );
+    assert_eq!(
+        h.ps(),
+        serde_json::json!([]),
+        "and the sandbox removed itself"
+    );
 }
 
 #[test]
 fn cgroup_parent_places_the_cgroup_and_down_removes_every_sandbox() {
-    let Some(h) = Host::new("cgroup_parent_places_the_cgroup_and_down_removes_every_sandbox") else { return };
+    let Some(h) = Host::new("cgroup_parent_places_the_cgroup_and_down_removes_every_sandbox")
+    else {
+        return;
+    };
     // A parent inside this process's own subtree (on v1, the memory hierarchy places it apart).
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
     let base = own
         .lines()
-        .find_map(|l| l.split(':').nth(1).filter(|c| *c == "memory").and(l.rsplit(':').next()))
+        .find_map(|l| {
+            l.split(':')
+                .nth(1)
+                .filter(|c| *c == "memory")
+                .and(l.rsplit(':').next())
+        })
         .or_else(|| own.lines().find_map(|l| l.strip_prefix("0::")))
         .unwrap()
         .trim_end_matches('/')
@@ -737,11 +784,22 @@ fn cgroup_parent_places_the_cgroup_and_down_removes_every_sandbox() {
     h.detach("other", &[], "sleep 600");
     let placed = h.record("placed");
     let dirs = cgroup_dirs(&placed);
-    assert!(!dirs.is_empty() && dirs.iter().all(|d| d.exists() && d.to_string_lossy().contains(&parent)), "{dirs:?}");
+    assert!(
+        !dirs.is_empty()
+            && dirs
+                .iter()
+                .all(|d| d.exists() && d.to_string_lossy().contains(&parent)),
+        "{dirs:?}"
+    );
     let records = [placed, h.record("other")];
     h.node.bulkhead_ok(&["down"]);
     for r in &records {
-        assert_eq!(h.leftovers_after_down(r), Vec::<String>::new(), "{}", r["name"]);
+        assert_eq!(
+            h.leftovers_after_down(r),
+            Vec::<String>::new(),
+            "{}",
+            r["name"]
+        );
     }
     // The parent and its `bulkhead` level were made for this test: remove them.
     for d in &dirs {

@@ -173,6 +173,9 @@ pub struct Record {
     pub cgroup: cgroup::Placement,
     pub publish: Vec<Publish>,
     pub created_unix: u64,
+    /// The process that waits for a detached sandbox and records its exit status (0: none).
+    #[serde(default)]
+    pub monitor_pid: i32,
 }
 
 fn sandboxes_dir(paths: &Paths) -> PathBuf {
@@ -546,6 +549,11 @@ fn start(paths: &Paths, spec: &RunSpec, log: Option<PathBuf>) -> Result<Record> 
             parents: Default::default(),
         },
         publish: Vec::new(),
+        monitor_pid: if spec.detach {
+            std::process::id() as i32
+        } else {
+            0
+        },
         created_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
@@ -736,7 +744,16 @@ fn plug(
     let pid = record.pid.to_string();
     // Two `ip` processes, not nine: each spawn costs milliseconds on every start.
     ip.batch(&[
-        vec!["link", "add", &record.host_if, "type", "veth", "peer", "name", &peer],
+        vec![
+            "link",
+            "add",
+            &record.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+        ],
         vec!["link", "set", &peer, "netns", &pid],
         vec!["link", "set", &record.host_if, "master", &node.bridge, "up"],
     ])?;
@@ -896,6 +913,16 @@ pub fn remove(paths: &Paths, record: &Record) -> Result<()> {
         release_lease(paths, record);
     }
     cgroup_result?;
+    // A detached sandbox's monitor writes the exit status into the state dir when the init
+    // dies: let it finish before the directory goes.
+    if record.monitor_pid > 0 && record.monitor_pid != std::process::id() as i32 {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while proc_stat(record.monitor_pid).is_some_and(|(state, _)| state != 'Z')
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     let _ = fs::remove_dir_all(sandbox_dir(paths, &record.name));
     Ok(())
 }
