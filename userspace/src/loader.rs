@@ -102,6 +102,8 @@ pub enum LoaderError {
     BadMode { value: String },
     #[error(transparent)]
     Migration(#[from] migrate::MigrationError),
+    #[error("attaching to {ifname} panicked")]
+    AttachThread { ifname: String },
 }
 
 /// Datapath event verbosity (aya-log levels; `Off` compiles the events out at load time).
@@ -308,7 +310,39 @@ impl Datapath {
     /// Attaches both classifiers to `ifname` (tc ingress and egress). Idempotent: an interface
     /// that already has them gets the current programs swapped in instead of a second copy.
     pub fn attach(&mut self, ifname: &str) -> Result<(), LoaderError> {
-        for (hook, name, suffix) in HOOKS {
+        if self.mode == TcMode::Tcx {
+            // Each TCX attachment waits for an RCU grace period (~15 ms): both hooks at once.
+            let dir = &self.dir;
+            let (ingress, egress) = (&mut self.ingress, &mut self.egress);
+            return std::thread::scope(|scope| {
+                let [(_, in_name, in_suffix), (_, eg_name, eg_suffix)] = HOOKS;
+                let other = scope.spawn(move || {
+                    attach_tcx(
+                        dir,
+                        egress,
+                        ifname,
+                        TcAttachType::Egress,
+                        eg_name,
+                        eg_suffix,
+                    )
+                });
+                let first = attach_tcx(
+                    dir,
+                    ingress,
+                    ifname,
+                    TcAttachType::Ingress,
+                    in_name,
+                    in_suffix,
+                );
+                let second = other.join().unwrap_or_else(|_| {
+                    Err(LoaderError::AttachThread {
+                        ifname: ifname.to_owned(),
+                    })
+                });
+                first.and(second)
+            });
+        }
+        for (hook, name, _) in HOOKS {
             let prog = match hook {
                 TcAttachType::Ingress => &mut self.ingress,
                 _ => &mut self.egress,
@@ -319,38 +353,7 @@ impl Datapath {
                 source,
             };
             match self.mode {
-                TcMode::Tcx => {
-                    let pin = link_pin(&self.dir, ifname, suffix);
-                    let id = match PinnedLink::from_pin(&pin) {
-                        Ok(old) => {
-                            let link = FdLink::from(old).try_into().map_err(|source| {
-                                LoaderError::Link {
-                                    ifname: ifname.to_owned(),
-                                    source,
-                                }
-                            })?;
-                            prog.attach_to_link(link).map_err(attach_err)?
-                        }
-                        Err(_) => prog
-                            .attach_with_options(
-                                ifname,
-                                hook,
-                                TcAttachOptions::TcxOrder(LinkOrder::default()),
-                            )
-                            .map_err(attach_err)?,
-                    };
-                    let link = prog.take_link(id).map_err(attach_err)?;
-                    let fd_link = FdLink::try_from(link).map_err(|source| LoaderError::Link {
-                        ifname: ifname.to_owned(),
-                        source,
-                    })?;
-                    // Replacing a pin: the old file still names the same link, so remove it first.
-                    let _ = fs::remove_file(&pin);
-                    fd_link.pin(&pin).map_err(|source| LoaderError::Pin {
-                        path: pin.clone(),
-                        source,
-                    })?;
-                }
+                TcMode::Tcx => unreachable!("handled above"),
                 TcMode::Netlink => {
                     if let Err(source) = tc::qdisc_add_clsact(ifname)
                         && !is_exists(&source)
@@ -396,6 +399,56 @@ impl Datapath {
         }
         Ok(())
     }
+}
+
+/// Attaches `prog` at `hook` of `ifname` through a TCX link pinned under `dir`, or moves the
+/// pinned link of a previous load onto `prog` (atomically, `bpf_link_update`).
+fn attach_tcx(
+    dir: &Path,
+    prog: &mut SchedClassifier,
+    ifname: &str,
+    hook: TcAttachType,
+    name: &'static str,
+    suffix: &str,
+) -> Result<(), LoaderError> {
+    let attach_err = |source| LoaderError::Program {
+        action: "attach",
+        name,
+        source,
+    };
+    let pin = link_pin(dir, ifname, suffix);
+    let id = match PinnedLink::from_pin(&pin) {
+        Ok(old) => {
+            let link = FdLink::from(old)
+                .try_into()
+                .map_err(|source| LoaderError::Link {
+                    ifname: ifname.to_owned(),
+                    source,
+                })?;
+            prog.attach_to_link(link).map_err(attach_err)?
+        }
+        Err(_) => prog
+            .attach_with_options(
+                ifname,
+                hook,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(attach_err)?,
+    };
+    let link = prog.take_link(id).map_err(attach_err)?;
+    let fd_link = FdLink::try_from(link).map_err(|source| LoaderError::Link {
+        ifname: ifname.to_owned(),
+        source,
+    })?;
+    // Replacing a pin: the old file still names the same link, so remove it first.
+    let _ = fs::remove_file(&pin);
+    fd_link
+        .pin(&pin)
+        .map(drop)
+        .map_err(|source| LoaderError::Pin {
+            path: pin.clone(),
+            source,
+        })
 }
 
 fn run(

@@ -740,9 +740,9 @@ fn plug(
     record.mac = crate::link::format_mac(&mac);
     let tag = u32::from(record.addr) ^ (record.pid as u32).rotate_left(16);
     record.host_if = format!("bh{tag:08x}");
-    let peer = format!("bp{tag:08x}");
+    // Two `ip` processes, not nine: each spawn costs milliseconds on every start. The peer is
+    // created inside the sandbox's namespace: moving it there afterwards costs ~25 ms more.
     let pid = record.pid.to_string();
-    // Two `ip` processes, not nine: each spawn costs milliseconds on every start.
     ip.batch(&[
         vec![
             "link",
@@ -752,9 +752,12 @@ fn plug(
             "veth",
             "peer",
             "name",
-            &peer,
+            "eth0",
+            "address",
+            &record.mac,
+            "netns",
+            &pid,
         ],
-        vec!["link", "set", &peer, "netns", &pid],
         vec!["link", "set", &record.host_if, "master", &node.bridge, "up"],
     ])?;
     let netns = PathBuf::from(format!("/proc/{}/ns/net", record.pid));
@@ -763,8 +766,6 @@ fn plug(
     ip.batch_in(
         &netns,
         &[
-            vec!["link", "set", &peer, "name", "eth0"],
-            vec!["link", "set", "eth0", "address", &record.mac],
             vec!["addr", "add", &cidr, "dev", "eth0"],
             vec!["link", "set", "eth0", "up"],
             vec!["link", "set", "lo", "up"],
@@ -888,17 +889,6 @@ pub fn remove(paths: &Paths, record: &Record) -> Result<()> {
     if record.addr != Ipv4Addr::UNSPECIFIED {
         let _ = node::endpoint_del(paths, record.addr);
     }
-    if !record.host_if.is_empty() {
-        // The interface first: deleting it detaches the programs with it, and unpinning the
-        // links afterwards is then free. The other order waits for an RCU grace period per
-        // link.
-        if let Ok(ip) = Ip::find()
-            && Ip::exists(&record.host_if)
-        {
-            let _ = ip.run(&["link", "del", &record.host_if]);
-        }
-        let _ = node::detach(paths, &record.host_if);
-    }
     unbind_namespaces(paths, record);
     let cgroup_result = if record.cgroup.path.is_empty() {
         Ok(())
@@ -908,6 +898,23 @@ pub fn remove(paths: &Paths, record: &Record) -> Result<()> {
     if record.pid > 0 {
         // Reap it if it is ours (a foreground run); harmless otherwise.
         let _ = waitpid(Pid::from_raw(record.pid), Some(WaitPidFlag::WNOHANG));
+    }
+    if !record.host_if.is_empty() {
+        // With its processes gone and its bind mount undone, the sandbox's network namespace
+        // is torn down by the kernel in the background, veth pair included, in a few
+        // milliseconds; deleting the veth here would wait ~40 ms for the network to settle.
+        // Deleting it by hand is the fallback (something else still holds the namespace).
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while Ip::exists(&record.host_if) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if let Ok(ip) = Ip::find()
+            && Ip::exists(&record.host_if)
+        {
+            let _ = ip.run(&["link", "del", &record.host_if]);
+        }
+        // The programs went with the interface: unpinning the links is now free.
+        let _ = node::detach(paths, &record.host_if);
     }
     if record.addr != Ipv4Addr::UNSPECIFIED {
         release_lease(paths, record);
