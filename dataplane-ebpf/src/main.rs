@@ -78,19 +78,24 @@ pub fn bulkhead_egress(ctx: TcContext) -> i32 {
     count_iface(&ctx, direction::EGRESS);
     let cfg = conntrack::config();
     let uplink = cfg.uplink_ifindex != 0 && ifindex(&ctx) == cfg.uplink_ifindex;
-    // Only the uplink translates at egress; elsewhere only ICMP errors (the node's own, about a
-    // flow it forwarded) are looked at, and nothing else is counted twice.
-    let result = match parse::parse(&ctx) {
-        Ok(pkt) if uplink => frag::remembering(&ctx, &pkt, try_egress(&ctx, &pkt, cfg)),
-        Err(Reason::OtherProtocol) => {
-            let at = if uplink {
-                icmp::hook::EGRESS_UPLINK
-            } else {
-                icmp::hook::EGRESS
-            };
-            icmp::translate_error(&ctx, at).map(|_| ())
+    if !uplink {
+        // Only the uplink translates at egress. Elsewhere (every packet to a pod) the only
+        // thing to look at is an ICMP error the node itself sends about a flow it forwarded;
+        // one byte tells, without parsing the rest.
+        if !parse::is_icmp(&ctx) {
+            return TC_ACT_OK;
         }
-        Err(Reason::Fragment) if uplink => frag::follow(&ctx),
+        return verdict(
+            &ctx,
+            icmp::translate_error(&ctx, icmp::hook::EGRESS).map(|_| ()),
+        );
+    }
+    let result = match parse::parse(&ctx) {
+        Ok(pkt) => frag::remembering(&ctx, &pkt, try_egress(&ctx, &pkt, cfg)),
+        Err(Reason::OtherProtocol) => {
+            icmp::translate_error(&ctx, icmp::hook::EGRESS_UPLINK).map(|_| ())
+        }
+        Err(Reason::Fragment) => frag::follow(&ctx),
         _ => Ok(()),
     };
     verdict(&ctx, result)

@@ -88,6 +88,12 @@ pub mod tcp_flags {
     pub const ACK: u8 = 0x10;
 }
 
+/// True for an IPv4 packet carrying ICMP (headers not otherwise checked).
+#[inline(always)]
+pub fn is_icmp(ctx: &TcContext) -> bool {
+    read::<u16>(ctx, 12) == Some(ETH_P_IP_BE) && read::<u8>(ctx, IP_PROTO_OFF) == Some(proto::ICMP)
+}
+
 /// Parses Ethernet, IPv4 and the TCP or UDP ports. Anything else comes back as the [`Reason`]
 /// the caller counts before passing the packet on unchanged.
 #[inline(always)]

@@ -80,20 +80,9 @@ fn datapath(services: &str, seconds: f64, concurrency: usize, modes: &str) -> an
     setup::run()?;
     setup::apt(&["iptables", "nftables"])?;
     let artifacts = build::run(&build::Options { release: true })?;
-    let root = build::root();
-    let mut cargo = build::host_cargo(&root, &artifacts.ebpf);
-    cargo
-        .args([
-            "run",
-            "--quiet",
-            "--release",
-            "--package",
-            "tests",
-            "--bin",
-            "bulkhead-bench",
-            "--",
-            "datapath",
-        ])
+    let bench = build::tests_bin(&artifacts, "bulkhead-bench")?;
+    let mut run = Command::new(bench);
+    run.arg("datapath")
         .args([
             "--services",
             services,
@@ -106,7 +95,7 @@ fn datapath(services: &str, seconds: f64, concurrency: usize, modes: &str) -> an
         .arg("--out")
         .arg(out_dir()?)
         .env("BULKHEAD_BIN", &artifacts.bulkhead);
-    setup::run_cmd("bench datapath", &mut cargo)
+    setup::run_cmd("bench datapath", &mut run)
 }
 
 /// The same benchmark inside the test VM, with IPVS; results come back on the console between
@@ -119,19 +108,7 @@ fn datapath_vm(
 ) -> anyhow::Result<()> {
     setup::run()?;
     let artifacts = build::run(&build::Options { release: true })?;
-    let root = build::root();
-    let mut cargo = build::host_cargo(&root, &artifacts.ebpf);
-    setup::run_cmd(
-        "build the benchmark",
-        cargo.args([
-            "build",
-            "--release",
-            "--package",
-            "tests",
-            "--bin",
-            "bulkhead-bench",
-        ]),
-    )?;
+    let bench = build::tests_bin(&artifacts, "bulkhead-bench")?;
     let modes = if modes.contains("ipvs") {
         modes.to_owned()
     } else {
@@ -145,10 +122,7 @@ for f in md json svg; do echo \"BENCH-FILE-BEGIN $f\"; cat /tmp/bench/datapath.$
     let binaries = [
         (artifacts.bulkhead.clone(), "/bin/bulkhead"),
         (artifacts.init.clone(), "/bin/bulkhead-init"),
-        (
-            root.join("target/release/bulkhead-bench"),
-            "/bin/bulkhead-bench",
-        ),
+        (bench, "/bin/bulkhead-bench"),
     ];
     let console = crate::vm::run_capture(&body, &binaries, Duration::from_secs(3 * 3600))?;
     let dir = out_dir()?;

@@ -78,6 +78,24 @@ pub fn run(opts: &Options) -> anyhow::Result<Artifacts> {
     Ok(artifacts)
 }
 
+/// Builds a binary of the `tests` package (the demo, the benchmark) in release, with the eBPF
+/// object of `artifacts`; returns its path.
+pub fn tests_bin(artifacts: &Artifacts, name: &str) -> anyhow::Result<PathBuf> {
+    let root = root();
+    run_cmd(
+        &format!("build {name}"),
+        host_cargo(&root, &artifacts.ebpf).args([
+            "build",
+            "--release",
+            "--package",
+            "tests",
+            "--bin",
+            name,
+        ]),
+    )?;
+    Ok(root.join("target/release").join(name))
+}
+
 /// A stable-toolchain cargo in the workspace, with the eBPF object to embed.
 pub fn host_cargo(root: &Path, ebpf: &Path) -> Command {
     let mut cargo = Command::new("cargo");

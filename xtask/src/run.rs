@@ -17,20 +17,7 @@ pub struct DemoOptions {
 /// The demo inside the test VM (Debian's kernel, bulkhead-init as PID 1); `artifacts` must be a
 /// release build.
 pub fn vm_demo(artifacts: &build::Artifacts) -> anyhow::Result<()> {
-    let root = build::root();
-    let mut cargo = build::host_cargo(&root, &artifacts.ebpf);
-    setup::run_cmd(
-        "build the demo",
-        cargo.args([
-            "build",
-            "--release",
-            "--package",
-            "tests",
-            "--bin",
-            "bulkhead-demo",
-        ]),
-    )?;
-    let demo = root.join("target/release/bulkhead-demo");
+    let demo = build::tests_bin(artifacts, "bulkhead-demo")?;
     let binaries = [
         (artifacts.bulkhead.clone(), "/bin/bulkhead"),
         (artifacts.init.clone(), "/bin/bulkhead-init"),

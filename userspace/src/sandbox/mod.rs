@@ -251,6 +251,34 @@ pub fn list(paths: &Paths) -> Vec<Record> {
     all
 }
 
+/// The command's environment, for `run` and `exec` alike: PATH, HOSTNAME, HOME (and the
+/// caller's TERM when given), overridden by `--env`.
+fn environment(
+    hostname: &str,
+    env: &[(String, String)],
+    term: Option<String>,
+) -> Result<Vec<CString>> {
+    let mut all = vec![
+        ("PATH".to_owned(), DEFAULT_PATH.to_owned()),
+        ("HOSTNAME".to_owned(), hostname.to_owned()),
+        ("HOME".to_owned(), "/root".to_owned()),
+    ];
+    all.extend(term.map(|t| ("TERM".to_owned(), t)));
+    for (k, v) in env {
+        all.retain(|(key, _)| key != k);
+        all.push((k.clone(), v.clone()));
+    }
+    process::c_strings(all.iter().map(|(k, v)| format!("{k}={v}")))
+}
+
+/// The PATH the command is looked up in: `--env PATH=...`, or [`DEFAULT_PATH`].
+fn path_of(env: &[(String, String)]) -> &str {
+    env.iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map_or(DEFAULT_PATH, |(_, v)| v.as_str())
+}
+
 /// Finds `bulkhead-init`: [`INIT_ENV`], next to this executable, or in PATH.
 fn find_init() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os(INIT_ENV) {
@@ -467,13 +495,7 @@ fn prepare(paths: &Paths, spec: &RunSpec) -> Result<Prepared> {
         Some(r) => return Err(SandboxError::RootfsMissing { path: r.clone() }),
         None => PathBuf::from("/"),
     };
-    let path_var = spec
-        .env
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "PATH")
-        .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
-    process::resolve_command(&root, command, path_var)?;
+    process::resolve_command(&root, command, path_of(&spec.env))?;
     let init =
         fs::File::open(find_init()?).map_err(|e| SandboxError::io("open bulkhead-init", e))?;
     if let Some(ip) = spec.ip {
@@ -596,18 +618,6 @@ fn build(
 
     let mut argv = vec!["bulkhead-init".to_owned(), "--".to_owned()];
     argv.extend(spec.command.iter().cloned());
-    let mut env = vec![
-        ("PATH".to_owned(), DEFAULT_PATH.to_owned()),
-        ("HOSTNAME".to_owned(), record.hostname.clone()),
-        ("HOME".to_owned(), "/root".to_owned()),
-    ];
-    if let Ok(term) = std::env::var("TERM") {
-        env.push(("TERM".into(), term));
-    }
-    for (k, v) in &spec.env {
-        env.retain(|(key, _)| key != k);
-        env.push((k.clone(), v.clone()));
-    }
     let log = match log {
         Some(path) => Some(
             fs::OpenOptions::new()
@@ -624,15 +634,7 @@ fn build(
         rootfs: record.rootfs.clone(),
         workdir: record.workdir.clone(),
         argv: process::c_strings(&argv)?,
-        envp: env
-            .iter()
-            .map(|(k, v)| CString::new(format!("{k}={v}")))
-            .collect::<Result<_, _>>()
-            .map_err(|_| SandboxError::BadValue {
-                what: "env",
-                value: String::new(),
-                why: "contains a NUL byte".into(),
-            })?,
+        envp: environment(&record.hostname, &spec.env, std::env::var("TERM").ok())?,
         userns: spec.userns,
         cgroupns: spec.cgroupns,
         privileged: spec.privileged,
@@ -1019,16 +1021,7 @@ pub fn exec(paths: &Paths, name: &str, command: &[String]) -> Result<i32> {
         })
         .collect::<Result<_>>()?;
     let argv = process::c_strings(command)?;
-    let mut env: Vec<(String, String)> = vec![
-        ("PATH".into(), DEFAULT_PATH.into()),
-        ("HOSTNAME".into(), record.hostname.clone()),
-        ("HOME".into(), "/root".into()),
-    ];
-    for (k, v) in &record.env {
-        env.retain(|(key, _)| key != k);
-        env.push((k.clone(), v.clone()));
-    }
-    let envp = process::c_strings(env.iter().map(|(k, v)| format!("{k}={v}")))?;
+    let envp = environment(&record.hostname, &record.env, None)?;
     cgroup::add(&record.cgroup, std::process::id())?;
     for (file, flag) in &fds {
         use std::os::fd::AsRawFd;
@@ -1041,12 +1034,7 @@ pub fn exec(paths: &Paths, name: &str, command: &[String]) -> Result<i32> {
             ));
         }
     }
-    let path_var = record
-        .env
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "PATH")
-        .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+    let path_var = path_of(&record.env);
     process::resolve_command(Path::new("/"), program, path_var)?;
     let forwarded = block_forwarded()?;
     // SAFETY: single-threaded; the child only sets itself up and execs.
