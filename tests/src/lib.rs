@@ -27,6 +27,24 @@ pub mod packet;
 /// iproute2, by full path: busybox images shadow `ip` with an applet.
 pub const IP: &str = "/usr/sbin/ip";
 
+/// A command whose process starts with every signal at its default action and none blocked,
+/// whatever this test process inherited: nohup, or a shell's background job without job
+/// control, leaves SIGHUP, SIGINT and SIGQUIT ignored, ignored dispositions survive exec, and a
+/// non-interactive shell cannot even trap a signal that was ignored when it started.
+pub fn command(program: impl AsRef<OsStr>) -> Command {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = Command::new(program);
+    // SAFETY: the closure runs between fork and exec and only makes rt_sigaction(2) and
+    // sigprocmask(2) calls, which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            bulkhead::sandbox::process::default_signals();
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// Returns why a test that needs root and the built binaries cannot run here, if it cannot.
 /// The test prints the reason and returns: it never passes silently.
 pub fn skip_reason() -> Option<String> {
@@ -565,11 +583,11 @@ impl Node {
         self.state.path()
     }
 
-    /// Runs the `bulkhead` binary against this node.
-    pub fn bulkhead(&self, args: &[&str]) -> Output {
+    /// The `bulkhead` command line against this node, to run or spawn.
+    pub fn command(&self, args: &[&str]) -> Command {
         let bin = bulkhead_bin().expect("BULKHEAD_BIN names the built bulkhead");
-        Command::new(&bin)
-            .arg("--netns")
+        let mut cmd = command(&bin);
+        cmd.arg("--netns")
             .arg(self.ns.path())
             .arg("--bpffs")
             .arg(self.bpffs.path())
@@ -577,9 +595,13 @@ impl Node {
             .arg(self.state.path())
             .args(args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .envs(std::env::var_os("BULKHEAD_INIT_BIN").map(|init| ("BULKHEAD_INIT", init)))
-            .output()
-            .expect("run bulkhead")
+            .envs(std::env::var_os("BULKHEAD_INIT_BIN").map(|init| ("BULKHEAD_INIT", init)));
+        cmd
+    }
+
+    /// Runs the `bulkhead` binary against this node.
+    pub fn bulkhead(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run bulkhead")
     }
 
     /// Runs `bulkhead ARGS`, panics unless it succeeds, returns its stdout.

@@ -64,15 +64,18 @@ pub fn mount_at(path: &Path) -> Result<bool, BpffsError> {
 
 /// Makes `dir` a usable pin directory and returns it.
 ///
-/// If `dir` (or its parent) is already on bpffs the directory is simply created. Otherwise a
-/// bpffs is mounted on the parent when that is the system location (`/sys/fs/bpf`, missing on
-/// fresh machines) and on `dir` itself anywhere else.
+/// If `dir` or its nearest existing ancestor is on bpffs the directories are simply created
+/// (per-namespace nodes live in `netns/NAME` beneath the default directory). Otherwise a bpffs
+/// is mounted on the system location (`/sys/fs/bpf`, missing on fresh machines) when `dir` is
+/// beneath it, and on `dir` itself anywhere else.
 pub fn ensure_dir(dir: &Path) -> Result<PathBuf, BpffsError> {
     if !is_bpffs(dir) {
-        match dir.parent() {
-            Some(parent) if is_bpffs(parent) => {}
-            Some(parent) if parent == Path::new(SYSTEM_MOUNT) => {
-                mount_at(parent)?;
+        let existing = dir.ancestors().skip(1).find(|a| a.exists());
+        let system = Path::new(SYSTEM_MOUNT);
+        match existing {
+            Some(a) if is_bpffs(a) => {}
+            _ if dir.starts_with(system) && dir != system => {
+                mount_at(system)?;
             }
             _ => {
                 mount_at(dir)?;

@@ -3,16 +3,17 @@
 //! Each subcommand calls into the library modules and prints their result as a table or, with
 //! `--json`, as JSON for scripts. Errors reach the user through `anyhow` with their whole chain.
 
-use std::{io::Write, net::Ipv4Addr, path::PathBuf, process::ExitCode};
+use std::{io::Write, net::Ipv4Addr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use dataplane_common::direction;
 
 use crate::{
-    bpffs, doctor,
+    doctor,
     link::{self, ifname},
     loader::{self, LogLevel},
+    lock::Mode,
     netns,
     node::{self, Paths},
     sandbox,
@@ -30,11 +31,18 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "NAME|PATH")]
     pub netns: Option<String>,
     /// bpffs directory for pinned maps, programs and links; mounted if it is not on bpffs.
-    #[arg(long, global = true, env = "BULKHEAD_BPFFS", default_value = bpffs::DEFAULT_DIR)]
-    pub bpffs: PathBuf,
-    /// Directory for the node record and sandbox state.
-    #[arg(long, global = true, env = "BULKHEAD_STATE_DIR", default_value = node::DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
+    /// Default: /sys/fs/bpf/bulkhead, or /sys/fs/bpf/bulkhead/netns/NAME in a network
+    /// namespace other than PID 1's.
+    #[arg(long, global = true, env = "BULKHEAD_BPFFS", value_name = "DIR")]
+    pub bpffs: Option<PathBuf>,
+    /// Directory for the node record, its lock, leases and sandbox state. Default:
+    /// /run/bulkhead, or /run/bulkhead/netns/NAME in a network namespace other than PID 1's.
+    #[arg(long, global = true, env = "BULKHEAD_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Give up waiting for the node lock (held while another command changes the node)
+    /// after this many seconds; default: wait as long as it takes.
+    #[arg(long, global = true, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub lock_timeout: Option<Duration>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -336,16 +344,67 @@ fn init_tracing() {
         .try_init();
 }
 
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("{text:?} is not a number of seconds"))
+}
+
+impl Command {
+    /// How the command holds the node lock: changes exclusively, reads of the node's tables
+    /// shared. `run` takes it itself, only while it creates and removes its sandbox.
+    fn lock_mode(&self) -> Option<Mode> {
+        match self {
+            Command::Doctor { .. }
+            | Command::Events { .. }
+            | Command::Run(_)
+            | Command::Ps { .. }
+            | Command::Exec { .. }
+            | Command::Logs { .. }
+            | Command::Stats { name: Some(_), .. } => None,
+            Command::Stats { name: None, .. }
+            | Command::Service(ServiceCommand::List { .. } | ServiceCommand::Save)
+            | Command::Conntrack(ConntrackCommand::List { .. } | ConntrackCommand::Stats { .. })
+            | Command::Endpoint(EndpointCommand::List { .. }) => Some(Mode::Shared),
+            Command::Up { .. }
+            | Command::Down
+            | Command::Attach { .. }
+            | Command::Detach { .. }
+            | Command::Stop { .. }
+            | Command::Rm { .. }
+            | Command::Service(_)
+            | Command::Backend(_)
+            | Command::Conntrack(ConntrackCommand::Flush { .. })
+            | Command::Endpoint(_) => Some(Mode::Exclusive),
+        }
+    }
+}
+
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Some(ns) = &cli.netns {
         let path = netns::resolve(ns);
         netns::enter(&path).with_context(|| format!("enter network namespace {ns}"))?;
     }
-    let paths = Paths {
-        bpffs: cli.bpffs,
-        state_dir: cli.state_dir,
+    netns::escape_private_sysfs().context("find a bpffs whose pins outlive this command")?;
+    let paths = Paths::resolve(cli.bpffs, cli.state_dir, cli.netns.is_some())
+        .context("find the node's directories")?;
+    let _lock = match cli.command.lock_mode() {
+        Some(mode) => Some(
+            paths
+                .lock(mode, cli.lock_timeout)
+                .context("take the node lock")?,
+        ),
+        None => None,
     };
+    if !matches!(
+        cli.command,
+        Command::Up { .. } | Command::Down | Command::Doctor { .. }
+    ) {
+        node::check_owner(&paths).context("check the node record")?;
+    }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     match cli.command {
         Command::Doctor { json } => {
@@ -439,7 +498,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => {
             out.flush()?;
             drop(out);
-            return run_sandbox(&paths, *args);
+            return run_sandbox(&paths, *args, cli.lock_timeout);
         }
         Command::Ps { json } => print_ps(&paths, json, &mut out)?,
         Command::Exec { name, command } => {
@@ -803,7 +862,11 @@ fn endpoint(paths: &node::Paths, cmd: EndpointCommand, out: &mut impl Write) -> 
     Ok(())
 }
 
-fn run_sandbox(paths: &Paths, args: RunArgs) -> anyhow::Result<ExitCode> {
+fn run_sandbox(
+    paths: &Paths,
+    args: RunArgs,
+    lock_timeout: Option<Duration>,
+) -> anyhow::Result<ExitCode> {
     let spec = match run_spec(args) {
         Ok(spec) => spec,
         Err(e) => {
@@ -811,7 +874,7 @@ fn run_sandbox(paths: &Paths, args: RunArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(125));
         }
     };
-    match sandbox::run(paths, &spec) {
+    match sandbox::run(paths, &spec, lock_timeout) {
         Ok((name, None)) => {
             println!("{name}");
             Ok(ExitCode::SUCCESS)

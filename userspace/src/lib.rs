@@ -8,6 +8,7 @@ pub mod cli;
 pub mod doctor;
 pub mod link;
 pub mod loader;
+pub mod lock;
 pub mod migrate;
 pub mod netns;
 pub mod node;

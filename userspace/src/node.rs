@@ -4,7 +4,7 @@
 //! the bridge and to each of its ports; `down` undoes exactly what was recorded. The record is a
 //! JSON file in the state directory, so separate `bulkhead` invocations cooperate.
 
-use std::{fs, io, path::PathBuf};
+use std::{fs, io, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -12,6 +12,8 @@ use crate::{
     bpffs::{self, BpffsError},
     link::{Ip, LinkError},
     loader::{self, Datapath, LoaderError, LogLevel, TcMode},
+    lock::{LockError, Mode, NodeLock},
+    netns::Identity,
 };
 
 /// The default state directory.
@@ -48,7 +50,23 @@ pub enum NodeError {
     },
     #[error("cannot prepare the bpffs pin directory")]
     Bpffs(#[from] BpffsError),
-    #[error("datapath")]
+    #[error("cannot read this process's network namespace")]
+    Netns(#[from] crate::netns::NetnsError),
+    #[error(
+        "the node record {path} belongs to network namespace {owner}, not to this one ({here}); \
+         use that namespace (`bulkhead --netns`), or other --state-dir and --bpffs directories"
+    )]
+    OtherNamespace {
+        path: PathBuf,
+        owner: Identity,
+        here: Identity,
+    },
+    #[error(
+        "the node record {path} belongs to network namespace {owner}, which no longer exists; \
+         `bulkhead up` here starts afresh, `bulkhead down` removes what is left"
+    )]
+    StaleNamespace { path: PathBuf, owner: Identity },
+    #[error("the datapath")]
     Loader(#[from] LoaderError),
     #[error(
         "{ifname} is a {kind} device, not a veth: only a veth's peer can be handed packets directly"
@@ -56,18 +74,51 @@ pub enum NodeError {
     NotVeth { ifname: String, kind: String },
 }
 
-/// Where a node keeps its pins and its record.
+/// Where a node keeps its pins and its record, and which network namespace it is.
 #[derive(Clone, Debug)]
 pub struct Paths {
     /// Pin directory on a bpffs.
     pub bpffs: PathBuf,
-    /// Directory for the node record (and, later, sandbox state).
+    /// Directory for the node record, its lock, leases and sandbox state.
     pub state_dir: PathBuf,
+    /// The network namespace the node lives in (the one this process is in).
+    pub netns: Identity,
 }
 
 impl Paths {
+    /// The node of the network namespace this process is in, with the directories given, or
+    /// the defaults: `/sys/fs/bpf/bulkhead` and `/run/bulkhead`, with `netns/NAME` beneath
+    /// each for a namespace chosen with `--netns` (`entered`) or entered by `ip netns exec`
+    /// (it has a name under /run/netns), so two nodes on one machine never share pins or
+    /// records. NAME is the `ip netns` name, or `inode-N` for a namespace given by path only.
+    pub fn resolve(
+        bpffs: Option<PathBuf>,
+        state_dir: Option<PathBuf>,
+        entered: bool,
+    ) -> Result<Self, NodeError> {
+        let netns = Identity::current()?;
+        let per_namespace = |base: &str| {
+            let base = PathBuf::from(base);
+            if entered || netns.name.is_some() {
+                base.join("netns").join(netns.dir_name())
+            } else {
+                base
+            }
+        };
+        Ok(Paths {
+            bpffs: bpffs.unwrap_or_else(|| per_namespace(crate::bpffs::DEFAULT_DIR)),
+            state_dir: state_dir.unwrap_or_else(|| per_namespace(DEFAULT_STATE_DIR)),
+            netns,
+        })
+    }
+
     fn record(&self) -> PathBuf {
         self.state_dir.join(RECORD)
+    }
+
+    /// Takes this node's lock (see [`crate::lock`]).
+    pub fn lock(&self, mode: Mode, timeout: Option<Duration>) -> Result<NodeLock, LockError> {
+        NodeLock::acquire(&self.state_dir, mode, timeout)
     }
 }
 
@@ -91,6 +142,9 @@ pub struct NodeRecord {
     /// Whether translated packets for registered pods skip the bridge and the stack.
     #[serde(default = "enabled")]
     pub bypass: bool,
+    /// The network namespace the node lives in (absent in records of older builds).
+    #[serde(default)]
+    pub netns: Option<Identity>,
 }
 
 fn enabled() -> bool {
@@ -98,7 +152,28 @@ fn enabled() -> bool {
 }
 
 impl NodeRecord {
+    /// The node record, refused when it belongs to another network namespace.
     pub fn load(paths: &Paths) -> Result<Self, NodeError> {
+        let record = Self::load_unchecked(paths)?;
+        match &record.netns {
+            Some(owner) if owner.inode != paths.netns.inode => {
+                let path = paths.record();
+                let owner = owner.clone();
+                Err(if owner.exists() {
+                    NodeError::OtherNamespace {
+                        path,
+                        owner,
+                        here: paths.netns.clone(),
+                    }
+                } else {
+                    NodeError::StaleNamespace { path, owner }
+                })
+            }
+            _ => Ok(record),
+        }
+    }
+
+    fn load_unchecked(paths: &Paths) -> Result<Self, NodeError> {
         let path = paths.record();
         let text = fs::read_to_string(&path).map_err(|source| match source.kind() {
             io::ErrorKind::NotFound => NodeError::NotUp { path: path.clone() },
@@ -158,7 +233,17 @@ pub fn up(paths: &Paths, bridge: &str, opts: &UpOptions<'_>) -> Result<UpReport,
         ifname: bridge.into(),
         source,
     })?;
-    let previous = NodeRecord::load(paths).ok();
+    let previous = match NodeRecord::load(paths) {
+        Ok(record) => Some(record),
+        Err(NodeError::NotUp { .. }) => None,
+        // What a node of a namespace that is gone left here is cleared, not inherited: its
+        // maps hold another node's services.
+        Err(NodeError::StaleNamespace { .. }) => {
+            clear_stale(paths);
+            None
+        }
+        Err(e) => return Err(e),
+    };
     let created_bridge = match &previous {
         Some(p) if p.bridge == bridge => p.created_bridge,
         _ if Ip::exists(bridge) => false,
@@ -225,6 +310,7 @@ pub fn up(paths: &Paths, bridge: &str, opts: &UpOptions<'_>) -> Result<UpReport,
             .or(previous.as_ref().map(|p| p.bypass))
             .unwrap_or(true),
         attached: previous.map(|p| p.attached).unwrap_or_default(),
+        netns: Some(paths.netns.clone()),
     };
     let mut node_settings = settings(&ip, &record)?;
     node_settings.timeouts = opts.timeouts.clone();
@@ -319,9 +405,37 @@ pub fn detach(paths: &Paths, ifname: &str) -> Result<(), NodeError> {
     record.save(paths)
 }
 
+/// Refuses a node record that belongs to another network namespace; a node that is not up
+/// is left to the command to report.
+pub fn check_owner(paths: &Paths) -> Result<(), NodeError> {
+    match NodeRecord::load(paths) {
+        Ok(_) | Err(NodeError::NotUp { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes the pins and record a node of a namespace that no longer exists left behind (its
+/// interfaces, and so its attachments and bridge, went with the namespace).
+fn clear_stale(paths: &Paths) {
+    if let Ok(record) = NodeRecord::load_unchecked(paths) {
+        for ifname in &record.attached {
+            let _ = loader::detach(&paths.bpffs, ifname, record.mode);
+        }
+    }
+    loader::unpin_all(&paths.bpffs);
+    let _ = fs::remove_file(paths.record());
+}
+
 /// Removes everything `up` made: attachments, pins, the bridge if it created it, the record.
 pub fn down(paths: &Paths) -> Result<NodeRecord, NodeError> {
-    let record = NodeRecord::load(paths)?;
+    let record = match NodeRecord::load(paths) {
+        Err(NodeError::StaleNamespace { .. }) => {
+            let record = NodeRecord::load_unchecked(paths)?;
+            clear_stale(paths);
+            return Ok(record);
+        }
+        other => other?,
+    };
     for ifname in &record.attached {
         loader::detach(&paths.bpffs, ifname, record.mode)?;
     }

@@ -28,8 +28,21 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     }
     let artifacts = build::run(&build::Options { release: false })?;
     let root = build::root();
-    let mut cargo = build::host_cargo(&root, &artifacts.ebpf);
+    // The tests run with SIGHUP, SIGINT, SIGQUIT and SIGPIPE ignored, as under nohup or a
+    // shell's background job without job control: tests must not depend on how their parent
+    // was started, and this shows they do not. `sh`'s `trap ''` sets the dispositions and
+    // `exec` passes them on (ignored dispositions survive execve(2)). So Ctrl-C does not stop
+    // the test binaries; SIGTERM does.
+    let mut cargo = std::process::Command::new("sh");
     cargo
+        .current_dir(&root)
+        .env("BULKHEAD_EBPF_OBJ", &artifacts.ebpf)
+        .args([
+            "-c",
+            "trap '' HUP INT QUIT PIPE; exec \"$@\"",
+            "sh",
+            "cargo",
+        ])
         .args([
             "test",
             "--workspace",

@@ -29,7 +29,7 @@ fn skip_init(test: &str) -> bool {
 }
 
 fn init() -> Command {
-    Command::new(init_bin().expect("BULKHEAD_INIT_BIN"))
+    tests::command(init_bin().expect("BULKHEAD_INIT_BIN"))
 }
 
 fn run(args: &[&str]) -> Output {
@@ -73,7 +73,7 @@ fn signal(pid: u32, sig: i32) {
 }
 
 /// Waits up to `limit` for `child`; kills it and panics if it is still running.
-fn wait_within(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+fn wait_within(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
     let until = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -82,7 +82,7 @@ fn wait_within(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
         if Instant::now() > until {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("bulkhead-init still running after {limit:?}");
+            panic!("bulkhead-init still running after {limit:?}: {what}");
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -117,7 +117,7 @@ fn is_static() {
     if skip_init("is_static") {
         return;
     }
-    let out = Command::new("ldd")
+    let out = tests::command("ldd")
         .arg(init_bin().unwrap())
         .output()
         .expect("run ldd");
@@ -290,7 +290,11 @@ fn every_catchable_signal_is_forwarded() {
         let script = format!("trap 'exit {}' {name}; echo ready; {SPIN}", 100 + sig);
         let (mut child, _out) = start(&["-s"], &script);
         signal(child.id(), sig);
-        let status = wait_within(&mut child, Duration::from_secs(5));
+        let status = wait_within(
+            &mut child,
+            Duration::from_secs(5),
+            &format!("SIG{name} was sent"),
+        );
         assert_eq!(
             status.code(),
             Some(100 + sig),
@@ -355,7 +359,7 @@ fn parent_death_signal_is_delivered_and_forwarded() {
         init = init.display(),
         m = marker.display()
     );
-    let status = Command::new("sh").args(["-c", &script]).status().unwrap();
+    let status = tests::command("sh").args(["-c", &script]).status().unwrap();
     assert!(status.success());
     assert!(
         wait_for_file(&marker, Duration::from_secs(3)),
@@ -380,7 +384,7 @@ fn reaps_orphans_as_pid1_in_a_pid_namespace() {
     let script = format!(
         "[ $PPID = 1 ] || exit 99; P=1; for i in $(seq 50); do (true &); done; sleep 0.5; {COUNT_ZOMBIES}; exit $((100 + Z))"
     );
-    let out = Command::new("unshare")
+    let out = tests::command("unshare")
         .args(["--pid", "--fork", "--mount-proc"])
         .arg(init_bin().unwrap())
         .args(["--", "sh", "-c", &script])
@@ -428,7 +432,7 @@ fn zombie_storm_and_signal_burst_keep_the_exit_status() {
     let script = format!(
         "trap '' USR1 USR2; echo ready; P=1; i=0; while [ $i -lt 3000 ]; do (true &); i=$((i+1)); done; sleep 1; {COUNT_ZOMBIES}; exit $((42 + Z))"
     );
-    let mut child = Command::new("unshare")
+    let mut child = tests::command("unshare")
         .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
         .arg(init_bin().unwrap())
         .args(["--", "sh", "-c", &script])
@@ -454,7 +458,11 @@ fn zombie_storm_and_signal_burst_keep_the_exit_status() {
         // SAFETY: signalling the init we started.
         unsafe { libc::kill(init_pid, sig) };
     }
-    let status = wait_within(&mut child, Duration::from_secs(60));
+    let status = wait_within(
+        &mut child,
+        Duration::from_secs(60),
+        "the zombie storm under a burst of signals",
+    );
     assert_eq!(
         status.code(),
         Some(42),
@@ -538,7 +546,7 @@ fn forward_all_reaches_daemons_outside_the_group() {
         kill_all(&mut child);
     }
     // The daemon left the group on purpose; end it by what it runs.
-    let _ = Command::new("pkill")
+    let _ = tests::command("pkill")
         .args(["-f", &marker.display().to_string()])
         .status();
 }
@@ -552,7 +560,11 @@ fn grace_period_kills_a_program_that_ignores_sigterm() {
     let (mut child, _out) = start(&["-s", "--grace-period", "1"], &script);
     let started = Instant::now();
     signal(child.id(), libc::SIGTERM);
-    let status = wait_within(&mut child, Duration::from_secs(5));
+    let status = wait_within(
+        &mut child,
+        Duration::from_secs(5),
+        "SIGTERM to a program that ignores it, grace period 1 s",
+    );
     assert_eq!(
         status.code(),
         Some(137),
@@ -580,13 +592,13 @@ fn rewrite_forwards_one_signal_as_another() {
     let (mut child, _out) = start(&["-s", "--rewrite", "TERM:QUIT"], &script);
     signal(child.id(), libc::SIGTERM);
     assert_eq!(
-        wait_within(&mut child, Duration::from_secs(5)).code(),
+        wait_within(&mut child, Duration::from_secs(5), "a rewritten signal").code(),
         Some(3)
     );
     let (mut child, _out) = start(&["-s", "--rewrite=SIGUSR1:15"], &script);
     signal(child.id(), libc::SIGUSR1);
     assert_eq!(
-        wait_within(&mut child, Duration::from_secs(5)).code(),
+        wait_within(&mut child, Duration::from_secs(5), "a rewritten signal").code(),
         Some(15)
     );
     let out = run(&["--rewrite", "TERM", "--", "true"]);
@@ -654,7 +666,11 @@ trap 'echo interrupted; exit 0' INT; echo ready; while :; do sleep 0.02; done";
         "the program is not in the foreground: {seen:?}"
     );
     master.write_all(&[0x03]).unwrap();
-    let status = wait_within(&mut child, Duration::from_secs(5));
+    let status = wait_within(
+        &mut child,
+        Duration::from_secs(5),
+        "Ctrl-C (SIGINT) on the terminal",
+    );
     while let Ok(n) = master.read(&mut buf) {
         if n == 0 {
             break;

@@ -12,4 +12,5 @@ mod node;
 mod packets;
 mod sandboxes;
 mod services;
+mod state;
 mod upgrade;

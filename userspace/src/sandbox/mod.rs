@@ -40,6 +40,7 @@ pub use spec::{Name, Publish, RunSpec};
 
 use crate::{
     link::{Ip, LinkError},
+    lock::Mode,
     node::{self, NodeError, NodeRecord, Paths},
     service_table::{
         BackendSpec, Proto, ServiceSpec, ServiceTable, ServiceTableError, VirtualAddr,
@@ -123,6 +124,8 @@ pub enum SandboxError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot take the node lock")]
+    Lock(#[from] crate::lock::LockError),
     #[error(transparent)]
     Node(#[from] NodeError),
     #[error(transparent)]
@@ -305,15 +308,26 @@ pub struct Exit(pub i32);
 /// `bulkhead run`: creates the sandbox and runs the command in it. In the foreground, waits,
 /// forwarding signals, removes the sandbox and returns the command's status; with `detach`,
 /// returns once the command runs, leaving a monitor process to collect its status.
-pub fn run(paths: &Paths, spec: &RunSpec) -> Result<(Name, Option<Exit>)> {
+///
+/// The node lock is held while the sandbox is made and while it is removed, not while its
+/// command runs: `lock_timeout` bounds the first wait (the removal waits as long as it takes,
+/// so nothing is left behind).
+pub fn run(
+    paths: &Paths,
+    spec: &RunSpec,
+    lock_timeout: Option<Duration>,
+) -> Result<(Name, Option<Exit>)> {
     if spec.detach {
-        return run_detached(paths, spec).map(|name| (name, None));
+        return run_detached(paths, spec, lock_timeout).map(|name| (name, None));
     }
     // Blocked before the clone so none is lost; the child unblocks them.
     let forwarded = block_forwarded()?;
+    let lock = paths.lock(Mode::Exclusive, lock_timeout)?;
     let record = start(paths, spec, None)?;
+    drop(lock);
     let code = wait_forwarding(Pid::from_raw(record.pid), &forwarded);
     let _ = forwarded.thread_unblock();
+    let _lock = paths.lock(Mode::Exclusive, None)?;
     remove(paths, &record)?;
     Ok((record.name, Some(Exit(code))))
 }
@@ -349,7 +363,7 @@ fn wait_forwarding(pid: Pid, set: &nix::sys::signal::SigSet) -> i32 {
 
 /// `run -d`: a monitor process (its own session) creates the sandbox, reports back, and stays
 /// to collect the exit status; the command's output goes to the sandbox's log.
-fn run_detached(paths: &Paths, spec: &RunSpec) -> Result<Name> {
+fn run_detached(paths: &Paths, spec: &RunSpec, lock_timeout: Option<Duration>) -> Result<Name> {
     let (report_r, report_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| SandboxError::io("create a pipe", e.into()))?;
     let name = spec.name.clone().unwrap_or_else(generated_name);
@@ -384,7 +398,7 @@ fn run_detached(paths: &Paths, spec: &RunSpec) -> Result<Name> {
                     libc::dup2(null.as_raw_fd(), 2);
                 }
             }
-            let code = match monitor(paths, &spec, &mut report) {
+            let code = match monitor(paths, &spec, lock_timeout, &mut report) {
                 Ok(()) => 0,
                 Err(e) => {
                     let _ = write!(report, "{}", error_chain(&e));
@@ -415,10 +429,17 @@ fn run_detached(paths: &Paths, spec: &RunSpec) -> Result<Name> {
     }
 }
 
-fn monitor(paths: &Paths, spec: &RunSpec, report: &mut fs::File) -> Result<()> {
+fn monitor(
+    paths: &Paths,
+    spec: &RunSpec,
+    lock_timeout: Option<Duration>,
+    report: &mut fs::File,
+) -> Result<()> {
     let name = spec.name.clone().expect("named by run_detached");
     let log_path = sandbox_dir(paths, &name).join("log");
+    let lock = paths.lock(Mode::Exclusive, lock_timeout)?;
     let record = start(paths, spec, Some(log_path))?;
+    drop(lock);
     let _ = report.write_all(b"ok");
     drop(std::mem::replace(
         report,
@@ -1040,7 +1061,7 @@ pub fn exec(paths: &Paths, name: &str, command: &[String]) -> Result<i32> {
     // SAFETY: single-threaded; the child only sets itself up and execs.
     match unsafe { nix::unistd::fork() }.map_err(|e| SandboxError::io("fork", e.into()))? {
         nix::unistd::ForkResult::Child => {
-            let _ = forwarded.thread_unblock();
+            process::default_signals();
             let err = process::exec_in_sandbox(
                 &record.workdir,
                 record.userns,

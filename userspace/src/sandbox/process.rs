@@ -163,12 +163,9 @@ impl Child {
 /// The child, up to exec. Never returns.
 fn child_main(spec: &ChildSpec, go: OwnedFd, errors: OwnedFd) -> ! {
     let mut errors = File::from(errors);
-    // Signals the parent blocks to forward them must reach the command.
-    // SAFETY: an empty mask set and installed; no memory is shared.
+    default_signals();
+    // SAFETY: prctl(2) on this process only.
     unsafe {
-        let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
-        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         // Die with the parent while it is still setting us up.
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
     }
@@ -186,6 +183,56 @@ fn child_main(spec: &ChildSpec, go: OwnedFd, errors: OwnedFd) -> ! {
     let _ = errors.write_all(err.as_bytes());
     // SAFETY: as above.
     unsafe { libc::_exit(127) }
+}
+
+/// Every signal back to its default action and none blocked, so a sandbox starts the same
+/// whatever `bulkhead` was started with: ignored dispositions survive execve(2), and nohup, a
+/// shell's background job without job control (SIGINT, SIGQUIT) or a systemd unit (SIGPIPE)
+/// would otherwise pass theirs on to bulkhead-init and the program (signal(7), "Signal
+/// disposition": "During an execve(2), the dispositions of handled signals are reset to the
+/// default; the dispositions of ignored signals are left unchanged"). The signals the parent
+/// blocks to forward them must reach the command too.
+/// Async-signal-safe: only sigaction(2) and sigprocmask(2).
+pub fn default_signals() {
+    /// The kernel's `struct sigaction` for rt_sigaction(2) (x86_64 and arm64 order).
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: libc::sighandler_t,
+        flags: libc::c_ulong,
+        restorer: usize,
+        mask: u64,
+    }
+    let default = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    // Linux numbers signals 1 to 64; SIGKILL and SIGSTOP cannot be changed. The raw system
+    // call, because glibc refuses to touch 32 and 33, which it keeps for itself, and an
+    // ignored 32 inherited from elsewhere would otherwise stay.
+    for sig in 1..=64 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: rt_sigaction(2) with a fully initialised kernel sigaction whose handler
+            // is SIG_DFL (no handler code, so no restorer), no old action, and the kernel's
+            // sigset size of 8 bytes.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &raw const default,
+                    std::ptr::null_mut::<KernelSigaction>(),
+                    8usize,
+                );
+            }
+        }
+    }
+    // SAFETY: an empty set, initialised before use, installed as this thread's mask.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+    }
 }
 
 enum Never {}
