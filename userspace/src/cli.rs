@@ -17,7 +17,7 @@ use crate::{
     netns,
     node::{self, Paths},
     sandbox,
-    service_table::{BackendSpec, BackendState, ServiceSpec, ServiceTable, VirtualAddr},
+    services::{BackendSpec, BackendState, ServiceSpec, ServiceTable, VirtualAddr},
 };
 
 #[derive(Debug, Parser)]

@@ -13,4 +13,4 @@ pub mod migrate;
 pub mod netns;
 pub mod node;
 pub mod sandbox;
-pub mod service_table;
+pub mod services;

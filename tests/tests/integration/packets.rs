@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use bulkhead::{
     loader::{Datapath, LogLevel},
-    service_table::{ServiceSpec, ServiceTable},
+    services::{ServiceSpec, ServiceTable},
 };
 use tests::{
     BpffsDir,

@@ -42,9 +42,7 @@ use crate::{
     link::{Ip, LinkError},
     lock::Mode,
     node::{self, NodeError, NodeRecord, Paths},
-    service_table::{
-        BackendSpec, Proto, ServiceSpec, ServiceTable, ServiceTableError, VirtualAddr,
-    },
+    services::{BackendSpec, Proto, ServiceSpec, ServiceTable, ServiceTableError, VirtualAddr},
 };
 
 /// The PATH a sandbox's command is looked up in (and gets) unless `--env PATH=...` says otherwise.

@@ -1,0 +1,349 @@
+//! What a user names: protocols, virtual addresses, backends, schedulers, service specs, and
+//! the typed rows `service list` shows. Parsing and display live here; the conversions to and
+//! from map keys too, since this is where byte order is decided.
+
+use std::{
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+    str::FromStr,
+};
+
+use dataplane_common::{Backend, ServiceKey, backend_state, proto, scheduler};
+
+use super::{Result, ServiceTableError, parse_err};
+
+/// TCP or UDP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub(crate) fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => proto::TCP,
+            Proto::Udp => proto::UDP,
+        }
+    }
+
+    pub(crate) fn from_number(n: u8) -> Option<Self> {
+        match n {
+            proto::TCP => Some(Proto::Tcp),
+            proto::UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+
+    /// ipvsadm's flag for this protocol.
+    pub(crate) fn ipvsadm_flag(self) -> &'static str {
+        match self {
+            Proto::Tcp => "-t",
+            Proto::Udp => "-u",
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+/// A service's virtual address: `198.19.0.10:80/tcp` (the protocol defaults to TCP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VirtualAddr {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl FromStr for VirtualAddr {
+    type Err = ServiceTableError;
+
+    fn from_str(input: &str) -> Result<Self> {
+        let (sock, proto) = match input.rsplit_once('/') {
+            Some((sock, "tcp")) => (sock, Proto::Tcp),
+            Some((sock, "udp")) => (sock, Proto::Udp),
+            Some((_, other)) => {
+                return Err(parse_err(
+                    "service address",
+                    input,
+                    format!("unsupported protocol {other:?} (tcp or udp)"),
+                ));
+            }
+            None => (input, Proto::Tcp),
+        };
+        let sock = parse_socket("service address", input, sock)?;
+        Ok(VirtualAddr {
+            addr: *sock.ip(),
+            port: sock.port(),
+            proto,
+        })
+    }
+}
+
+impl fmt::Display for VirtualAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+    }
+}
+
+impl serde::Serialize for VirtualAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl VirtualAddr {
+    pub(crate) fn key(&self) -> ServiceKey {
+        ServiceKey {
+            addr: u32::from(self.addr).to_be(),
+            port: self.port.to_be(),
+            proto: self.proto.number(),
+            _pad: 0,
+        }
+    }
+
+    pub(crate) fn from_key(key: &ServiceKey) -> Option<Self> {
+        Some(VirtualAddr {
+            addr: Ipv4Addr::from(u32::from_be(key.addr)),
+            port: u16::from_be(key.port),
+            proto: Proto::from_number(key.proto)?,
+        })
+    }
+}
+
+fn parse_socket(what: &'static str, whole: &str, input: &str) -> Result<SocketAddrV4> {
+    let sock: SocketAddrV4 = input
+        .parse()
+        .map_err(|_| parse_err(what, whole, "expected IPV4:PORT"))?;
+    if sock.port() == 0 {
+        return Err(parse_err(what, whole, "port 0 is not a valid port"));
+    }
+    if sock.ip().is_unspecified() || sock.ip().is_broadcast() || sock.ip().is_multicast() {
+        return Err(parse_err(what, whole, "not a unicast address"));
+    }
+    Ok(sock)
+}
+
+/// A backend as given on the command line: `198.18.0.2:8080` or `198.18.0.2:8080@3`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub addr: SocketAddrV4,
+    pub weight: u16,
+}
+
+impl FromStr for BackendSpec {
+    type Err = ServiceTableError;
+
+    fn from_str(input: &str) -> Result<Self> {
+        let (sock, weight) = match input.split_once('@') {
+            Some((sock, w)) => {
+                let w: u16 = w
+                    .parse()
+                    .map_err(|_| parse_err("backend", input, "weight must be 0..=65535"))?;
+                (sock, w)
+            }
+            None => (input, 1),
+        };
+        Ok(BackendSpec {
+            addr: parse_socket("backend", input, sock)?,
+            weight,
+        })
+    }
+}
+
+/// How a service picks the backend of a new flow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    #[default]
+    Hash,
+    Random,
+    Maglev,
+    Rr,
+    Lc,
+    Sh,
+    Dh,
+}
+
+impl Scheduler {
+    const ALL: [Scheduler; 7] = [
+        Scheduler::Hash,
+        Scheduler::Random,
+        Scheduler::Maglev,
+        Scheduler::Rr,
+        Scheduler::Lc,
+        Scheduler::Sh,
+        Scheduler::Dh,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheduler::Hash => "hash",
+            Scheduler::Random => "random",
+            Scheduler::Maglev => "maglev",
+            Scheduler::Rr => "rr",
+            Scheduler::Lc => "lc",
+            Scheduler::Sh => "sh",
+            Scheduler::Dh => "dh",
+        }
+    }
+
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            Scheduler::Hash => scheduler::HASH,
+            Scheduler::Random => scheduler::RANDOM,
+            Scheduler::Maglev => scheduler::MAGLEV,
+            Scheduler::Rr => scheduler::RR,
+            Scheduler::Lc => scheduler::LC,
+            Scheduler::Sh => scheduler::SH,
+            Scheduler::Dh => scheduler::DH,
+        }
+    }
+
+    pub(crate) fn from_code(code: u8) -> Self {
+        Self::ALL
+            .into_iter()
+            .find(|s| s.code() == code)
+            .unwrap_or_default()
+    }
+}
+
+impl FromStr for Scheduler {
+    type Err = ServiceTableError;
+
+    fn from_str(input: &str) -> Result<Self> {
+        // IPVS names for the same algorithms are accepted too: every scheduler here is weighted.
+        let s = match input {
+            "wrr" => "rr",
+            "wlc" => "lc",
+            "mh" => "maglev",
+            other => other,
+        };
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                parse_err(
+                    "scheduler",
+                    input,
+                    "expected hash, random, maglev (mh), rr (wrr), lc (wlc), sh or dh",
+                )
+            })
+    }
+}
+
+/// Everything needed to create a service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub vaddr: VirtualAddr,
+    pub scheduler: Scheduler,
+    /// Session affinity timeout in seconds (0: none).
+    pub affinity_secs: u32,
+    /// Also answer on this port of every node address (Kubernetes NodePort).
+    pub nodeport: Option<u16>,
+    pub backends: Vec<BackendSpec>,
+}
+
+/// Backend state as shown to users.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    Active,
+    Draining,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BackendInfo {
+    pub addr: SocketAddrV4,
+    pub weight: u16,
+    pub state: BackendState,
+    /// Open TCP connections as the datapath counts them (for `lc`).
+    pub connections: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ServiceInfo {
+    pub service: VirtualAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodeport: Option<u16>,
+    pub scheduler: Scheduler,
+    pub affinity_secs: u32,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub backends: Vec<BackendInfo>,
+}
+
+/// A backend's address as the maps hold it.
+pub(crate) fn backend_addr(b: &Backend) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(u32::from_be(b.addr)), u16::from_be(b.port))
+}
+
+/// The map value of a new, active backend of service `service_id`.
+pub(crate) fn new_backend(spec: &BackendSpec, service_id: u32) -> Backend {
+    Backend {
+        addr: u32::from(*spec.addr.ip()).to_be(),
+        port: spec.addr.port().to_be(),
+        weight: spec.weight,
+        service_id,
+        state: backend_state::ACTIVE,
+        _pad: [0; 3],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_service_addresses() {
+        let ok =
+            |s: &str, want: &str| assert_eq!(s.parse::<VirtualAddr>().unwrap().to_string(), want);
+        ok("198.19.0.10:80/tcp", "198.19.0.10:80/tcp");
+        ok("198.19.0.10:53/udp", "198.19.0.10:53/udp");
+        ok("198.19.0.10:80", "198.19.0.10:80/tcp");
+        let bad = |s: &str, why: &str| {
+            let e = s.parse::<VirtualAddr>().unwrap_err().to_string();
+            assert!(e.contains(why), "{s}: {e}");
+        };
+        bad("198.19.0.10:80/sctp", "unsupported protocol");
+        bad("198.19.0.10:0/tcp", "port 0");
+        bad("198.19.0.300:80", "IPV4:PORT");
+        bad("198.19.0.10", "IPV4:PORT");
+        bad("0.0.0.0:80", "unicast");
+    }
+
+    #[test]
+    fn parses_backends_with_weights() {
+        let b: BackendSpec = "198.18.0.2:8080@3".parse().unwrap();
+        assert_eq!(
+            (b.addr.to_string(), b.weight),
+            ("198.18.0.2:8080".to_owned(), 3)
+        );
+        assert_eq!("198.18.0.2:8080".parse::<BackendSpec>().unwrap().weight, 1);
+        assert!("198.18.0.2:8080@x".parse::<BackendSpec>().is_err());
+        assert!("198.18.0.2:8080@70000".parse::<BackendSpec>().is_err());
+    }
+
+    #[test]
+    fn scheduler_names_include_ipvs_aliases() {
+        let check = |name: &str, want: Scheduler| {
+            assert_eq!(name.parse::<Scheduler>().unwrap(), want, "{name}")
+        };
+        check("hash", Scheduler::Hash);
+        check("mh", Scheduler::Maglev);
+        check("wrr", Scheduler::Rr);
+        check("wlc", Scheduler::Lc);
+        assert!("lblc".parse::<Scheduler>().is_err());
+    }
+}
