@@ -3,7 +3,8 @@
 //! The original-direction entry (client -> VIP) holds the chosen backend; the reply-direction
 //! entry (backend -> client) holds the VIP to restore. Entries expire by protocol state using the
 //! timeouts in the node config (`NodeConfig::flow_timeout`, which user space shares); the LRU
-//! evicts the coldest when full.
+//! evicts the coldest when full. Free client ports for translated tuples are claimed here, in
+//! one routine ([`claim_port`]).
 //!
 //! This module works on keys and tuples only: it never reads or writes the packet, and it does
 //! not decide what a flow translates to (that is `flow` and `masq`).
@@ -191,15 +192,7 @@ pub fn create(
         };
         if other_vip {
             reply.peer_port = reply_key.dport;
-            let mut claimed = false;
-            for _ in 0..8u32 {
-                reply_key.dport = random_port();
-                if claim(reply_key, reply, now) {
-                    claimed = true;
-                    break;
-                }
-            }
-            if !claimed {
+            if !claim_port(reply_key, reply, now, false) {
                 return Err(CreateError::NoFreePort);
             }
             orig.peer_port = reply_key.dport;
@@ -213,7 +206,7 @@ pub fn create(
 
 /// A random port (network order) from the ephemeral range translations pick from.
 #[inline(always)]
-pub fn random_port() -> u16 {
+fn random_port() -> u16 {
     let span = u32::from(MASQ_PORT_MAX - MASQ_PORT_MIN) + 1;
     // SAFETY: a helper without arguments.
     let r = unsafe { bpf_get_prandom_u32() };
@@ -223,10 +216,34 @@ pub fn random_port() -> u16 {
 /// `BPF_NOEXIST`: insert only if the key is new.
 const NOEXIST: u64 = 1;
 
-/// Claims `reply` for a new flow: fails if a live flow already owns that reply tuple (an
-/// expired owner is replaced). Masquerade uses this to find a collision-free source port.
+/// Ports [`claim_port`] tries before giving up.
+const CLAIM_TRIES: u32 = 8;
+
+/// Finds a free client port for a translated flow and claims its reply entry: the reply key
+/// `key` (whose destination port is the client's port as the peer will see it) is inserted
+/// with `BPF_NOEXIST`, trying `key.dport` as given first when `keep_own` is set, then random
+/// ports of the ephemeral range, [`CLAIM_TRIES`] in all. On success `key.dport` holds the port
+/// claimed and `flow` is stored under `key`.
+///
+/// Masquerade (the node's address for a pod's flow, the pod's own port when free) and a service
+/// flow whose client port already reaches the same backend through another VIP both use it.
 #[inline(always)]
-pub fn claim(reply: &FlowKey, reply_flow: &Flow, now: u64) -> bool {
+pub fn claim_port(key: &mut FlowKey, flow: &Flow, now: u64, keep_own: bool) -> bool {
+    for attempt in 0..CLAIM_TRIES {
+        if attempt > 0 || !keep_own {
+            key.dport = random_port();
+        }
+        if claim(key, flow, now) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Claims `reply` for a new flow: fails if a live flow already owns that reply tuple (an
+/// expired owner is replaced).
+#[inline(always)]
+fn claim(reply: &FlowKey, reply_flow: &Flow, now: u64) -> bool {
     // A taken tuple is the expected case here, not a failure worth counting.
     if table(reply.proto)
         .insert(reply, reply_flow, NOEXIST)

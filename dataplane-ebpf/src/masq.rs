@@ -51,25 +51,12 @@ pub fn start<C: PacketCtx>(
         peer_port: 0,
         _pad: [0; 6],
     };
-    let mut port = t.sport;
-    let mut claimed = false;
-    for attempt in 0..8u32 {
-        if attempt > 0 {
-            port = conntrack::random_port();
-        }
-        // The peer's answer: to the node's address, at the pod's own port if that is free.
-        if conntrack::claim(
-            &FlowKey::answering(&t.with_source(uplink, port)),
-            &reply,
-            now,
-        ) {
-            claimed = true;
-            break;
-        }
-    }
-    if !claimed {
+    // The peer's answer: to the node's address, at the pod's own port if that is free.
+    let mut key = FlowKey::answering(&t.with_source(uplink, t.sport));
+    if !conntrack::claim_port(&mut key, &reply, now, true) {
         return Err(Verdict::Drop(Reason::NoMasqueradePort));
     }
+    let port = key.dport;
     let orig = Flow {
         nat_addr: uplink.0,
         nat_port: port,
