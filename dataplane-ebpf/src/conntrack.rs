@@ -184,7 +184,9 @@ pub fn create(
         count(ct_event::INSERTS, reply_key.proto);
     } else {
         let other_vip = match lookup(reply_key, now) {
-            // SAFETY: valid for this run; two fields are read.
+            // SAFETY: `f` is a pointer from a successful map lookup in this run, whose memory stays
+            // valid until the program returns (the kernel frees map elements only after an RCU
+            // grace period, and never those of preallocated maps); two fields are read.
             Some(f) => unsafe {
                 (*f).nat_addr != reply.nat_addr || (*f).nat_port != reply.nat_port
             },

@@ -51,7 +51,9 @@ pub fn try_ingress<C: PacketCtx>(ctx: &C, pkt: &Packet) -> Result<(), Verdict> {
     let t = &pkt.tuple;
 
     if let Some(flow) = conntrack::lookup(&FlowKey::reply(t), now) {
-        // SAFETY: `flow` came from a lookup in this run.
+        // SAFETY: `flow` is a pointer from a successful map lookup in this run, whose memory stays
+        // valid until the program returns (the kernel frees map elements only after an RCU grace
+        // period, and never those of preallocated maps); the entry is copied out at once.
         let f = unsafe { *flow };
         match f.kind & flow_kind::MASK {
             flow_kind::SERVICE => {
@@ -88,7 +90,9 @@ pub fn try_ingress<C: PacketCtx>(ctx: &C, pkt: &Packet) -> Result<(), Verdict> {
 
     let orig_key = FlowKey::original(t);
     if let Some(flow) = conntrack::lookup(&orig_key, now) {
-        // SAFETY: as above.
+        // SAFETY: `flow` is a pointer from a successful map lookup in this run, whose memory stays
+        // valid until the program returns (the kernel frees map elements only after an RCU grace
+        // period, and never those of preallocated maps); the entry is copied out at once.
         let f = unsafe { *flow };
         if f.kind & flow_kind::MASK == flow_kind::MASQUERADE {
             return Ok(());
@@ -127,7 +131,9 @@ pub fn try_egress<C: PacketCtx>(ctx: &C, pkt: &Packet, cfg: &NodeConfig) -> Resu
     let t = &pkt.tuple;
 
     if let Some(flow) = conntrack::lookup(&FlowKey::reply(t), now) {
-        // SAFETY: `flow` came from a lookup in this run.
+        // SAFETY: `flow` is a pointer from a successful map lookup in this run, whose memory stays
+        // valid until the program returns (the kernel frees map elements only after an RCU grace
+        // period, and never those of preallocated maps); the entry is copied out at once.
         let f = unsafe { *flow };
         if f.kind & flow_kind::MASK == flow_kind::NODEPORT {
             conntrack::touch(flow, t, now);
@@ -141,7 +147,9 @@ pub fn try_egress<C: PacketCtx>(ctx: &C, pkt: &Packet, cfg: &NodeConfig) -> Resu
         return Ok(());
     }
     if let Some(flow) = conntrack::lookup(&FlowKey::original(t), now) {
-        // SAFETY: as above.
+        // SAFETY: `flow` is a pointer from a successful map lookup in this run, whose memory stays
+        // valid until the program returns (the kernel frees map elements only after an RCU grace
+        // period, and never those of preallocated maps); the entry is copied out at once.
         let f = unsafe { *flow };
         if f.kind & flow_kind::MASK == flow_kind::MASQUERADE {
             conntrack::touch(flow, t, now);
@@ -299,7 +307,9 @@ fn forget_stale_reply(t: &FlowTuple) {
     }
     let key = FlowKey::answering(t);
     if let Some(flow) = conntrack::get(&key) {
-        // SAFETY: valid for this run; two bytes are read.
+        // SAFETY: `flow` is a pointer from a successful map lookup in this run, whose memory stays
+        // valid until the program returns (the kernel frees map elements only after an RCU grace
+        // period, and never those of preallocated maps); two bytes are read.
         let (kind, state) = unsafe { ((*flow).kind, (*flow).state) };
         // Only a flow that has closed: the translated SYN of a live flow passes here too (on the
         // bridge device, already addressed to its backend) while its reply entry is new.
@@ -337,8 +347,10 @@ fn closing(t: &FlowTuple, f: &Flow, vip: u32, vport: u16) {
         tcp_flags: 0,
     };
     if let Some(orig) = conntrack::get(&FlowKey::original(&original)) {
-        // SAFETY: valid for this run. Two CPUs may both see `counted == 0` and decrement twice;
-        // the count is advisory (it only steers `lc`).
+        // SAFETY: `orig` is a pointer from a successful map lookup in this run, whose memory stays
+        // valid until the program returns (the kernel frees map elements only after an RCU grace
+        // period, and never those of preallocated maps). Two CPUs may both see the flag clear and
+        // decrement twice; the count is advisory (it only steers `lc`).
         let o = unsafe { &mut *orig };
         if o.kind & flow_kind::CLOSE_COUNTED == 0 {
             o.kind |= flow_kind::CLOSE_COUNTED;

@@ -34,10 +34,12 @@ pub fn service(t: &FlowTuple) -> Option<Service> {
     if let Some(p) = SERVICES.get_ptr(&key) {
         return Some(unsafe { *p });
     }
-    // SAFETY: lookup result valid for this run.
+    // SAFETY: only whether the lookup found an element is used; nothing is read through it.
     unsafe { NODE_ADDRS.get(&daddr) }?;
     let key = ServiceKey { addr: 0, ..key };
-    // SAFETY: as above.
+    // SAFETY: `p` is a pointer from a successful map lookup in this run, whose memory stays valid
+    // until the program returns (the kernel frees map elements only after an RCU grace period, and
+    // never those of preallocated maps); the value is copied out at once.
     SERVICES.get_ptr(&key).map(|p| unsafe { *p })
 }
 
@@ -154,6 +156,7 @@ extern "C" fn lc_step(index: u32, ctx: *mut c_void) -> i64 {
     let Some(id) = (unsafe { SLOTS.get(&key) }).copied() else {
         return 0;
     };
+    // SAFETY: as for the slot: a lookup result of this run, copied out at once.
     let Some(b) = (unsafe { BACKENDS.get(&id) }).copied() else {
         return 0;
     };
@@ -226,7 +229,9 @@ fn sticky_backend(svc: &Service, t: &FlowTuple, now: u64) -> Option<(u32, Backen
         client: t.saddr.0,
     };
     let entry = AFFINITY.get_ptr_mut(&key)?;
-    // SAFETY: valid for this run; racing writers store whole valid values.
+    // SAFETY: `entry` is a pointer from a successful map lookup in this run, whose memory stays
+    // valid until the program returns (the kernel frees map elements only after an RCU grace
+    // period, and never those of preallocated maps); racing writers store whole valid values.
     let a = unsafe { &mut *entry };
     if now.saturating_sub(a.last_seen_ns) > u64::from(svc.affinity_secs) * NS_PER_SEC {
         return None;
