@@ -5,6 +5,18 @@
 //! This crate must not depend on anything but `aya` (for `Pod`, behind the `user` feature).
 
 #![no_std]
+// The eBPF side must inline these helpers: an outlined call is a BPF-to-BPF call whose stack
+// frame the verifier adds to the deepest call chain, which is limited to 512 bytes.
+#![expect(
+    clippy::inline_always,
+    reason = "a BPF-to-BPF call costs a stack frame the verifier counts"
+)]
+// Pad bytes are named fields (a hash-map lookup compares raw bytes, so both sides must zero
+// them in struct literals); the underscore says nothing reads them.
+#![expect(
+    clippy::pub_underscore_fields,
+    reason = "named pad bytes that both sides zero and nothing reads"
+)]
 
 /// Program names as the loader looks them up in the object file.
 pub mod program {
@@ -72,7 +84,7 @@ pub mod map {
     ///
     /// [`NodeConfig`]: crate::NodeConfig
     pub const CONFIG: &str = "CONFIG";
-    /// The node's own IPv4 addresses (network order `u32` -> `u32` 1), where NodePorts answer.
+    /// The node's own IPv4 addresses (network order `u32` -> `u32` 1), where `NodePort`s answer.
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
     /// Translations of fragmented datagrams (LRU): [`FragKey`] -> [`FragNat`], written when the
     /// first fragment (the one with the ports) is translated, read by the later fragments.
@@ -200,6 +212,7 @@ impl Reason {
     ];
 
     /// The stable name shown by `bulkhead stats` and in JSON output.
+    #[must_use]
     pub const fn name(self) -> &'static str {
         match self {
             Reason::Truncated => "truncated",
@@ -281,7 +294,7 @@ pub mod scheduler {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceKey {
-    /// Virtual IPv4 address, network order. Zero for a NodePort entry, which matches any of the
+    /// Virtual IPv4 address, network order. Zero for a `NodePort` entry, which matches any of the
     /// node's own addresses.
     pub addr: u32,
     /// Virtual port, network order.
@@ -294,7 +307,7 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 
 /// Service flags in [`Service::flags`].
 pub mod service_flags {
-    /// This entry is the NodePort face of a service (key address zero).
+    /// This entry is the `NodePort` face of a service (key address zero).
     pub const NODEPORT: u8 = 1;
 }
 
@@ -388,12 +401,148 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 
+/// An address of one family, as a [`FlowTuple`] carries it.
+///
+/// Code written over a tuple of `A: Addr` serves a second family by adding its address type; the
+/// map keys of each family stay concrete (for IPv4, `u32` fields), so their layouts never change.
+pub trait Addr: Copy + Eq {}
+
+/// An IPv4 address: its four bytes in network order, read as a native `u32`, which is the form
+/// every map key and value of this crate holds.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct V4(pub u32);
+
+impl Addr for V4 {}
+
+/// The identity of a TCP or UDP packet: addresses and ports (network order) and protocol, as the
+/// packet carries them at the moment it is read.
+///
+/// Load balancing and connection tracking take a tuple rather than a hook's packet context, so
+/// any hook that can read one (tc, XDP, a socket hook) can use them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowTuple<A: Addr = V4> {
+    pub saddr: A,
+    pub daddr: A,
+    /// Network order.
+    pub sport: u16,
+    /// Network order.
+    pub dport: u16,
+    /// A [`proto`] number.
+    pub proto: u8,
+    /// The TCP flags byte of the packet the tuple was read from (zero for UDP): the conntrack
+    /// state machine and the SYN checks read it. It sits where padding would otherwise be, so
+    /// the IPv4 tuple stays 16 bytes.
+    pub tcp_flags: u8,
+}
+const _: () = assert!(core::mem::size_of::<FlowTuple<V4>>() == 16);
+
+/// TCP flag bits in [`FlowTuple::tcp_flags`].
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+impl<A: Addr> FlowTuple<A> {
+    /// The tuple of a packet travelling the other way (an answer to this one); flags cleared.
+    #[inline(always)]
+    #[must_use]
+    pub fn reversed(&self) -> Self {
+        FlowTuple {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            tcp_flags: 0,
+        }
+    }
+
+    /// This tuple after its source was rewritten to `addr`:`port`.
+    #[inline(always)]
+    #[must_use]
+    pub fn with_source(&self, addr: A, port: u16) -> Self {
+        FlowTuple {
+            saddr: addr,
+            sport: port,
+            ..*self
+        }
+    }
+
+    /// This tuple after its destination was rewritten to `addr`:`port`.
+    #[inline(always)]
+    #[must_use]
+    pub fn with_destination(&self, addr: A, port: u16) -> Self {
+        FlowTuple {
+            daddr: addr,
+            dport: port,
+            ..*self
+        }
+    }
+
+    /// A pure SYN: the first packet of a TCP connection.
+    #[inline(always)]
+    pub fn is_syn(&self) -> bool {
+        self.proto == proto::TCP
+            && self.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
+    }
+
+    /// A FIN or RST: one side is closing the connection.
+    #[inline(always)]
+    pub fn is_closing(&self) -> bool {
+        self.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0
+    }
+}
+
+impl FlowKey {
+    /// The key of `t` in direction `dir` (a [`flow_dir`] constant), addresses as they are.
+    #[must_use]
+    #[inline(always)]
+    pub const fn new(t: &FlowTuple<V4>, dir: u8) -> FlowKey {
+        FlowKey {
+            saddr: t.saddr.0,
+            daddr: t.daddr.0,
+            sport: t.sport,
+            dport: t.dport,
+            proto: t.proto,
+            dir,
+            _pad: 0,
+        }
+    }
+
+    /// The original-direction key of a packet `t` (client -> VIP, or pod -> peer), as it
+    /// arrives.
+    #[must_use]
+    #[inline(always)]
+    pub const fn original(t: &FlowTuple<V4>) -> FlowKey {
+        FlowKey::new(t, flow_dir::ORIGINAL)
+    }
+
+    /// The reply-direction key of a packet `t` (backend -> client, or peer -> node), as it
+    /// arrives.
+    #[must_use]
+    #[inline(always)]
+    pub const fn reply(t: &FlowTuple<V4>) -> FlowKey {
+        FlowKey::new(t, flow_dir::REPLY)
+    }
+
+    /// The reply-direction key the answer to a packet `t` will carry: `t` as it leaves (after
+    /// any translation), reversed. A new flow's reply entry goes under this key.
+    #[must_use]
+    #[inline(always)]
+    pub fn answering(t: &FlowTuple<V4>) -> FlowKey {
+        FlowKey::reply(&t.reversed())
+    }
+}
+
 /// Kinds of translation a flow entry applies, in the low bits of [`Flow::kind`].
 pub mod flow_kind {
     /// Service DNAT for a client on the bridge: original packets get the backend as
     /// destination (at tc ingress), replies the VIP as source (at the backend's veth ingress).
     pub const SERVICE: u8 = 0;
-    /// NodePort DNAT for a client outside the node: as `SERVICE`, but replies are routed by the
+    /// `NodePort` DNAT for a client outside the node: as `SERVICE`, but replies are routed by the
     /// node and translated back at the uplink's egress (the node's own address as a source
     /// arriving on the bridge would be dropped as martian).
     pub const NODEPORT: u8 = 1;
@@ -516,6 +665,7 @@ pub mod node_flags {
 
 impl NodeConfig {
     /// All zero: a config map nobody has written yet.
+    #[must_use]
     pub const fn zeroed() -> Self {
         NodeConfig {
             tcp_syn_timeout: 0,
@@ -533,7 +683,7 @@ impl NodeConfig {
 }
 
 impl NodeConfig {
-    /// The defaults: timeouts of the same order of magnitude as Linux's nf_conntrack and
+    /// The defaults: timeouts of the same order of magnitude as Linux's `nf_conntrack` and
     /// Cilium's, nothing else set.
     pub const DEFAULT: NodeConfig = NodeConfig {
         tcp_syn_timeout: 60,
@@ -542,6 +692,33 @@ impl NodeConfig {
         udp_timeout: 60,
         ..NodeConfig::zeroed()
     };
+}
+
+impl NodeConfig {
+    /// Seconds a flow entry of protocol `protocol` (a [`proto`] number) in TCP state `state` (a
+    /// [`tcp_state`] constant, ignored for UDP) lives without traffic. A timeout left at zero
+    /// (config never written, or a field a flag did not name) takes its [`NodeConfig::DEFAULT`].
+    ///
+    /// The datapath expires entries with this; user space calls it to show the same expiry.
+    #[must_use]
+    #[inline(always)]
+    pub const fn flow_timeout(&self, protocol: u8, state: u8) -> u32 {
+        const fn pick(set: u32, default: u32) -> u32 {
+            if set == 0 { default } else { set }
+        }
+        let d = NodeConfig::DEFAULT;
+        if protocol == proto::TCP {
+            match state {
+                tcp_state::SYN_SENT => pick(self.tcp_syn_timeout, d.tcp_syn_timeout),
+                tcp_state::ESTABLISHED => {
+                    pick(self.tcp_established_timeout, d.tcp_established_timeout)
+                }
+                _ => pick(self.tcp_closing_timeout, d.tcp_closing_timeout),
+            }
+        } else {
+            pick(self.udp_timeout, d.udp_timeout)
+        }
+    }
 }
 
 impl Default for NodeConfig {
@@ -594,8 +771,9 @@ pub struct Endpoint {
 }
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 16);
 
-/// 32-bit mixing hash (the finalizer of MurmurHash3), shared by both sides so user space can
+/// 32-bit mixing hash (the finalizer of `MurmurHash3`), shared by both sides so user space can
 /// predict which slot a flow takes.
+#[must_use]
 #[inline(always)]
 pub const fn mix32(mut h: u32) -> u32 {
     h ^= h >> 16;
@@ -607,6 +785,7 @@ pub const fn mix32(mut h: u32) -> u32 {
 }
 
 /// Hash of a flow's 5-tuple, as the `hash` and `maglev` schedulers use it.
+#[must_use]
 #[inline(always)]
 pub const fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
     let mut h = mix32(saddr ^ 0x9e37_79b9);
@@ -659,3 +838,128 @@ const fn current_size(entry: usize) -> usize {
 const _: () = assert!(current_size(0) == core::mem::size_of::<Flow>());
 const _: () = assert!(current_size(1) == core::mem::size_of::<Flow>());
 const _: () = assert!(current_size(2) == core::mem::size_of::<NodeConfig>());
+
+#[cfg(test)]
+mod tests {
+    use super::{FlowKey, FlowTuple, NodeConfig, V4, flow_dir, proto, tcp_flags, tcp_state};
+
+    /// Client 10.0.0.1:40000 to VIP 10.96.0.1:80, TCP, in the byte order packets carry.
+    fn tuple() -> FlowTuple {
+        FlowTuple {
+            saddr: V4(u32::from_be_bytes([10, 0, 0, 1]).to_be()),
+            daddr: V4(u32::from_be_bytes([10, 96, 0, 1]).to_be()),
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: proto::TCP,
+            tcp_flags: tcp_flags::SYN,
+        }
+    }
+
+    #[test]
+    fn original_and_reply_keep_the_tuple() {
+        let t = tuple();
+        for (key, dir) in [
+            (FlowKey::original(&t), flow_dir::ORIGINAL),
+            (FlowKey::reply(&t), flow_dir::REPLY),
+            (FlowKey::new(&t, flow_dir::REPLY), flow_dir::REPLY),
+        ] {
+            assert_eq!(
+                key,
+                FlowKey {
+                    saddr: t.saddr.0,
+                    daddr: t.daddr.0,
+                    sport: t.sport,
+                    dport: t.dport,
+                    proto: proto::TCP,
+                    dir,
+                    _pad: 0,
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn answering_is_the_translated_packet_reversed() {
+        let t = tuple();
+        let backend = V4(u32::from_be_bytes([10, 0, 1, 7]).to_be());
+        let key = FlowKey::answering(&t.with_destination(backend, 8080u16.to_be()));
+        assert_eq!(
+            key,
+            FlowKey {
+                saddr: backend.0,
+                daddr: t.saddr.0,
+                sport: 8080u16.to_be(),
+                dport: t.sport,
+                proto: proto::TCP,
+                dir: flow_dir::REPLY,
+                _pad: 0,
+            }
+        );
+        // A translated source (masquerade, a translated client port) is where the answer goes.
+        let node = V4(u32::from_be_bytes([192, 0, 2, 1]).to_be());
+        let key = FlowKey::answering(&t.with_source(node, 33000u16.to_be()));
+        assert_eq!((key.daddr, key.dport), (node.0, 33000u16.to_be()));
+        assert_eq!((key.saddr, key.sport), (t.daddr.0, t.dport));
+    }
+
+    #[test]
+    fn reversed_twice_is_the_tuple_without_flags() {
+        let t = tuple();
+        assert_eq!(t.reversed().reversed(), FlowTuple { tcp_flags: 0, ..t });
+    }
+
+    #[test]
+    fn syn_and_closing_flags() {
+        let mut t = tuple();
+        assert!(t.is_syn() && !t.is_closing());
+        t.tcp_flags = tcp_flags::SYN | tcp_flags::ACK;
+        assert!(!t.is_syn());
+        t.tcp_flags = tcp_flags::ACK | tcp_flags::FIN;
+        assert!(t.is_closing());
+        t.tcp_flags = tcp_flags::RST;
+        assert!(t.is_closing());
+        t.proto = proto::UDP;
+        t.tcp_flags = tcp_flags::SYN;
+        assert!(!t.is_syn(), "only TCP has a SYN");
+    }
+
+    #[test]
+    fn timeout_by_protocol_and_state() {
+        let cfg = NodeConfig {
+            tcp_syn_timeout: 5,
+            tcp_established_timeout: 600,
+            tcp_closing_timeout: 7,
+            udp_timeout: 30,
+            ..NodeConfig::zeroed()
+        };
+        assert_eq!(cfg.flow_timeout(proto::TCP, tcp_state::SYN_SENT), 5);
+        assert_eq!(cfg.flow_timeout(proto::TCP, tcp_state::ESTABLISHED), 600);
+        assert_eq!(cfg.flow_timeout(proto::TCP, tcp_state::CLOSING), 7);
+        assert_eq!(cfg.flow_timeout(proto::TCP, tcp_state::CLOSED), 7);
+        // UDP has no states: whatever the entry holds, the UDP timeout applies.
+        assert_eq!(cfg.flow_timeout(proto::UDP, tcp_state::ESTABLISHED), 30);
+    }
+
+    #[test]
+    fn unset_timeouts_take_the_defaults() {
+        let d = NodeConfig::DEFAULT;
+        let cfg = NodeConfig {
+            tcp_established_timeout: 99,
+            ..NodeConfig::zeroed()
+        };
+        assert_eq!(
+            cfg.flow_timeout(proto::TCP, tcp_state::SYN_SENT),
+            d.tcp_syn_timeout
+        );
+        assert_eq!(cfg.flow_timeout(proto::TCP, tcp_state::ESTABLISHED), 99);
+        assert_eq!(
+            cfg.flow_timeout(proto::TCP, tcp_state::CLOSING),
+            d.tcp_closing_timeout
+        );
+        assert_eq!(cfg.flow_timeout(proto::UDP, 0), d.udp_timeout);
+        assert_eq!(
+            NodeConfig::zeroed().flow_timeout(proto::TCP, tcp_state::ESTABLISHED),
+            d.tcp_established_timeout
+        );
+    }
+}

@@ -2,17 +2,20 @@
 //!
 //! The original-direction entry (client -> VIP) holds the chosen backend; the reply-direction
 //! entry (backend -> client) holds the VIP to restore. Entries expire by protocol state using the
-//! timeouts in the node config; the LRU evicts the coldest when full.
+//! timeouts in the node config (`NodeConfig::flow_timeout`, which user space shares); the LRU
+//! evicts the coldest when full. Free client ports for translated tuples are claimed here, in
+//! one routine ([`claim_port`]).
+//!
+//! This module works on keys and tuples only: it never reads or writes the packet, and it does
+//! not decide what a flow translates to (that is `flow` and `masq`).
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use dataplane_common::{
-    Flow, FlowKey, MASQ_PORT_MAX, MASQ_PORT_MIN, NodeConfig, ct_event, proto, tcp_state,
+    Flow, FlowKey, FlowTuple, MASQ_PORT_MAX, MASQ_PORT_MIN, NodeConfig, ct_event, proto, tcp_flags,
+    tcp_state,
 };
 
-use crate::{
-    maps::{CONFIG, CONNTRACK_TCP, CONNTRACK_UDP, CT_EVENTS},
-    parse::{Packet, tcp_flags},
-};
+use crate::maps::{CONFIG, CONNTRACK_TCP, CONNTRACK_UDP, CT_EVENTS};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 /// `last_seen_ns` is refreshed at most this often, so busy flows do not bounce the cache line
@@ -23,20 +26,6 @@ const TOUCH_NS: u64 = NS_PER_SEC;
 pub fn now() -> u64 {
     // SAFETY: a helper without arguments, allowed for tc programs.
     unsafe { bpf_ktime_get_ns() }
-}
-
-/// The key of `pkt` as seen in direction `dir`.
-#[inline(always)]
-pub fn key(pkt: &Packet, dir: u8) -> FlowKey {
-    FlowKey {
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        dir,
-        _pad: 0,
-    }
 }
 
 /// What `config` reads when the map cannot be read (never: an array's entries always exist).
@@ -52,25 +41,11 @@ pub fn config() -> &'static NodeConfig {
     }
 }
 
-/// The node's timeouts; a field left at zero (config never written) takes its default.
+/// The node's timeout for `flow`; a field left at zero (config never written) takes its
+/// default. The choice is `dataplane-common`'s, so user space shows the same expiry.
 #[inline(always)]
 fn timeout_ns(flow: &Flow, protocol: u8) -> u64 {
-    let defaults = NodeConfig::DEFAULT;
-    let cfg = config();
-    let pick = |set: u32, default: u32| if set == 0 { default } else { set };
-    let secs = if protocol == proto::TCP {
-        match flow.state {
-            tcp_state::SYN_SENT => pick(cfg.tcp_syn_timeout, defaults.tcp_syn_timeout),
-            tcp_state::ESTABLISHED => pick(
-                cfg.tcp_established_timeout,
-                defaults.tcp_established_timeout,
-            ),
-            _ => pick(cfg.tcp_closing_timeout, defaults.tcp_closing_timeout),
-        }
-    } else {
-        pick(cfg.udp_timeout, defaults.udp_timeout)
-    };
-    u64::from(secs) * NS_PER_SEC
+    u64::from(config().flow_timeout(protocol, flow.state)) * NS_PER_SEC
 }
 
 /// The table for a protocol: TCP flows apart from the rest.
@@ -134,17 +109,17 @@ pub fn lookup(key: &FlowKey, now: u64) -> Option<*mut Flow> {
     Some(flow)
 }
 
-/// Refreshes the entry's timestamp and TCP state after seeing `pkt`.
+/// Refreshes the entry's timestamp and TCP state after seeing a packet with tuple `t`.
 #[inline(always)]
-pub fn touch(flow: *mut Flow, pkt: &Packet, now: u64) {
+pub fn touch(flow: *mut Flow, t: &FlowTuple, now: u64) {
     // SAFETY: `flow` came from `lookup` in this program run. Concurrent updates from other CPUs
     // race benignly: each writes a timestamp and a state that are both valid.
     let f = unsafe { &mut *flow };
     if now.saturating_sub(f.last_seen_ns) > TOUCH_NS {
         f.last_seen_ns = now;
     }
-    if pkt.proto == proto::TCP {
-        let next = next_tcp_state(f.state, pkt.tcp_flags);
+    if t.proto == proto::TCP {
+        let next = next_tcp_state(f.state, t.tcp_flags);
         if next != f.state {
             f.state = next;
             f.last_seen_ns = now;
@@ -164,12 +139,12 @@ pub fn next_tcp_state(state: u8, flags: u8) -> u8 {
     }
 }
 
-/// The state a new flow starts in.
+/// The state a new flow whose first packet has tuple `t` starts in.
 #[inline(always)]
-pub fn initial_state(pkt: &Packet) -> u8 {
-    if pkt.proto == proto::TCP && pkt.tcp_flags & tcp_flags::SYN == 0 {
+pub fn initial_state(t: &FlowTuple) -> u8 {
+    if t.proto == proto::TCP && t.tcp_flags & tcp_flags::SYN == 0 {
         // A flow picked up mid-stream (say, after the table was flushed) is already open.
-        next_tcp_state(tcp_state::ESTABLISHED, pkt.tcp_flags)
+        next_tcp_state(tcp_state::ESTABLISHED, t.tcp_flags)
     } else {
         tcp_state::SYN_SENT
     }
@@ -209,7 +184,9 @@ pub fn create(
         count(ct_event::INSERTS, reply_key.proto);
     } else {
         let other_vip = match lookup(reply_key, now) {
-            // SAFETY: valid for this run; two fields are read.
+            // SAFETY: `f` is a pointer from a successful map lookup in this run, whose memory stays
+            // valid until the program returns (the kernel frees map elements only after an RCU
+            // grace period, and never those of preallocated maps); two fields are read.
             Some(f) => unsafe {
                 (*f).nat_addr != reply.nat_addr || (*f).nat_port != reply.nat_port
             },
@@ -217,15 +194,7 @@ pub fn create(
         };
         if other_vip {
             reply.peer_port = reply_key.dport;
-            let mut claimed = false;
-            for _ in 0..8u32 {
-                reply_key.dport = random_port();
-                if claim(reply_key, reply, now) {
-                    claimed = true;
-                    break;
-                }
-            }
-            if !claimed {
+            if !claim_port(reply_key, reply, now, false) {
                 return Err(CreateError::NoFreePort);
             }
             orig.peer_port = reply_key.dport;
@@ -239,7 +208,7 @@ pub fn create(
 
 /// A random port (network order) from the ephemeral range translations pick from.
 #[inline(always)]
-pub fn random_port() -> u16 {
+fn random_port() -> u16 {
     let span = u32::from(MASQ_PORT_MAX - MASQ_PORT_MIN) + 1;
     // SAFETY: a helper without arguments.
     let r = unsafe { bpf_get_prandom_u32() };
@@ -249,10 +218,34 @@ pub fn random_port() -> u16 {
 /// `BPF_NOEXIST`: insert only if the key is new.
 const NOEXIST: u64 = 1;
 
-/// Claims `reply` for a new flow: fails if a live flow already owns that reply tuple (an
-/// expired owner is replaced). Masquerade uses this to find a collision-free source port.
+/// Ports [`claim_port`] tries before giving up.
+const CLAIM_TRIES: u32 = 8;
+
+/// Finds a free client port for a translated flow and claims its reply entry: the reply key
+/// `key` (whose destination port is the client's port as the peer will see it) is inserted
+/// with `BPF_NOEXIST`, trying `key.dport` as given first when `keep_own` is set, then random
+/// ports of the ephemeral range, [`CLAIM_TRIES`] in all. On success `key.dport` holds the port
+/// claimed and `flow` is stored under `key`.
+///
+/// Masquerade (the node's address for a pod's flow, the pod's own port when free) and a service
+/// flow whose client port already reaches the same backend through another VIP both use it.
 #[inline(always)]
-pub fn claim(reply: &FlowKey, reply_flow: &Flow, now: u64) -> bool {
+pub fn claim_port(key: &mut FlowKey, flow: &Flow, now: u64, keep_own: bool) -> bool {
+    for attempt in 0..CLAIM_TRIES {
+        if attempt > 0 || !keep_own {
+            key.dport = random_port();
+        }
+        if claim(key, flow, now) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Claims `reply` for a new flow: fails if a live flow already owns that reply tuple (an
+/// expired owner is replaced).
+#[inline(always)]
+fn claim(reply: &FlowKey, reply_flow: &Flow, now: u64) -> bool {
     // A taken tuple is the expected case here, not a failure worth counting.
     if table(reply.proto)
         .insert(reply, reply_flow, NOEXIST)

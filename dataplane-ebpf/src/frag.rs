@@ -6,21 +6,22 @@
 //! later fragments look that up and get the same addresses. Their L4 checksum needs no change:
 //! it lives in the first fragment, where the translation already updated it for the whole
 //! datagram. A later fragment that arrives before its first one is passed unchanged and counted
-//! as `fragment`.
+//! as `fragment`. This module owns the `FRAGMENTS` records only: flow entries are not its
+//! business.
 
-use aya_ebpf::programs::TcContext;
-use dataplane_common::{FragKey, FragNat, Reason};
+use dataplane_common::{FragKey, FragNat, Reason, V4};
 
 use crate::{
-    Verdict,
+    ctx::PacketCtx,
     maps::FRAGMENTS,
     parse::{IP_CSUM_OFF, IP_DST_OFF, IP_ID_OFF, IP_PROTO_OFF, IP_SRC_OFF, Packet},
+    verdict::Verdict,
 };
 
 /// Passes `result` through, recording the translation of a first fragment.
 #[inline(always)]
-pub fn remembering(
-    ctx: &TcContext,
+pub fn remembering<C: PacketCtx>(
+    ctx: &C,
     pkt: &Packet,
     result: Result<(), Verdict>,
 ) -> Result<(), Verdict> {
@@ -30,20 +31,22 @@ pub fn remembering(
     result
 }
 
-/// A BPF-to-BPF call, for the same reason as `deliver`.
+/// A BPF-to-BPF call, for the same reason as `bypass::deliver`.
 #[inline(never)]
-fn remember(ctx: &TcContext, pkt: &Packet) {
+fn remember<C: PacketCtx>(ctx: &C, pkt: &Packet) {
     let (Ok(saddr), Ok(daddr)) = (ctx.load::<u32>(IP_SRC_OFF), ctx.load::<u32>(IP_DST_OFF)) else {
         return;
     };
-    if saddr == pkt.saddr && daddr == pkt.daddr {
+    let t = &pkt.tuple;
+    let (V4(orig_saddr), V4(orig_daddr)) = (t.saddr, t.daddr);
+    if saddr == orig_saddr && daddr == orig_daddr {
         return;
     }
     let key = FragKey {
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
+        saddr: orig_saddr,
+        daddr: orig_daddr,
         id: pkt.ip_id,
-        proto: pkt.proto,
+        proto: t.proto,
         _pad: 0,
     };
     // A full table evicts the oldest datagram; losing one only drops its later fragments.
@@ -54,7 +57,7 @@ fn remember(ctx: &TcContext, pkt: &Packet) {
 ///
 /// A BPF-to-BPF call: it keeps the verifier's view of the main path small.
 #[inline(never)]
-pub fn follow(ctx: &TcContext) -> Result<(), Verdict> {
+pub fn follow<C: PacketCtx>(ctx: &C) -> Result<(), Verdict> {
     let fail = |_| Verdict::Pass(Reason::Truncated);
     let saddr: u32 = ctx.load(IP_SRC_OFF).map_err(fail)?;
     let daddr: u32 = ctx.load(IP_DST_OFF).map_err(fail)?;
@@ -71,15 +74,14 @@ pub fn follow(ctx: &TcContext) -> Result<(), Verdict> {
     let Some(nat) = (unsafe { FRAGMENTS.get(&key) }).copied() else {
         return Err(Verdict::Pass(Reason::Fragment));
     };
-    let drop = |_| Verdict::Drop(Reason::RewriteFailed);
     for (off, old, new) in [
         (IP_SRC_OFF, saddr, nat.saddr),
         (IP_DST_OFF, daddr, nat.daddr),
     ] {
         if old != new {
             ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 4)
-                .map_err(drop)?;
-            ctx.store(off, &new, 0).map_err(drop)?;
+                .map_err(Verdict::rewrite_failed)?;
+            ctx.store(off, &new).map_err(Verdict::rewrite_failed)?;
         }
     }
     Ok(())

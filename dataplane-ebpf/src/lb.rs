@@ -3,29 +3,30 @@
 //! A service's selection table (`SLOTS`, keyed by service id and table generation) lists
 //! backend ids; each scheduler turns a new flow into an index into that table. Lookup cost is
 //! one hash lookup for the service and two for the backend, whatever the number of services.
+//!
+//! Everything here takes a flow tuple, never a hook's context: it reads maps and decides, and it
+//! must not touch the packet (rewriting is `nat`'s, the flow's entries are `conntrack`'s).
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_loop};
 use aya_ebpf_cty::c_void;
 use dataplane_common::{
-    Affinity, AffinityKey, Backend, Reason, Service, ServiceKey, SlotKey, backend_state, flow_hash,
-    mix32, scheduler,
+    Affinity, AffinityKey, Backend, FlowTuple, Reason, Service, ServiceKey, SlotKey, V4,
+    backend_state, flow_hash, mix32, scheduler,
 };
 
-use crate::{
-    maps::{AFFINITY, BACKEND_CONNS, BACKENDS, NODE_ADDRS, RR_CURSORS, SERVICES, SLOTS},
-    parse::Packet,
-};
+use crate::maps::{AFFINITY, BACKEND_CONNS, BACKENDS, NODE_ADDRS, RR_CURSORS, SERVICES, SLOTS};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
-/// The service `pkt` is addressed to, if any: a VIP, or a NodePort on one of the node's own
-/// addresses.
+/// The service a packet with tuple `t` is addressed to, if any: a VIP, or a NodePort on one of
+/// the node's own addresses.
 #[inline(always)]
-pub fn service(pkt: &Packet) -> Option<Service> {
+pub fn service(t: &FlowTuple) -> Option<Service> {
+    let V4(daddr) = t.daddr;
     let key = ServiceKey {
-        addr: pkt.daddr,
-        port: pkt.dport,
-        proto: pkt.proto,
+        addr: daddr,
+        port: t.dport,
+        proto: t.proto,
         _pad: 0,
     };
     // SAFETY: the pointer from a successful lookup is valid for this run; copying the value out
@@ -33,50 +34,52 @@ pub fn service(pkt: &Packet) -> Option<Service> {
     if let Some(p) = SERVICES.get_ptr(&key) {
         return Some(unsafe { *p });
     }
-    // SAFETY: lookup result valid for this run.
-    unsafe { NODE_ADDRS.get(&pkt.daddr) }?;
+    // SAFETY: only whether the lookup found an element is used; nothing is read through it.
+    unsafe { NODE_ADDRS.get(&daddr) }?;
     let key = ServiceKey { addr: 0, ..key };
-    // SAFETY: as above.
+    // SAFETY: `p` is a pointer from a successful map lookup in this run, whose memory stays valid
+    // until the program returns (the kernel frees map elements only after an RCU grace period, and
+    // never those of preallocated maps); the value is copied out at once.
     SERVICES.get_ptr(&key).map(|p| unsafe { *p })
 }
 
-/// Picks the backend for a new flow of `svc`.
+/// Picks the backend for a new flow of `svc` whose first packet has tuple `t`.
 #[inline(always)]
-pub fn select(svc: &Service, pkt: &Packet, now: u64) -> Result<(u32, Backend), Reason> {
+pub fn select(svc: &Service, t: &FlowTuple, now: u64) -> Result<(u32, Backend), Reason> {
     if svc.table_len == 0 {
         return Err(Reason::NoBackend);
     }
     if svc.affinity_secs != 0 {
-        if let Some(found) = sticky_backend(svc, pkt, now) {
+        if let Some(found) = sticky_backend(svc, t, now) {
             return Ok(found);
         }
     }
     if svc.scheduler == scheduler::LC {
         let found = least_connections(svc)?;
-        remember(svc, pkt, found.0, now);
+        remember(svc, t, found.0, now);
         return Ok(found);
     }
     let index = match svc.scheduler {
         scheduler::RANDOM => random(),
         scheduler::RR => round_robin(svc.id),
-        scheduler::SH => mix32(pkt.saddr),
-        scheduler::DH => mix32(pkt.daddr),
+        scheduler::SH => mix32(t.saddr.0),
+        scheduler::DH => mix32(t.daddr.0),
         // HASH and MAGLEV both hash the 5-tuple; they differ in the table user space builds.
-        _ => flow_hash(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto),
+        _ => flow_hash(t.saddr.0, t.daddr.0, t.sport, t.dport, t.proto),
     } % svc.table_len;
     let id = slot(svc, index)?;
     let backend = backend(id)?;
-    remember(svc, pkt, id, now);
+    remember(svc, t, id, now);
     Ok((id, backend))
 }
 
 /// Records the client's backend for session affinity.
 #[inline(always)]
-fn remember(svc: &Service, pkt: &Packet, id: u32, now: u64) {
+fn remember(svc: &Service, t: &FlowTuple, id: u32, now: u64) {
     if svc.affinity_secs != 0 {
         let key = AffinityKey {
             service_id: svc.id,
-            client: pkt.saddr,
+            client: t.saddr.0,
         };
         let _ = AFFINITY.insert(
             &key,
@@ -153,6 +156,7 @@ extern "C" fn lc_step(index: u32, ctx: *mut c_void) -> i64 {
     let Some(id) = (unsafe { SLOTS.get(&key) }).copied() else {
         return 0;
     };
+    // SAFETY: as for the slot: a lookup result of this run, copied out at once.
     let Some(b) = (unsafe { BACKENDS.get(&id) }).copied() else {
         return 0;
     };
@@ -219,13 +223,15 @@ pub fn backend(id: u32) -> Result<Backend, Reason> {
 }
 
 #[inline(always)]
-fn sticky_backend(svc: &Service, pkt: &Packet, now: u64) -> Option<(u32, Backend)> {
+fn sticky_backend(svc: &Service, t: &FlowTuple, now: u64) -> Option<(u32, Backend)> {
     let key = AffinityKey {
         service_id: svc.id,
-        client: pkt.saddr,
+        client: t.saddr.0,
     };
     let entry = AFFINITY.get_ptr_mut(&key)?;
-    // SAFETY: valid for this run; racing writers store whole valid values.
+    // SAFETY: `entry` is a pointer from a successful map lookup in this run, whose memory stays
+    // valid until the program returns (the kernel frees map elements only after an RCU grace
+    // period, and never those of preallocated maps); racing writers store whole valid values.
     let a = unsafe { &mut *entry };
     if now.saturating_sub(a.last_seen_ns) > u64::from(svc.affinity_secs) * NS_PER_SEC {
         return None;

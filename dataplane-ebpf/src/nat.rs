@@ -3,13 +3,15 @@
 //! All writes go through the kernel helpers (`bpf_skb_store_bytes`, `bpf_l3_csum_replace`,
 //! `bpf_l4_csum_replace`): they handle CHECKSUM_PARTIAL packets from local sockets, where the
 //! L4 checksum field holds only the pseudo-header sum. Types live in `dataplane-common`.
+//! This module decides nothing: callers say which end to rewrite and to what.
 
-use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    programs::TcContext,
+use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR};
+use dataplane_common::V4;
+
+use crate::{
+    ctx::PacketCtx,
+    parse::{IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Packet},
 };
-
-use crate::parse::{IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Packet};
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy)]
@@ -20,11 +22,19 @@ pub enum End {
 
 /// Replaces the source or destination address and port of `pkt` (all in network order).
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, pkt: &Packet, end: End, addr: u32, port: u16) -> Result<(), i64> {
-    let (old_addr, old_port, addr_off, port_off) = match end {
-        End::Source => (pkt.saddr, pkt.sport, IP_SRC_OFF, pkt.l4()),
-        End::Destination => (pkt.daddr, pkt.dport, IP_DST_OFF, pkt.l4() + 2),
+pub fn rewrite<C: PacketCtx>(
+    ctx: &C,
+    pkt: &Packet,
+    end: End,
+    addr: V4,
+    port: u16,
+) -> Result<(), i64> {
+    let t = &pkt.tuple;
+    let (V4(old_addr), old_port, addr_off, port_off) = match end {
+        End::Source => (t.saddr, t.sport, IP_SRC_OFF, pkt.l4()),
+        End::Destination => (t.daddr, t.dport, IP_DST_OFF, pkt.l4() + 2),
     };
+    let V4(addr) = addr;
     // A UDP checksum of zero means "none" and must stay zero; MANGLED_0 also turns a computed
     // zero into 0xffff, as RFC 768 requires.
     let mangled = if pkt.udp_no_csum {
@@ -39,7 +49,7 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, end: End, addr: u32, port: u16) ->
             ctx.l4_csum_replace(pkt.l4_csum(), u64::from(old_addr), u64::from(addr), flags)?;
         }
         ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_addr), u64::from(addr), 4)?;
-        ctx.store(addr_off, &addr, 0)?;
+        ctx.store(addr_off, &addr)?;
     }
     if port != old_port {
         if l4 {
@@ -50,7 +60,7 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, end: End, addr: u32, port: u16) ->
                 mangled | 2,
             )?;
         }
-        ctx.store(port_off, &port, 0)?;
+        ctx.store(port_off, &port)?;
     }
     Ok(())
 }

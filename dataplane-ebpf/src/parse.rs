@@ -1,12 +1,14 @@
 //! Bounds-checked access to packet headers, and the flow tuple of a packet.
 //!
 //! Every read of packet memory goes through [`ptr_at`], which proves to the verifier that the
-//! whole header lies before `data_end`. Nothing here writes to the packet.
+//! whole header lies before `data_end`. Nothing here writes to the packet, and nothing here
+//! looks at maps: what a tuple means is for `flow`, `lb` and `conntrack` to decide.
 
 use core::mem;
 
-use aya_ebpf::programs::TcContext;
-use dataplane_common::{Reason, proto};
+use dataplane_common::{FlowTuple, Reason, V4, proto};
+
+use crate::ctx::PacketCtx;
 
 /// Length of an Ethernet II header without VLAN tags: the IPv4 header starts here.
 pub const L3_OFF: usize = 14;
@@ -27,7 +29,7 @@ pub const FRAG_OFFSET: u16 = 0x1fff;
 /// Returns a pointer to a `T` at `offset` bytes into the packet, or `None` when the packet is
 /// too short to hold it.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+pub fn ptr_at<T>(ctx: &impl PacketCtx, offset: usize) -> Option<*const T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + mem::size_of::<T>() > end {
@@ -37,22 +39,19 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
 }
 
 #[inline(always)]
-pub fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+pub fn read<T: Copy>(ctx: &impl PacketCtx, offset: usize) -> Option<T> {
     let p = ptr_at::<T>(ctx, offset)?;
     // SAFETY: `ptr_at` checked that the whole `T` lies inside the packet.
     Some(unsafe { p.read_unaligned() })
 }
 
-/// The L3/L4 identity of a TCP or UDP packet over IPv4. Addresses and ports in network order.
+/// A parsed TCP or UDP packet over IPv4: its flow tuple, and where its headers are.
+///
+/// 24 bytes: a `Packet` lives in the entry points' stack frames, which the verifier limits.
 #[derive(Clone, Copy)]
 pub struct Packet {
-    pub saddr: u32,
-    pub daddr: u32,
-    pub sport: u16,
-    pub dport: u16,
-    pub proto: u8,
-    /// TCP flags byte (zero for UDP).
-    pub tcp_flags: u8,
+    /// Addresses, ports, protocol and TCP flags as the packet arrived (before any rewrite).
+    pub tuple: FlowTuple,
     /// Offset of the L4 header from the start of the frame (16 bits: a `Packet` lives in the
     /// entry points' stack frames, which the verifier limits).
     l4_off: u16,
@@ -80,24 +79,18 @@ impl Packet {
     }
 }
 
-/// TCP flag bits in [`Packet::tcp_flags`].
-pub mod tcp_flags {
-    pub const FIN: u8 = 0x01;
-    pub const SYN: u8 = 0x02;
-    pub const RST: u8 = 0x04;
-    pub const ACK: u8 = 0x10;
-}
+const _: () = assert!(mem::size_of::<Packet>() == 24);
 
 /// True for an IPv4 packet carrying ICMP (headers not otherwise checked).
 #[inline(always)]
-pub fn is_icmp(ctx: &TcContext) -> bool {
+pub fn is_icmp<C: PacketCtx>(ctx: &C) -> bool {
     read::<u16>(ctx, 12) == Some(ETH_P_IP_BE) && read::<u8>(ctx, IP_PROTO_OFF) == Some(proto::ICMP)
 }
 
 /// Parses Ethernet, IPv4 and the TCP or UDP ports. Anything else comes back as the [`Reason`]
 /// the caller counts before passing the packet on unchanged.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Packet, Reason> {
+pub fn parse<C: PacketCtx>(ctx: &C) -> Result<Packet, Reason> {
     let ethertype: u16 = read(ctx, 12).ok_or(Reason::Truncated)?;
     if ethertype != ETH_P_IP_BE {
         return Err(Reason::NotIpv4);
@@ -136,12 +129,14 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, Reason> {
         (0, l4_off + 6, csum == 0)
     };
     Ok(Packet {
-        saddr,
-        daddr,
-        sport,
-        dport,
-        proto: protocol,
-        tcp_flags,
+        tuple: FlowTuple {
+            saddr: V4(saddr),
+            daddr: V4(daddr),
+            sport,
+            dport,
+            proto: protocol,
+            tcp_flags,
+        },
         l4_off: l4_off as u16,
         l4_csum_off: l4_csum_off as u16,
         udp_no_csum,

@@ -7,12 +7,13 @@ use aya_ebpf::{
     bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, helpers::bpf_skb_change_tail,
     programs::TcContext,
 };
-use dataplane_common::proto;
+use dataplane_common::{proto, tcp_flags};
 
 use crate::{
+    ctx::PacketCtx,
     icmp::{DEST_UNREACHABLE, ICMP_HDR, PORT_UNREACHABLE},
-    ifindex, nat,
-    parse::{self, L3_OFF, Packet, tcp_flags},
+    nat,
+    parse::{self, L3_OFF, Packet},
 };
 
 /// Rewrites the packet into its answer; returns the interface to send it out of.
@@ -22,12 +23,12 @@ use crate::{
 #[inline(never)]
 pub fn answer(ctx: &TcContext) -> Result<u32, ()> {
     let pkt = parse::parse(ctx).map_err(|_| ())?;
-    let done = if pkt.proto == proto::TCP {
+    let done = if pkt.tuple.proto == proto::TCP {
         tcp_reset(ctx, &pkt)
     } else {
         port_unreachable(ctx, &pkt)
     };
-    done.map(|()| ifindex(ctx)).map_err(|_| ())
+    done.map(|()| ctx.ifindex()).map_err(|_| ())
 }
 
 /// The SYN becomes the RST|ACK answering it. Swapping addresses and ports leaves both
@@ -41,10 +42,11 @@ fn tcp_reset(ctx: &TcContext, pkt: &Packet) -> Result<(), i64> {
     swapped[..6].copy_from_slice(&macs[6..]);
     swapped[6..].copy_from_slice(&macs[..6]);
     ctx.store(0, &swapped, 0).map_err(fail)?;
-    ctx.store(parse::IP_SRC_OFF, &pkt.daddr, 0).map_err(fail)?;
-    ctx.store(parse::IP_DST_OFF, &pkt.saddr, 0).map_err(fail)?;
-    ctx.store(pkt.l4(), &pkt.dport, 0).map_err(fail)?;
-    ctx.store(pkt.l4() + 2, &pkt.sport, 0).map_err(fail)?;
+    let t = &pkt.tuple;
+    ctx.store(parse::IP_SRC_OFF, &t.daddr, 0).map_err(fail)?;
+    ctx.store(parse::IP_DST_OFF, &t.saddr, 0).map_err(fail)?;
+    ctx.store(pkt.l4(), &t.dport, 0).map_err(fail)?;
+    ctx.store(pkt.l4() + 2, &t.sport, 0).map_err(fail)?;
     let seq: u32 = ctx.load(pkt.l4() + 4).map_err(fail)?;
     let old_ack: u32 = ctx.load(pkt.l4() + 8).map_err(fail)?;
     // RST|ACK acknowledging the SYN: seq 0, ack = their seq + 1.
@@ -105,7 +107,10 @@ fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<(), i64> {
 
     // IPv4: version 4, 20 bytes, total length; id 0; TTL 64, ICMP; from the address the
     // datagram was sent to, back to its sender.
-    let (from, to) = (u32::from_be(pkt.daddr), u32::from_be(pkt.saddr));
+    let (from, to) = (
+        u32::from_be(pkt.tuple.daddr.0),
+        u32::from_be(pkt.tuple.saddr.0),
+    );
     let w0 = 0x4500_0000 | (NEW + QUOTE) as u32;
     let w2 = (64 << 24) | (u32::from(proto::ICMP) << 16);
     let csum = !nat::fold(halves(w0) + halves(w2) + halves(from) + halves(to));
