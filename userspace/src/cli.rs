@@ -1,24 +1,23 @@
 //! Command-line interface of `bulkhead`: argument parsing and output formatting only.
 //!
-//! Each subcommand calls into the library modules and prints their result as a table or, with
-//! `--json`, as JSON for scripts. Errors reach the user through `anyhow` with their whole chain.
+//! It lives in the binary, not the library: each subcommand calls into the library, which
+//! returns typed values, and prints them as a table or, with `--json`, as JSON for scripts.
+//! Errors reach the user through `anyhow` with their whole chain.
 
 use std::{io::Write, net::Ipv4Addr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
-use dataplane_common::direction;
-
-use crate::{
-    doctor,
-    link::{self, ifname},
+use bulkhead::{
+    doctor, link,
     loader::{self, LogLevel},
     lock::Mode,
     netns,
     node::{self, Paths},
     sandbox,
     services::{BackendSpec, BackendState, ServiceSpec, ServiceTable, VirtualAddr},
+    subnet::Subnet,
 };
+use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -60,7 +59,7 @@ pub enum Command {
         bridge: String,
         /// Gateway address of the pod subnet, put on the bridge.
         #[arg(long, value_name = "ADDR/LEN", default_value = "198.18.0.1/24")]
-        subnet: String,
+        subnet: Subnet,
         /// The interface towards the rest of the network: NodePorts answer on its address and
         /// pod traffic leaving through it is masqueraded.
         #[arg(long, value_name = "IFACE")]
@@ -71,8 +70,8 @@ pub enum Command {
         datapath_log: Option<LogLevel>,
         /// Conntrack timeouts in seconds, e.g. `udp=30,tcp-established=3600` (also tcp-syn,
         /// tcp-closing); unnamed ones keep their values (defaults 60, 21600, 10, 60).
-        #[arg(long, value_name = "NAME=SECONDS,...", value_parser = parse_timeouts)]
-        conntrack_timeouts: Option<Timeouts>,
+        #[arg(long, value_name = "NAME=SECONDS,...")]
+        conntrack_timeouts: Option<loader::ConntrackTimeouts>,
         /// Hand translated packets for registered pods (`bulkhead endpoint add`) straight to
         /// their interface, skipping the bridge, the node's routing and netfilter. On by
         /// default; kept across restarts.
@@ -291,37 +290,6 @@ pub enum ConntrackCommand {
     },
 }
 
-/// Conntrack timeouts from the command line (one value holding the whole list; clap would read
-/// a bare `Vec` as repeated occurrences).
-#[derive(Clone, Debug)]
-pub struct Timeouts(pub Vec<(String, u32)>);
-
-/// `udp=30,tcp-established=3600` -> [("udp", 30), ("tcp-established", 3600)].
-fn parse_timeouts(input: &str) -> Result<Timeouts, String> {
-    input
-        .split(',')
-        .map(|pair| {
-            let (name, secs) = pair
-                .split_once('=')
-                .ok_or_else(|| format!("{pair:?} is not NAME=SECONDS"))?;
-            if !loader::TIMEOUT_NAMES.contains(&name) {
-                return Err(format!(
-                    "unknown timeout {name:?} (expected one of {:?})",
-                    loader::TIMEOUT_NAMES
-                ));
-            }
-            let secs: u32 = secs
-                .parse()
-                .map_err(|_| format!("{secs:?} is not a number of seconds"))?;
-            if secs == 0 {
-                return Err(format!("{name} must be at least 1 second"));
-            }
-            Ok((name.to_owned(), secs))
-        })
-        .collect::<Result<_, _>>()
-        .map(Timeouts)
-}
-
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -437,10 +405,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             bypass,
         } => {
             let opts = node::UpOptions {
-                subnet: Some(&subnet),
+                subnet: Some(subnet),
                 uplink: uplink.as_deref(),
                 datapath_log,
-                timeouts: conntrack_timeouts.map(|t| t.0).unwrap_or_default(),
+                timeouts: conntrack_timeouts.unwrap_or_default(),
                 bypass,
             };
             let report = node::up(&paths, &bridge, &opts)
@@ -753,39 +721,10 @@ fn conntrack(paths: &Paths, cmd: ConntrackCommand, out: &mut impl Write) -> anyh
     Ok(())
 }
 
-#[derive(serde::Serialize)]
-struct IfaceStats {
-    ifname: String,
-    ifindex: u32,
-    direction: &'static str,
-    packets: u64,
-    bytes: u64,
-}
-
 fn print_stats(paths: &Paths, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
-    let ifaces: Vec<IfaceStats> = loader::iface_counters(&paths.bpffs)
-        .context("read interface counters")?
-        .into_iter()
-        .map(|(k, c)| IfaceStats {
-            ifname: ifname(k.ifindex),
-            ifindex: k.ifindex,
-            direction: if k.direction == direction::INGRESS {
-                "ingress"
-            } else {
-                "egress"
-            },
-            packets: c.packets,
-            bytes: c.bytes,
-        })
-        .collect();
-    let reasons = loader::reason_counters(&paths.bpffs).context("read verdict reasons")?;
+    let stats = node::stats(paths).context("read the datapath's counters")?;
     if json {
-        let reasons: serde_json::Map<String, serde_json::Value> = reasons
-            .iter()
-            .map(|(r, n)| (r.name().to_owned(), (*n).into()))
-            .collect();
-        let doc = serde_json::json!({ "interfaces": ifaces, "reasons": reasons });
-        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&stats)?)?;
         return Ok(());
     }
     writeln!(
@@ -793,7 +732,7 @@ fn print_stats(paths: &Paths, json: bool, out: &mut impl Write) -> anyhow::Resul
         "{:<16}{:<9}{:>12}{:>16}",
         "IFACE", "HOOK", "PACKETS", "BYTES"
     )?;
-    for s in &ifaces {
+    for s in &stats.interfaces {
         writeln!(
             out,
             "{:<16}{:<9}{:>12}{:>16}",
@@ -802,8 +741,8 @@ fn print_stats(paths: &Paths, json: bool, out: &mut impl Write) -> anyhow::Resul
     }
     writeln!(out)?;
     writeln!(out, "{:<25}{:>12}", "REASON", "PACKETS")?;
-    for (r, n) in reasons {
-        writeln!(out, "{:<25}{:>12}", r.name(), n)?;
+    for (r, n) in &stats.reasons {
+        writeln!(out, "{r:<25}{n:>12}")?;
     }
     Ok(())
 }
@@ -830,31 +769,13 @@ fn endpoint(paths: &node::Paths, cmd: EndpointCommand, out: &mut impl Write) -> 
             }
         }
         EndpointCommand::List { json } => {
-            let all = loader::Endpoints::open(&paths.bpffs)
-                .context("open the endpoint map")?
-                .list();
-            let rows: Vec<serde_json::Value> = all
-                .iter()
-                .map(|(addr, e)| {
-                    serde_json::json!({
-                        "addr": addr.to_string(),
-                        "dev": link::ifname(e.ifindex),
-                        "mac": link::format_mac(&e.mac),
-                    })
-                })
-                .collect();
+            let rows = node::endpoints(paths).context("read the endpoint map")?;
             if json {
-                writeln!(out, "{}", serde_json::Value::Array(rows))?;
+                writeln!(out, "{}", serde_json::to_string(&rows)?)?;
             } else {
                 writeln!(out, "{:<16} {:<16} MAC", "ADDRESS", "DEVICE")?;
                 for r in rows {
-                    writeln!(
-                        out,
-                        "{:<16} {:<16} {}",
-                        r["addr"].as_str().unwrap_or(""),
-                        r["dev"].as_str().unwrap_or(""),
-                        r["mac"].as_str().unwrap_or("")
-                    )?;
+                    writeln!(out, "{:<16} {:<16} {}", r.addr.to_string(), r.dev, r.mac)?;
                 }
             }
         }
@@ -925,32 +846,9 @@ fn run_spec(args: RunArgs) -> Result<sandbox::RunSpec, sandbox::SandboxError> {
 }
 
 fn print_ps(paths: &Paths, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
-    let rows: Vec<serde_json::Value> = sandbox::list(paths)
-        .into_iter()
-        .map(|r| {
-            let running = r.running();
-            let usage = sandbox::cgroup::usage(&r.cgroup);
-            let state = if running {
-                "running".to_owned()
-            } else {
-                match r.exit_code(paths) {
-                    Some(code) => format!("exited ({code})"),
-                    None => "exited".to_owned(),
-                }
-            };
-            serde_json::json!({
-                "name": r.name.as_str(),
-                "pid": r.pid,
-                "address": r.addr.to_string(),
-                "state": state,
-                "memory_bytes": usage.memory_bytes,
-                "cpu_usec": usage.cpu_usec,
-                "command": r.command.join(" "),
-            })
-        })
-        .collect();
+    let rows = sandbox::statuses(paths);
     if json {
-        writeln!(out, "{}", serde_json::Value::Array(rows))?;
+        writeln!(out, "{}", serde_json::to_string(&rows)?)?;
         return Ok(());
     }
     writeln!(
@@ -962,13 +860,13 @@ fn print_ps(paths: &Paths, json: bool, out: &mut impl Write) -> anyhow::Result<(
         writeln!(
             out,
             "{:<20}{:>8}  {:<16}{:<14}{:>10}{:>9}s  {}",
-            r["name"].as_str().unwrap_or(""),
-            r["pid"],
-            r["address"].as_str().unwrap_or(""),
-            r["state"].as_str().unwrap_or(""),
-            human_bytes(r["memory_bytes"].as_u64().unwrap_or(0)),
-            format!("{:.2}", r["cpu_usec"].as_u64().unwrap_or(0) as f64 / 1e6),
-            r["command"].as_str().unwrap_or("")
+            r.name,
+            r.pid,
+            r.address.to_string(),
+            r.state,
+            human_bytes(r.memory_bytes),
+            format!("{:.2}", r.cpu_usec as f64 / 1e6),
+            r.command
         )?;
     }
     Ok(())

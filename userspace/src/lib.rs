@@ -1,10 +1,10 @@
 //! The `bulkhead` library: everything the CLI does, callable from the integration tests.
 //!
-//! `main.rs` is a thin wrapper around [`cli::main`]. Modules are named after the kernel concept
-//! they own; only [`loader`] touches the eBPF object.
+//! The binary (`main.rs`, `cli.rs`) parses the command line and prints what these modules
+//! return. Modules are named after the concept they own; only [`loader`] touches the eBPF
+//! object.
 
 pub mod bpffs;
-pub mod cli;
 pub mod doctor;
 pub mod link;
 pub mod loader;
@@ -14,3 +14,4 @@ pub mod netns;
 pub mod node;
 pub mod sandbox;
 pub mod services;
+pub mod subnet;

@@ -55,6 +55,42 @@ impl Ip {
             .ok_or(LinkError::NoIp)
     }
 
+    /// A pod's veth pair in one `ip` process: `host` on `bridge` and up, its peer created
+    /// directly as `eth0` with `mac` inside the network namespace of process `pid` (moving
+    /// it there afterwards costs ~25 ms more).
+    pub fn add_pod_veth(
+        &self,
+        host: &str,
+        bridge: &str,
+        mac: &str,
+        pid: u32,
+    ) -> Result<(), LinkError> {
+        let pid = pid.to_string();
+        self.batch(&[
+            vec![
+                "link", "add", host, "type", "veth", "peer", "name", "eth0", "address", mac,
+                "netns", &pid,
+            ],
+            vec!["link", "set", host, "master", bridge, "up"],
+        ])
+        .map(drop)
+    }
+
+    /// Addresses and routes a pod's `eth0` inside `netns` in one `ip` process: `cidr` on it,
+    /// it and `lo` up, the default route via `gateway`.
+    pub fn address_pod(&self, netns: &Path, cidr: &str, gateway: &str) -> Result<(), LinkError> {
+        self.batch_in(
+            netns,
+            &[
+                vec!["addr", "add", cidr, "dev", "eth0"],
+                vec!["link", "set", "eth0", "up"],
+                vec!["link", "set", "lo", "up"],
+                vec!["route", "add", "default", "via", gateway],
+            ],
+        )
+        .map(drop)
+    }
+
     /// Runs `ip ARGS` and returns its standard output.
     pub fn run(&self, args: &[&str]) -> Result<String, LinkError> {
         self.run_cmd(Command::new(&self.bin), args)

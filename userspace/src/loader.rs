@@ -91,8 +91,6 @@ pub enum LoaderError {
         #[source]
         source: aya::maps::MapError,
     },
-    #[error("unknown conntrack timeout {name} (expected one of {TIMEOUT_NAMES:?})")]
-    BadTimeout { name: String },
     #[error("cannot read datapath events")]
     Events {
         #[source]
@@ -100,7 +98,7 @@ pub enum LoaderError {
     },
     #[error("{value} is not a tc attach mode (expected tcx, netlink or auto) in {TC_MODE_ENV}")]
     BadMode { value: String },
-    #[error(transparent)]
+    #[error("cannot carry the pinned maps over to this build's layout")]
     Migration(#[from] migrate::MigrationError),
     #[error("attaching to {ifname} panicked")]
     AttachThread { ifname: String },
@@ -635,14 +633,57 @@ pub struct NodeSettings {
     pub uplink: Option<(u32, std::net::Ipv4Addr)>,
     /// Every IPv4 address of the node, where NodePorts answer.
     pub node_addrs: Vec<std::net::Ipv4Addr>,
-    /// Conntrack timeouts to change, as (name, seconds); see [`TIMEOUT_NAMES`].
-    pub timeouts: Vec<(String, u32)>,
+    /// Conntrack timeouts to change; the others keep their values.
+    pub timeouts: ConntrackTimeouts,
     /// Hand translated packets straight to registered pod interfaces (see [`Endpoints`]).
     pub bypass: bool,
 }
 
 /// Names of the conntrack timeouts `up --conntrack-timeouts` sets.
 pub const TIMEOUT_NAMES: [&str; 4] = ["tcp-syn", "tcp-established", "tcp-closing", "udp"];
+
+/// Conntrack timeouts in seconds, as `up --conntrack-timeouts tcp-syn=60,udp=30` names them;
+/// `None` keeps the current value.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackTimeouts {
+    pub tcp_syn: Option<u32>,
+    pub tcp_established: Option<u32>,
+    pub tcp_closing: Option<u32>,
+    pub udp: Option<u32>,
+}
+
+impl std::str::FromStr for ConntrackTimeouts {
+    type Err = String;
+
+    /// `udp=30,tcp-established=3600`; names from [`TIMEOUT_NAMES`], at least one second each.
+    fn from_str(input: &str) -> Result<Self, String> {
+        let mut t = ConntrackTimeouts::default();
+        for pair in input.split(',') {
+            let (name, secs) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?} is not NAME=SECONDS"))?;
+            let slot = match name {
+                "tcp-syn" => &mut t.tcp_syn,
+                "tcp-established" => &mut t.tcp_established,
+                "tcp-closing" => &mut t.tcp_closing,
+                "udp" => &mut t.udp,
+                _ => {
+                    return Err(format!(
+                        "unknown timeout {name:?} (expected one of {TIMEOUT_NAMES:?})"
+                    ));
+                }
+            };
+            let secs: u32 = secs
+                .parse()
+                .map_err(|_| format!("{secs:?} is not a number of seconds"))?;
+            if secs == 0 {
+                return Err(format!("{name} must be at least 1 second"));
+            }
+            *slot = Some(secs);
+        }
+        Ok(t)
+    }
+}
 
 /// Writes the node settings into the config and address maps, keeping configured timeouts
 /// (defaults when none were set yet).
@@ -675,15 +716,16 @@ pub fn configure(dir: &Path, settings: &NodeSettings) -> Result<(), LoaderError>
     } else {
         node_flags::NO_BYPASS
     };
-    for (name, secs) in &settings.timeouts {
-        let slot = match name.as_str() {
-            "tcp-syn" => &mut cfg.tcp_syn_timeout,
-            "tcp-established" => &mut cfg.tcp_established_timeout,
-            "tcp-closing" => &mut cfg.tcp_closing_timeout,
-            "udp" => &mut cfg.udp_timeout,
-            _ => return Err(LoaderError::BadTimeout { name: name.clone() }),
-        };
-        *slot = (*secs).max(1);
+    let t = settings.timeouts;
+    for (slot, secs) in [
+        (&mut cfg.tcp_syn_timeout, t.tcp_syn),
+        (&mut cfg.tcp_established_timeout, t.tcp_established),
+        (&mut cfg.tcp_closing_timeout, t.tcp_closing),
+        (&mut cfg.udp_timeout, t.udp),
+    ] {
+        if let Some(secs) = secs {
+            *slot = secs.max(1);
+        }
     }
     config.set(0, cfg, 0).map_err(err)?;
 

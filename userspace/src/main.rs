@@ -1,5 +1,8 @@
-//! The `bulkhead` binary: all the work happens in the library (`bulkhead::cli`).
+//! The `bulkhead` binary: the command line ([`cli`]) over the `bulkhead` library, which does
+//! the work and returns typed results for `cli` to print.
+
+mod cli;
 
 fn main() -> std::process::ExitCode {
-    bulkhead::cli::main()
+    cli::main()
 }

@@ -14,6 +14,7 @@ use crate::{
     loader::{self, Datapath, LoaderError, LogLevel, TcMode},
     lock::{LockError, Mode, NodeLock},
     netns::Identity,
+    subnet::Subnet,
 };
 
 /// The default state directory.
@@ -66,12 +67,22 @@ pub enum NodeError {
          `bulkhead up` here starts afresh, `bulkhead down` removes what is left"
     )]
     StaleNamespace { path: PathBuf, owner: Identity },
-    #[error("the datapath")]
-    Loader(#[from] LoaderError),
+    #[error("cannot {action}")]
+    Datapath {
+        action: String,
+        #[source]
+        source: LoaderError,
+    },
     #[error(
         "{ifname} is a {kind} device, not a veth: only a veth's peer can be handed packets directly"
     )]
     NotVeth { ifname: String, kind: String },
+}
+
+/// Names the datapath step that failed.
+fn step(action: impl Into<String>) -> impl FnOnce(LoaderError) -> NodeError {
+    let action = action.into();
+    move |source| NodeError::Datapath { action, source }
 }
 
 /// Where a node keeps its pins and its record, and which network namespace it is.
@@ -126,8 +137,8 @@ impl Paths {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NodeRecord {
     pub bridge: String,
-    /// Gateway address on the bridge, `ADDR/LEN`.
-    pub subnet: Option<String>,
+    /// The pod subnet: the gateway address on the bridge and the prefix length.
+    pub subnet: Option<Subnet>,
     /// True when `up` created the bridge (then `down` deletes it).
     pub created_bridge: bool,
     pub mode: TcMode,
@@ -210,11 +221,11 @@ impl NodeRecord {
 /// What `up` is asked for; `None` fields keep the previous `up`'s choice.
 #[derive(Clone, Debug, Default)]
 pub struct UpOptions<'a> {
-    pub subnet: Option<&'a str>,
+    pub subnet: Option<Subnet>,
     pub uplink: Option<&'a str>,
     pub datapath_log: Option<LogLevel>,
-    /// Conntrack timeouts to change, as (name, seconds); the others keep their values.
-    pub timeouts: Vec<(String, u32)>,
+    /// Conntrack timeouts to change; the others keep their values.
+    pub timeouts: loader::ConntrackTimeouts,
     /// Stack bypass on or off (`None`: as before, on for a new node).
     pub bypass: Option<bool>,
 }
@@ -257,8 +268,8 @@ pub fn up(paths: &Paths, bridge: &str, opts: &UpOptions<'_>) -> Result<UpReport,
             true
         }
     };
-    if let Some(cidr) = subnet {
-        ip.add_addr(bridge, cidr)
+    if let Some(subnet) = subnet {
+        ip.add_addr(bridge, &subnet.to_string())
             .map_err(|source| NodeError::Link {
                 action: "address",
                 ifname: bridge.into(),
@@ -293,12 +304,11 @@ pub fn up(paths: &Paths, bridge: &str, opts: &UpOptions<'_>) -> Result<UpReport,
         .datapath_log
         .or(previous.as_ref().map(|p| p.datapath_log))
         .unwrap_or_default();
-    let mut datapath = Datapath::load(&paths.bpffs, datapath_log)?;
+    let mut datapath =
+        Datapath::load(&paths.bpffs, datapath_log).map_err(step("load the datapath"))?;
     let mut record = NodeRecord {
         bridge: bridge.to_owned(),
-        subnet: subnet
-            .map(str::to_owned)
-            .or(previous.as_ref().and_then(|p| p.subnet.clone())),
+        subnet: subnet.or(previous.as_ref().and_then(|p| p.subnet)),
         created_bridge,
         mode: datapath.mode(),
         uplink: uplink
@@ -313,9 +323,9 @@ pub fn up(paths: &Paths, bridge: &str, opts: &UpOptions<'_>) -> Result<UpReport,
         netns: Some(paths.netns.clone()),
     };
     let mut node_settings = settings(&ip, &record)?;
-    node_settings.timeouts = opts.timeouts.clone();
+    node_settings.timeouts = opts.timeouts;
     node_settings.bypass = record.bypass;
-    loader::configure(&paths.bpffs, &node_settings)?;
+    loader::configure(&paths.bpffs, &node_settings).map_err(step("write the node settings"))?;
     let ports = ip.bridge_ports(bridge).map_err(|source| NodeError::Link {
         action: "list the ports of",
         ifname: bridge.into(),
@@ -325,7 +335,9 @@ pub fn up(paths: &Paths, bridge: &str, opts: &UpOptions<'_>) -> Result<UpReport,
         .chain(ports)
         .chain(record.uplink.clone())
     {
-        datapath.attach(&ifname)?;
+        datapath
+            .attach(&ifname)
+            .map_err(step(format!("attach the datapath to {ifname}")))?;
         if !record.attached.contains(&ifname) {
             record.attached.push(ifname);
         }
@@ -339,10 +351,7 @@ pub fn up(paths: &Paths, bridge: &str, opts: &UpOptions<'_>) -> Result<UpReport,
 
 /// The datapath's view of the node: pod subnet, uplink and the node's own addresses.
 fn settings(ip: &Ip, record: &NodeRecord) -> Result<loader::NodeSettings, NodeError> {
-    let pod_subnet = record.subnet.as_deref().and_then(|s| {
-        let (addr, len) = s.split_once('/')?;
-        Some((addr.parse().ok()?, len.parse().ok()?))
-    });
+    let pod_subnet = record.subnet.map(|s| (s.network(), s.prefix));
     let uplink = match &record.uplink {
         None => None,
         Some(dev) => {
@@ -377,7 +386,7 @@ fn settings(ip: &Ip, record: &NodeRecord) -> Result<loader::NodeSettings, NodeEr
         pod_subnet,
         uplink,
         node_addrs,
-        timeouts: Vec::new(),
+        timeouts: loader::ConntrackTimeouts::default(),
         bypass: record.bypass,
     })
 }
@@ -390,7 +399,10 @@ pub fn attach(paths: &Paths, ifname: &str) -> Result<(), NodeError> {
             ifname: ifname.to_owned(),
         });
     }
-    Datapath::open(&paths.bpffs)?.attach(ifname)?;
+    Datapath::open(&paths.bpffs)
+        .map_err(step("open the pinned datapath"))?
+        .attach(ifname)
+        .map_err(step(format!("attach the datapath to {ifname}")))?;
     if !record.attached.iter().any(|a| a == ifname) {
         record.attached.push(ifname.to_owned());
     }
@@ -400,7 +412,8 @@ pub fn attach(paths: &Paths, ifname: &str) -> Result<(), NodeError> {
 /// Detaches the datapath from one interface.
 pub fn detach(paths: &Paths, ifname: &str) -> Result<(), NodeError> {
     let mut record = NodeRecord::load(paths)?;
-    loader::detach(&paths.bpffs, ifname, record.mode)?;
+    loader::detach(&paths.bpffs, ifname, record.mode)
+        .map_err(step(format!("detach the datapath from {ifname}")))?;
     record.attached.retain(|a| a != ifname);
     record.save(paths)
 }
@@ -437,7 +450,8 @@ pub fn down(paths: &Paths) -> Result<NodeRecord, NodeError> {
         other => other?,
     };
     for ifname in &record.attached {
-        loader::detach(&paths.bpffs, ifname, record.mode)?;
+        loader::detach(&paths.bpffs, ifname, record.mode)
+            .map_err(step(format!("detach the datapath from {ifname}")))?;
     }
     loader::unpin_all(&paths.bpffs);
     if record.created_bridge && Ip::exists(&record.bridge) {
@@ -519,12 +533,100 @@ pub fn register_endpoint(
         mac,
         gateway_mac,
     };
-    loader::Endpoints::open(&paths.bpffs)?.insert(addr, endpoint)?;
+    loader::Endpoints::open(&paths.bpffs)
+        .map_err(step("open the endpoint map"))?
+        .insert(addr, endpoint)
+        .map_err(step(format!("register endpoint {addr}")))?;
     Ok(())
 }
 
 /// Forgets a pod registered with [`endpoint_add`]; false if it was not registered.
 pub fn endpoint_del(paths: &Paths, addr: std::net::Ipv4Addr) -> Result<bool, NodeError> {
     NodeRecord::load(paths)?;
-    Ok(loader::Endpoints::open(&paths.bpffs)?.remove(addr)?)
+    loader::Endpoints::open(&paths.bpffs)
+        .map_err(step("open the endpoint map"))?
+        .remove(addr)
+        .map_err(step(format!("remove endpoint {addr}")))
+}
+
+/// A registered pod as `bulkhead endpoint list` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct EndpointInfo {
+    pub addr: std::net::Ipv4Addr,
+    /// The host side of its veth.
+    pub dev: String,
+    pub mac: String,
+}
+
+/// Every pod registered for the stack bypass.
+pub fn endpoints(paths: &Paths) -> Result<Vec<EndpointInfo>, NodeError> {
+    Ok(loader::Endpoints::open(&paths.bpffs)
+        .map_err(step("open the endpoint map"))?
+        .list()
+        .into_iter()
+        .map(|(addr, e)| EndpointInfo {
+            addr,
+            dev: crate::link::ifname(e.ifindex),
+            mac: crate::link::format_mac(&e.mac),
+        })
+        .collect())
+}
+
+/// Packet and byte counters of one interface and hook, as `bulkhead stats` shows them.
+#[derive(Clone, Debug, Serialize)]
+pub struct IfaceStats {
+    pub ifname: String,
+    pub ifindex: u32,
+    /// `ingress` or `egress`.
+    pub direction: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The datapath's counters: per interface and hook, and per verdict reason.
+#[derive(Clone, Debug)]
+pub struct Stats {
+    pub interfaces: Vec<IfaceStats>,
+    /// In the order of [`dataplane_common::Reason`].
+    pub reasons: Vec<(&'static str, u64)>,
+}
+
+impl Serialize for Stats {
+    /// `{"interfaces": [...], "reasons": {"name": count, ...}}`.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let reasons: std::collections::BTreeMap<&str, u64> = self.reasons.iter().copied().collect();
+        let mut st = s.serialize_struct("Stats", 2)?;
+        st.serialize_field("interfaces", &self.interfaces)?;
+        st.serialize_field("reasons", &reasons)?;
+        st.end()
+    }
+}
+
+/// Reads the datapath's counters.
+pub fn stats(paths: &Paths) -> Result<Stats, NodeError> {
+    let interfaces = loader::iface_counters(&paths.bpffs)
+        .map_err(step("read the interface counters"))?
+        .into_iter()
+        .map(|(k, c)| IfaceStats {
+            ifname: crate::link::ifname(k.ifindex),
+            ifindex: k.ifindex,
+            direction: if k.direction == dataplane_common::direction::INGRESS {
+                "ingress"
+            } else {
+                "egress"
+            },
+            packets: c.packets,
+            bytes: c.bytes,
+        })
+        .collect();
+    let reasons = loader::reason_counters(&paths.bpffs)
+        .map_err(step("read the verdict reasons"))?
+        .into_iter()
+        .map(|(r, n)| (r.name(), n))
+        .collect();
+    Ok(Stats {
+        interfaces,
+        reasons,
+    })
 }

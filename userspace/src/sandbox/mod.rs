@@ -16,6 +16,7 @@
 //! gone; a `run` that fails part way calls it on what it made.
 
 pub mod cgroup;
+pub mod network;
 pub mod process;
 pub mod spec;
 
@@ -38,11 +39,13 @@ use nix::{
 };
 pub use spec::{Name, Publish, RunSpec};
 
+use self::network::{NodeDoor, PortHolder};
 use crate::{
-    link::{Ip, LinkError},
+    link::LinkError,
     lock::Mode,
-    node::{self, NodeError, NodeRecord, Paths},
-    services::{BackendSpec, Proto, ServiceSpec, ServiceTable, ServiceTableError, VirtualAddr},
+    node::{NodeError, Paths},
+    services::{Proto, ServiceTableError},
+    subnet::Subnet,
 };
 
 /// The PATH a sandbox's command is looked up in (and gets) unless `--env PATH=...` says otherwise.
@@ -124,11 +127,11 @@ pub enum SandboxError {
     },
     #[error("cannot take the node lock")]
     Lock(#[from] crate::lock::LockError),
-    #[error(transparent)]
+    #[error("cannot plug the sandbox into the node")]
     Node(#[from] NodeError),
-    #[error(transparent)]
+    #[error("cannot set up the sandbox's veth")]
     Link(#[from] LinkError),
-    #[error(transparent)]
+    #[error("cannot publish a port")]
     Service(#[from] ServiceTableError),
 }
 
@@ -479,25 +482,21 @@ fn generated_name() -> Name {
 }
 
 /// What `run` checked and found before making anything.
-struct Prepared {
-    node: NodeRecord,
-    gateway: Ipv4Addr,
-    prefix: u8,
+struct Prepared<'a> {
+    door: NodeDoor<'a>,
+    subnet: Subnet,
     name: Name,
     hostname: String,
     root: PathBuf,
     init: fs::File,
-    ip: Ip,
 }
 
 /// Checks everything that can be checked before anything is made: bad input leaves nothing
 /// behind.
-fn prepare(paths: &Paths, spec: &RunSpec) -> Result<Prepared> {
-    // Everything that can be checked is checked before anything is made.
+fn prepare<'a>(paths: &'a Paths, spec: &RunSpec) -> Result<Prepared<'a>> {
     let command = spec.command.first().ok_or(SandboxError::NoCommand)?;
-    let node = NodeRecord::load(paths)?;
-    let subnet = node.subnet.clone().ok_or(SandboxError::NoSubnet)?;
-    let (gateway, prefix) = parse_cidr(&subnet).ok_or(SandboxError::NoSubnet)?;
+    let door = NodeDoor::open(paths)?;
+    let subnet = door.subnet()?;
     let name = spec.name.clone().unwrap_or_else(generated_name);
     let hostname = spec.hostname.clone().unwrap_or_else(|| name.to_string());
     if hostname.is_empty() || hostname.len() > 64 || hostname.contains(['/', '\0']) {
@@ -517,44 +516,36 @@ fn prepare(paths: &Paths, spec: &RunSpec) -> Result<Prepared> {
     process::resolve_command(&root, command, path_of(&spec.env))?;
     let init =
         fs::File::open(find_init()?).map_err(|e| SandboxError::io("open bulkhead-init", e))?;
-    if let Some(ip) = spec.ip {
-        let mask = if prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - prefix)
-        };
-        if u32::from(ip) & mask != u32::from(gateway) & mask || ip == gateway {
-            return Err(SandboxError::AddressOutside { addr: ip, subnet });
-        }
+    if let Some(ip) = spec.ip
+        && (!subnet.contains(ip) || ip == subnet.gateway)
+    {
+        return Err(SandboxError::AddressOutside {
+            addr: ip,
+            subnet: subnet.to_string(),
+        });
     }
     for p in &spec.publish {
-        check_publish(paths, p)?;
+        check_publish(paths, &door, p)?;
     }
-    let ip = Ip::find()?;
-
     Ok(Prepared {
-        node,
-        gateway,
-        prefix,
+        door,
+        subnet,
         name,
         hostname,
         root,
         init,
-        ip,
     })
 }
 
 /// Creates the sandbox and starts its command; on failure removes whatever it made.
 fn start(paths: &Paths, spec: &RunSpec, log: Option<PathBuf>) -> Result<Record> {
     let Prepared {
-        node,
-        gateway,
-        prefix,
+        door,
+        subnet,
         name,
         hostname,
         root,
         init,
-        ip,
     } = prepare(paths, spec)?;
     let dir = sandbox_dir(paths, &name);
     fs::create_dir_all(sandboxes_dir(paths))
@@ -572,7 +563,7 @@ fn start(paths: &Paths, spec: &RunSpec, log: Option<PathBuf>) -> Result<Record> 
         pid: 0,
         start_time: 0,
         addr: Ipv4Addr::UNSPECIFIED,
-        prefix,
+        prefix: subnet.prefix,
         host_if: String::new(),
         mac: String::new(),
         hostname,
@@ -599,7 +590,7 @@ fn start(paths: &Paths, spec: &RunSpec, log: Option<PathBuf>) -> Result<Record> 
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     };
-    match build(paths, spec, &node, gateway, &ip, init, log, &mut record) {
+    match build(paths, spec, &door, subnet, init, log, &mut record) {
         Ok(()) => Ok(record),
         Err(e) => {
             if record.pid > 0 {
@@ -612,18 +603,22 @@ fn start(paths: &Paths, spec: &RunSpec, log: Option<PathBuf>) -> Result<Record> 
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn build(
     paths: &Paths,
     spec: &RunSpec,
-    node: &NodeRecord,
-    gateway: Ipv4Addr,
-    ip: &Ip,
+    door: &NodeDoor<'_>,
+    subnet: Subnet,
     init: fs::File,
     log: Option<PathBuf>,
     record: &mut Record,
 ) -> Result<()> {
-    record.addr = lease(paths, &record.name, spec.ip, gateway, record.prefix)?;
+    record.addr = lease(
+        paths,
+        &record.name,
+        spec.ip,
+        subnet,
+        &door.registered_pods(),
+    )?;
     record.cgroup =
         cgroup::Placement::for_sandbox(record.name.as_str(), spec.cgroup_parent.as_deref())?;
     cgroup::create(
@@ -667,21 +662,17 @@ fn build(
     if spec.userns {
         child.map_users(USERNS_FIRST, USERNS_COUNT)?;
     }
-    plug(paths, node, gateway, ip, record)?;
+    let plugged = door.plug(record.pid, record.addr, subnet)?;
+    record.host_if = plugged.host_if;
+    record.mac = crate::link::format_mac(&plugged.mac);
     bind_namespaces(paths, record)?;
     record.save(paths)?;
     for p in &spec.publish {
-        publish(paths, record, p)?;
+        network::publish(paths, p, SocketAddrV4::new(record.addr, p.port))?;
         record.publish.push(*p);
         record.save(paths)?;
     }
     child.release()
-}
-
-fn parse_cidr(text: &str) -> Option<(Ipv4Addr, u8)> {
-    let (a, l) = text.split_once('/')?;
-    let len: u8 = l.parse().ok()?;
-    (len <= 30).then_some((a.parse().ok()?, len))
 }
 
 /// Takes an address for `name`: `wanted`, or the lowest free one of the subnet. A lease is a
@@ -691,16 +682,13 @@ fn lease(
     paths: &Paths,
     name: &Name,
     wanted: Option<Ipv4Addr>,
-    gateway: Ipv4Addr,
-    prefix: u8,
+    subnet: Subnet,
+    registered: &[Ipv4Addr],
 ) -> Result<Ipv4Addr> {
     let dir = leases_dir(paths);
     fs::create_dir_all(&dir).map_err(|e| SandboxError::io("create the lease dir", e))?;
-    let endpoints: Vec<Ipv4Addr> = crate::loader::Endpoints::open(&paths.bpffs)
-        .map(|e| e.list().into_iter().map(|(a, _)| a).collect())
-        .unwrap_or_default();
     let take = |addr: Ipv4Addr| -> Result<bool> {
-        if endpoints.contains(&addr) {
+        if registered.contains(&addr) {
             return Ok(false);
         }
         match fs::OpenOptions::new()
@@ -725,16 +713,13 @@ fn lease(
             .unwrap_or_else(|_| "a pod registered with the datapath".into());
         return Err(SandboxError::AddressTaken { addr, holder });
     }
-    let mask = u32::MAX << (32 - prefix);
-    let net = u32::from(gateway) & mask;
-    for host in 1..(!mask) {
-        let addr = Ipv4Addr::from(net | host);
-        if addr != gateway && take(addr)? {
+    for addr in subnet.pod_addresses() {
+        if take(addr)? {
             return Ok(addr);
         }
     }
     Err(SandboxError::SubnetFull {
-        subnet: format!("{}/{prefix}", Ipv4Addr::from(net)),
+        subnet: format!("{}/{}", subnet.network(), subnet.prefix),
     })
 }
 
@@ -743,59 +728,6 @@ fn release_lease(paths: &Paths, record: &Record) {
     if fs::read_to_string(&path).is_ok_and(|n| n == record.name.as_str()) {
         let _ = fs::remove_file(path);
     }
-}
-
-/// The veth pair: the host side on the bridge with the datapath attached and the pod
-/// registered for the bypass, the other side `eth0` in the sandbox with its address and a
-/// default route through the bridge.
-fn plug(
-    paths: &Paths,
-    node: &NodeRecord,
-    gateway: Ipv4Addr,
-    ip: &Ip,
-    record: &mut Record,
-) -> Result<()> {
-    let o = record.addr.octets();
-    // docker's convention: 02:42 and the IPv4 address.
-    let mac = [0x02, 0x42, o[0], o[1], o[2], o[3]];
-    record.mac = crate::link::format_mac(&mac);
-    let tag = u32::from(record.addr) ^ (record.pid as u32).rotate_left(16);
-    record.host_if = format!("bh{tag:08x}");
-    // Two `ip` processes, not nine: each spawn costs milliseconds on every start. The peer is
-    // created inside the sandbox's namespace: moving it there afterwards costs ~25 ms more.
-    let pid = record.pid.to_string();
-    ip.batch(&[
-        vec![
-            "link",
-            "add",
-            &record.host_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "address",
-            &record.mac,
-            "netns",
-            &pid,
-        ],
-        vec!["link", "set", &record.host_if, "master", &node.bridge, "up"],
-    ])?;
-    let netns = PathBuf::from(format!("/proc/{}/ns/net", record.pid));
-    let cidr = format!("{}/{}", record.addr, record.prefix);
-    let gw = gateway.to_string();
-    ip.batch_in(
-        &netns,
-        &[
-            vec!["addr", "add", &cidr, "dev", "eth0"],
-            vec!["link", "set", "eth0", "up"],
-            vec!["link", "set", "lo", "up"],
-            vec!["route", "add", "default", "via", &gw],
-        ],
-    )?;
-    node::attach(paths, &record.host_if)?;
-    node::register_endpoint(paths, node, record.addr, &record.host_if, mac)?;
-    Ok(())
 }
 
 /// Bind mounts of the sandbox's namespaces in its state dir: they outlive the processes, so the
@@ -830,85 +762,34 @@ fn unbind_namespaces(paths: &Paths, record: &Record) {
     let _ = fs::remove_dir(&dir);
 }
 
-/// The service a published port is: every node address at the host port, to the sandbox.
-fn published_vaddr(p: &Publish) -> VirtualAddr {
-    VirtualAddr {
-        addr: Ipv4Addr::UNSPECIFIED,
-        port: p.host_port,
-        proto: if p.udp { Proto::Udp } else { Proto::Tcp },
-    }
-}
-
 /// Refuses a host port that something already holds, naming it: a published port or NodePort
 /// of the datapath, or a socket listening in the node's namespace.
-fn check_publish(paths: &Paths, p: &Publish) -> Result<()> {
-    let vaddr = published_vaddr(p);
-    let in_use = |holder: String| SandboxError::PortInUse {
-        port: p.host_port,
-        proto: vaddr.proto,
-        holder,
+fn check_publish(paths: &Paths, door: &NodeDoor<'_>, p: &Publish) -> Result<()> {
+    let holder = match door.port_holder(p) {
+        None => return Ok(()),
+        Some(PortHolder::Published(vaddr)) => {
+            let owner = list(paths).into_iter().find(|r| {
+                r.publish
+                    .iter()
+                    .any(|q| network::published_vaddr(q) == vaddr)
+            });
+            match owner {
+                Some(r) => format!("sandbox {} (published)", r.name),
+                None => format!("service {vaddr}"),
+            }
+        }
+        Some(PortHolder::NodePort(service)) => format!("the NodePort of service {service}"),
+        Some(PortHolder::Listener(who)) => who,
     };
-    if let Ok(table) = ServiceTable::open(&paths.bpffs) {
-        for s in table.list() {
-            let same_proto = s.service.proto == vaddr.proto;
-            if same_proto && s.service == vaddr {
-                let owner = list(paths)
-                    .into_iter()
-                    .find(|r| r.publish.iter().any(|q| published_vaddr(q) == vaddr));
-                return Err(in_use(match owner {
-                    Some(r) => format!("sandbox {} (published)", r.name),
-                    None => format!("service {vaddr}"),
-                }));
-            }
-            if same_proto && s.nodeport == Some(p.host_port) {
-                return Err(in_use(format!("the NodePort of service {}", s.service)));
-            }
-        }
-    }
-    let flag = if p.udp { "-Hlnup" } else { "-Hlntp" };
-    if let Ok(out) = std::process::Command::new("ss")
-        .args([flag, &format!("sport = :{}", p.host_port)])
-        .output()
-    {
-        let text = String::from_utf8_lossy(&out.stdout);
-        if let Some(line) = text.lines().find(|l| !l.trim().is_empty()) {
-            let who = line.split("users:").nth(1).map_or_else(
-                || line.trim().to_owned(),
-                |u| format!("process {}", u.trim()),
-            );
-            return Err(in_use(who));
-        }
-    }
-    Ok(())
-}
-
-fn publish(paths: &Paths, record: &Record, p: &Publish) -> Result<()> {
-    let mut table = ServiceTable::open(&paths.bpffs)?;
-    table.add(&ServiceSpec {
-        vaddr: published_vaddr(p),
-        scheduler: Default::default(),
-        affinity_secs: 0,
-        nodeport: None,
-        backends: vec![BackendSpec {
-            addr: SocketAddrV4::new(record.addr, p.port),
-            weight: 1,
-        }],
-    })?;
-    Ok(())
+    Err(network::in_use(p, holder))
 }
 
 /// Removes everything `run` made for `record`, whatever is already gone. Kills what still
 /// runs in its cgroup.
 pub fn remove(paths: &Paths, record: &Record) -> Result<()> {
-    if !record.publish.is_empty()
-        && let Ok(mut table) = ServiceTable::open(&paths.bpffs)
-    {
-        for p in &record.publish {
-            let _ = table.delete(&published_vaddr(p));
-        }
-    }
+    network::unpublish(paths, &record.publish);
     if record.addr != Ipv4Addr::UNSPECIFIED {
-        let _ = node::endpoint_del(paths, record.addr);
+        network::unregister(paths, record.addr);
     }
     unbind_namespaces(paths, record);
     let cgroup_result = if record.cgroup.path.is_empty() {
@@ -921,21 +802,7 @@ pub fn remove(paths: &Paths, record: &Record) -> Result<()> {
         let _ = waitpid(Pid::from_raw(record.pid), Some(WaitPidFlag::WNOHANG));
     }
     if !record.host_if.is_empty() {
-        // With its processes gone and its bind mount undone, the sandbox's network namespace
-        // is torn down by the kernel in the background, veth pair included, in a few
-        // milliseconds; deleting the veth here would wait ~40 ms for the network to settle.
-        // Deleting it by hand is the fallback (something else still holds the namespace).
-        let deadline = Instant::now() + Duration::from_millis(500);
-        while Ip::exists(&record.host_if) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        if let Ok(ip) = Ip::find()
-            && Ip::exists(&record.host_if)
-        {
-            let _ = ip.run(&["link", "del", &record.host_if]);
-        }
-        // The programs went with the interface: unpinning the links is now free.
-        let _ = node::detach(paths, &record.host_if);
+        network::unplug(paths, &record.host_if);
     }
     if record.addr != Ipv4Addr::UNSPECIFIED {
         release_lease(paths, record);
@@ -989,6 +856,46 @@ pub fn stop(paths: &Paths, name: &str, grace: Duration) -> Result<bool> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(true)
+}
+
+/// One sandbox as `bulkhead ps` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Status {
+    pub name: String,
+    pub pid: i32,
+    pub address: Ipv4Addr,
+    /// `running`, `exited (CODE)`, or `exited` when the status was not recorded.
+    pub state: String,
+    pub memory_bytes: u64,
+    pub cpu_usec: u64,
+    pub command: String,
+}
+
+/// `bulkhead ps`: every sandbox of the node, by name.
+pub fn statuses(paths: &Paths) -> Vec<Status> {
+    list(paths)
+        .into_iter()
+        .map(|r| {
+            let usage = cgroup::usage(&r.cgroup);
+            let state = if r.running() {
+                "running".to_owned()
+            } else {
+                match r.exit_code(paths) {
+                    Some(code) => format!("exited ({code})"),
+                    None => "exited".to_owned(),
+                }
+            };
+            Status {
+                name: r.name.to_string(),
+                pid: r.pid,
+                address: r.addr,
+                state,
+                memory_bytes: usage.memory_bytes,
+                cpu_usec: usage.cpu_usec,
+                command: r.command.join(" "),
+            }
+        })
+        .collect()
 }
 
 /// `bulkhead stats`.

@@ -96,17 +96,9 @@ impl ServiceTable {
     }
 }
 
+/// The timeout of a flow in `state`, as the datapath applies it.
 fn flow_timeout(cfg: &dataplane_common::NodeConfig, proto: Proto, state: u8) -> u32 {
-    let d = dataplane_common::NodeConfig::default();
-    let pick = |v: u32, def: u32| if v == 0 { def } else { v };
-    match (proto, state) {
-        (Proto::Udp, _) => pick(cfg.udp_timeout, d.udp_timeout),
-        (Proto::Tcp, tcp_state::SYN_SENT) => pick(cfg.tcp_syn_timeout, d.tcp_syn_timeout),
-        (Proto::Tcp, tcp_state::ESTABLISHED) => {
-            pick(cfg.tcp_established_timeout, d.tcp_established_timeout)
-        }
-        (Proto::Tcp, _) => pick(cfg.tcp_closing_timeout, d.tcp_closing_timeout),
-    }
+    cfg.flow_timeout(proto.number(), state)
 }
 
 fn flow_state_name(proto: Proto, state: u8) -> &'static str {
