@@ -20,6 +20,8 @@ use core::ptr;
 use libc::{c_char, c_int, pid_t, sigset_t};
 
 // musl's libc.a: a no_std binary gets no default libraries.
+// SAFETY: the block declares no items; it only links libc.a, the musl libc whose functions the
+// `libc` crate's declarations describe.
 #[cfg(not(test))]
 #[link(name = "c")]
 unsafe extern "C" {}
@@ -616,8 +618,9 @@ fn exec_child(cfg: &Config, saved: &Saved, argv: *const *const c_char) -> c_int 
 
 /// Now on CLOCK_MONOTONIC, in milliseconds.
 fn now_ms() -> i64 {
-    // SAFETY: clock_gettime with a valid clock and a local struct.
+    // SAFETY: `timespec` is two integers, so all-zero bytes are a valid value.
     let mut ts: libc::timespec = unsafe { core::mem::zeroed() };
+    // SAFETY: clock_gettime with a valid clock and a pointer to a live, writable local struct.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec * 1000 + ts.tv_nsec / 1_000_000
 }
