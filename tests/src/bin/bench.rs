@@ -549,6 +549,8 @@ struct Row {
     spread: Vec<u64>,
     syn_retrans: u64,
     retrans: u64,
+    /// Median ms of one `service add` with the N services present (bulkhead modes).
+    add_one_ms: Option<f64>,
     note: String,
 }
 
@@ -557,6 +559,31 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
         return f64::NAN;
     }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64
+}
+
+/// How many single `service add` commands the control-plane column times.
+const ADD_RUNS: usize = 21;
+
+/// Median milliseconds of one `bulkhead service add` (a new process: open the pinned maps,
+/// read the table, take the node lock, write, publish) with `n` services present: the cost a
+/// script or a CNI plugin pays per change. Each adds a service past the installed ones and
+/// deletes it again outside the timing.
+fn add_one(node: &Node, n: usize) -> Option<f64> {
+    let b = backends(node);
+    let mut times = Vec::with_capacity(ADD_RUNS);
+    for k in 0..ADD_RUNS {
+        let v = vip(n + 1 + k).to_string() + "/tcp";
+        let backend = b[k % b.len()].to_string();
+        let started = Instant::now();
+        let out = node.bulkhead(&["service", "add", &v, "--backend", &backend]);
+        times.push(started.elapsed().as_secs_f64() * 1e3);
+        if !out.status.success() {
+            return None;
+        }
+        node.bulkhead(&["service", "del", &v]);
+    }
+    times.sort_by(f64::total_cmp);
+    Some(times[times.len() / 2])
 }
 
 fn measure(mode: Mode, n: usize, args: &Args) -> Row {
@@ -590,6 +617,7 @@ fn measure(mode: Mode, n: usize, args: &Args) -> Row {
         spread: Vec::new(),
         syn_retrans: 0,
         retrans: 0,
+        add_one_ms: None,
         note: String::new(),
     };
     let started = Instant::now();
@@ -632,6 +660,9 @@ fn measure(mode: Mode, n: usize, args: &Args) -> Row {
     let lat = load(&client.ns, args.concurrency, args.seconds, true, targets);
     let (r1, s1) = retransmits(&client.ns);
     stop_servers(&listeners, &stop, threads);
+    if matches!(mode, Mode::Bulkhead | Mode::BulkheadNoBypass) {
+        row.add_one_ms = add_one(&node, n);
+    }
     let mut latencies = lat.latencies_us;
     latencies.sort_unstable();
     row.conn_rate = rate.ok as f64 / args.seconds;
@@ -667,8 +698,8 @@ Latency: request/reply on persistent connections. Ratios are to `direct` at the 
         args.concurrency,
         args.seconds
     );
-    md.push_str("| mode | services | install | conn/s | / direct | p50 (us) | p50 / direct | p99 (us) | p99 / direct | spread | SYN retrans | retrans | errors | note |\n");
-    md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|\n");
+    md.push_str("| mode | services | install | add one (ms) | conn/s | / direct | p50 (us) | p50 / direct | p99 (us) | p99 / direct | spread | SYN retrans | retrans | errors | note |\n");
+    md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|\n");
     let mut json = Vec::new();
     for r in rows {
         let d = direct(r.services);
@@ -682,10 +713,13 @@ Latency: request/reply on persistent connections. Ratios are to `direct` at the 
             .unwrap_or_else(|| "-".into());
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {:.0} | {} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.0} | {} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} |",
             r.mode.name(),
             r.services,
             install,
+            r.add_one_ms
+                .map(|ms| format!("{ms:.1}"))
+                .unwrap_or_else(|| "-".into()),
             r.conn_rate,
             ratio(r.conn_rate, d.map(|d| d.conn_rate)),
             r.p50_us,
@@ -703,10 +737,11 @@ Latency: request/reply on persistent connections. Ratios are to `direct` at the 
             r.note
         );
         json.push(format!(
-            "{{\"mode\":\"{}\",\"services\":{},\"install_s\":{},\"conn_per_s\":{:.1},\"conn_ratio_to_direct\":{},\"p50_us\":{},\"p99_us\":{},\"spread\":{:?},\"syn_retrans\":{},\"retrans\":{},\"errors\":{},\"note\":{:?}}}",
+            "{{\"mode\":\"{}\",\"services\":{},\"install_s\":{},\"add_one_ms\":{},\"conn_per_s\":{:.1},\"conn_ratio_to_direct\":{},\"p50_us\":{},\"p99_us\":{},\"spread\":{:?},\"syn_retrans\":{},\"retrans\":{},\"errors\":{},\"note\":{:?}}}",
             r.mode.name(),
             r.services,
             r.install.map(|d| format!("{:.4}", d.as_secs_f64())).unwrap_or_else(|| "null".into()),
+            r.add_one_ms.map(|ms| format!("{ms:.2}")).unwrap_or_else(|| "null".into()),
             r.conn_rate,
             d.filter(|d| d.conn_rate > 0.0).map(|d| format!("{:.3}", r.conn_rate / d.conn_rate)).unwrap_or_else(|| "null".into()),
             if r.p50_us.is_finite() { format!("{}", r.p50_us) } else { "null".into() },
@@ -783,6 +818,17 @@ Latency: request/reply on persistent connections. Ratios are to `direct` at the 
             } else {
                 "NOT met"
             }
+        ));
+    }
+    if let (Some(lo), Some(hi)) = (bulk.first(), bulk.last())
+        && let (Some(a), Some(b)) = (lo.add_one_ms, hi.add_one_ms)
+        && hi.services > lo.services
+    {
+        goal(format!(
+            "- one `service add` with {} services present took {b:.1} ms, {:.2}x the {a:.1} ms with {} present",
+            hi.services,
+            b / a,
+            lo.services
         ));
     }
     if let (Some(lo), Some(hi)) = (bulk.first(), bulk.last())

@@ -172,7 +172,13 @@ fn a_layout_no_build_ever_had_is_refused_by_name() {
     let err = Datapath::load(pins.path(), LogLevel::Off)
         .err()
         .expect("a 20-byte flow layout must be refused");
-    let text = format!("{err}");
+    // The whole chain: the step, then the map and why.
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
     assert!(
         text.contains("CONNTRACK_UDP") && text.contains("cannot migrate"),
         "{text}"
