@@ -8,18 +8,15 @@ use std::{env, fs, path::PathBuf};
 
 fn main() {
     println!("cargo::rerun-if-env-changed=BULKHEAD_EBPF_OBJ");
-    let object = match env::var_os("BULKHEAD_EBPF_OBJ") {
-        Some(path) => {
-            let path = PathBuf::from(path);
-            println!("cargo::rerun-if-changed={}", path.display());
-            path
-        }
-        None => {
-            let empty =
-                PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("empty.o");
-            fs::write(&empty, b"").expect("write the empty placeholder object");
-            empty
-        }
+    let object = if let Some(path) = env::var_os("BULKHEAD_EBPF_OBJ") {
+        let path = PathBuf::from(path);
+        println!("cargo::rerun-if-changed={}", path.display());
+        path
+    } else {
+        let empty =
+            PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("empty.o");
+        fs::write(&empty, b"").expect("write the empty placeholder object");
+        empty
     };
     println!("cargo::rustc-env=BULKHEAD_EBPF_OBJECT={}", object.display());
 }

@@ -14,6 +14,13 @@
 //! timer; `sigtimedwait` is used only while a deadline (grace period, wait-all) is pending.
 
 #![cfg_attr(not(test), no_std, no_main)]
+#![cfg_attr(
+    test,
+    expect(
+        dead_code,
+        reason = "the host test build compiles the parsers it tests; the PID-1 path is no_main only"
+    )
+)]
 
 use core::ptr;
 
@@ -502,7 +509,7 @@ fn collected_signals() -> sigset_t {
     // SAFETY: sigset operations on a local set.
     unsafe {
         let mut set: sigset_t = core::mem::zeroed();
-        libc::sigfillset(&mut set);
+        libc::sigfillset(&raw mut set);
         for s in [
             libc::SIGFPE,
             libc::SIGILL,
@@ -514,7 +521,7 @@ fn collected_signals() -> sigset_t {
             libc::SIGTTIN,
             libc::SIGTTOU,
         ] {
-            libc::sigdelset(&mut set, s);
+            libc::sigdelset(&raw mut set, s);
         }
         set
     }
@@ -531,7 +538,7 @@ fn configure_signals(set: &sigset_t) -> Result<Saved, c_int> {
     // SAFETY: plain signal-state syscalls on local, initialised structs.
     unsafe {
         let mut saved: Saved = core::mem::zeroed();
-        if libc::sigprocmask(libc::SIG_SETMASK, set, &mut saved.mask) != 0 {
+        if libc::sigprocmask(libc::SIG_SETMASK, set, &raw mut saved.mask) != 0 {
             if let Some(mut l) = msg(Level::Fatal) {
                 l.s(b"sigprocmask failed: '").errno().s(b"'\n");
             }
@@ -539,8 +546,8 @@ fn configure_signals(set: &sigset_t) -> Result<Saved, c_int> {
         }
         let mut ignore: libc::sigaction = core::mem::zeroed();
         ignore.sa_sigaction = libc::SIG_IGN;
-        if libc::sigaction(libc::SIGTTIN, &ignore, &mut saved.ttin) != 0
-            || libc::sigaction(libc::SIGTTOU, &ignore, &mut saved.ttou) != 0
+        if libc::sigaction(libc::SIGTTIN, &raw const ignore, &raw mut saved.ttin) != 0
+            || libc::sigaction(libc::SIGTTOU, &raw const ignore, &raw mut saved.ttou) != 0
         {
             if let Some(mut l) = msg(Level::Fatal) {
                 l.s(b"Failed to ignore SIGTTIN/SIGTTOU\n");
@@ -591,9 +598,9 @@ fn exec_child(cfg: &Config, saved: &Saved, argv: *const *const c_char) -> c_int 
                 }
             }
         }
-        if libc::sigprocmask(libc::SIG_SETMASK, &saved.mask, ptr::null_mut()) != 0
-            || libc::sigaction(libc::SIGTTIN, &saved.ttin, ptr::null_mut()) != 0
-            || libc::sigaction(libc::SIGTTOU, &saved.ttou, ptr::null_mut()) != 0
+        if libc::sigprocmask(libc::SIG_SETMASK, &raw const saved.mask, ptr::null_mut()) != 0
+            || libc::sigaction(libc::SIGTTIN, &raw const saved.ttin, ptr::null_mut()) != 0
+            || libc::sigaction(libc::SIGTTOU, &raw const saved.ttou, ptr::null_mut()) != 0
         {
             if let Some(mut l) = msg(Level::Fatal) {
                 l.s(b"Restoring child signal state failed: '")
@@ -616,12 +623,12 @@ fn exec_child(cfg: &Config, saved: &Saved, argv: *const *const c_char) -> c_int 
     }
 }
 
-/// Now on CLOCK_MONOTONIC, in milliseconds.
+/// Now on `CLOCK_MONOTONIC`, in milliseconds.
 fn now_ms() -> i64 {
     // SAFETY: `timespec` is two integers, so all-zero bytes are a valid value.
     let mut ts: libc::timespec = unsafe { core::mem::zeroed() };
     // SAFETY: clock_gettime with a valid clock and a pointer to a live, writable local struct.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     ts.tv_sec * 1000 + ts.tv_nsec / 1_000_000
 }
 
@@ -636,7 +643,7 @@ fn descendants(out: &mut [pid_t]) -> usize {
     // records are walked by their own length fields within the bytes the kernel returned.
     unsafe {
         let dir = libc::open(
-            b"/proc\0".as_ptr().cast(),
+            c"/proc".as_ptr().cast(),
             libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
         );
         if dir < 0 {
@@ -792,10 +799,12 @@ impl Init<'_> {
                 }
             }
         }
-        if sig == libc::SIGTERM && self.exit_code.is_none() && self.kill_at.is_none() {
-            if let Some(grace) = self.cfg.grace {
-                self.kill_at = Some(now_ms() + i64::from(grace) * 1000);
-            }
+        if sig == libc::SIGTERM
+            && self.exit_code.is_none()
+            && self.kill_at.is_none()
+            && let Some(grace) = self.cfg.grace
+        {
+            self.kill_at = Some(now_ms() + i64::from(grace) * 1000);
         }
         Ok(())
     }
@@ -805,7 +814,7 @@ impl Init<'_> {
         loop {
             let mut status: c_int = 0;
             // SAFETY: waitpid with a local status word.
-            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            let pid = unsafe { libc::waitpid(-1, &raw mut status, libc::WNOHANG) };
             if pid == 0 {
                 return Ok(());
             }
@@ -840,12 +849,12 @@ impl Init<'_> {
                         .s(b"\n");
                 }
                 self.exit_code = Some(if remapped { 0 } else { code });
-            } else if self.cfg.warn_on_reap {
-                if let Some(mut l) = msg(Level::Warn) {
-                    l.s(b"Reaped zombie process with pid=")
-                        .n(i64::from(pid))
-                        .s(b"\n");
-                }
+            } else if self.cfg.warn_on_reap
+                && let Some(mut l) = msg(Level::Warn)
+            {
+                l.s(b"Reaped zombie process with pid=")
+                    .n(i64::from(pid))
+                    .s(b"\n");
             }
         }
     }
@@ -860,14 +869,14 @@ impl Init<'_> {
         let got = unsafe {
             let mut info: libc::siginfo_t = core::mem::zeroed();
             match deadline {
-                None => libc::sigwaitinfo(set, &mut info),
+                None => libc::sigwaitinfo(set, &raw mut info),
                 Some(at) => {
                     let left = (at - now_ms()).max(0);
                     let ts = libc::timespec {
                         tv_sec: left / 1000,
                         tv_nsec: (left % 1000) * 1_000_000,
                     };
-                    libc::sigtimedwait(set, &mut info, &ts)
+                    libc::sigtimedwait(set, &raw mut info, &raw const ts)
                 }
             }
         };
@@ -956,7 +965,7 @@ impl Init<'_> {
         while now_ms() < until {
             let mut status = 0;
             // SAFETY: waitpid on the group with a local status word.
-            let pid = unsafe { libc::waitpid(-self.child, &mut status, libc::WNOHANG) };
+            let pid = unsafe { libc::waitpid(-self.child, &raw mut status, libc::WNOHANG) };
             if pid < 0 {
                 return;
             }
@@ -966,7 +975,7 @@ impl Init<'_> {
                     tv_nsec: 5_000_000,
                 };
                 // SAFETY: nanosleep with a valid duration.
-                unsafe { libc::nanosleep(&ts, ptr::null_mut()) };
+                unsafe { libc::nanosleep(&raw const ts, ptr::null_mut()) };
             }
         }
     }
@@ -979,7 +988,7 @@ fn reaper_check() {
             return;
         }
         let mut bit: c_int = 0;
-        if libc::prctl(libc::PR_GET_CHILD_SUBREAPER, &mut bit as *mut c_int) == 0 && bit == 1 {
+        if libc::prctl(libc::PR_GET_CHILD_SUBREAPER, &raw mut bit) == 0 && bit == 1 {
             return;
         }
     }

@@ -221,7 +221,11 @@ impl BpffsDir {
             .expect("list the pin directory")
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.ends_with(".debug"))
+            .filter(|n| {
+                std::path::Path::new(n)
+                    .extension()
+                    .is_none_or(|e| e != "debug")
+            })
             .collect();
         left.sort();
         left
@@ -305,7 +309,7 @@ impl Pod {
     }
 
     /// A TCP server on `port` answering one line with its own address, then closing first (so
-    /// the TIME_WAIT is the server's and the client may reuse its port at once).
+    /// the `TIME_WAIT` is the server's and the client may reuse its port at once).
     pub fn serve_tcp_once(&self, port: u16) -> Server {
         self.tcp_server(port, Answer::ItselfOnce)
     }
@@ -330,16 +334,18 @@ impl Pod {
                         };
                         let once = matches!(answer, Answer::ItselfOnce);
                         handlers.push(std::thread::spawn(move || {
-                            answer_lines(conn, text, once, &stop)
+                            answer_lines(conn, text, once, &stop);
                         }));
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(5))
+                        std::thread::sleep(Duration::from_millis(5));
                     }
                     Err(e) => panic!("accept on {me}: {e}"),
                 }
             }
-            handlers.into_iter().for_each(|h| drop(h.join()));
+            for h in handlers {
+                drop(h.join());
+            }
         })
     }
 
@@ -397,7 +403,7 @@ impl Pod {
     }
 }
 
-/// Connects a TCP socket bound to `sport` (SO_REUSEADDR, so tests can reuse it) to `dst`.
+/// Connects a TCP socket bound to `sport` (`SO_REUSEADDR`, so tests can reuse it) to `dst`.
 fn connect_from_port(sport: u16, dst: SocketAddrV4) -> std::io::Result<TcpStream> {
     use std::os::fd::FromRawFd;
     if sport == 0 {
@@ -416,7 +422,7 @@ fn connect_from_port(sport: u16, dst: SocketAddrV4) -> std::io::Result<TcpStream
             fd,
             libc::SOL_SOCKET,
             libc::SO_REUSEADDR,
-            (&one as *const libc::c_int).cast(),
+            (&raw const one).cast(),
             4,
         );
         let sin = |a: SocketAddrV4| libc::sockaddr_in {
@@ -429,11 +435,11 @@ fn connect_from_port(sport: u16, dst: SocketAddrV4) -> std::io::Result<TcpStream
         };
         let local = sin(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, sport));
         let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        if libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) != 0 {
+        if libc::bind(fd, (&raw const local).cast(), len) != 0 {
             return Err(std::io::Error::last_os_error());
         }
         let remote = sin(dst);
-        if libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) != 0 {
+        if libc::connect(fd, (&raw const remote).cast(), len) != 0 {
             return Err(std::io::Error::last_os_error());
         }
         Ok(stream)
@@ -624,8 +630,9 @@ impl Node {
             .expect("interfaces is an array")
             .iter()
             .find(|s| s["ifname"] == ifname && s["direction"] == hook)
-            .map(|s| (s["packets"].as_u64().unwrap(), s["bytes"].as_u64().unwrap()))
-            .unwrap_or((0, 0))
+            .map_or((0, 0), |s| {
+                (s["packets"].as_u64().unwrap(), s["bytes"].as_u64().unwrap())
+            })
     }
 
     /// Plugs a new pod with address 198.18.0.`host` into the bridge, attaches the datapath to

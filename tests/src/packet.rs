@@ -1,4 +1,4 @@
-//! Building and checking raw frames for BPF_PROG_TEST_RUN tests.
+//! Building and checking raw frames for `BPF_PROG_TEST_RUN` tests.
 //!
 //! Checksums are computed from scratch here (RFC 1071), independently of the datapath, so a
 //! test can tell whether the program's incremental updates left them right.
@@ -58,18 +58,15 @@ pub fn frame(src: SocketAddrV4, dst: SocketAddrV4, l4: L4, payload: &[u8]) -> Ve
     let l = &mut f[ETH + IP..];
     l[0..2].copy_from_slice(&src.port().to_be_bytes());
     l[2..4].copy_from_slice(&dst.port().to_be_bytes());
-    match l4 {
-        L4::Tcp(flags) => {
-            l[4..8].copy_from_slice(&1000u32.to_be_bytes());
-            l[12] = 5 << 4;
-            l[13] = flags;
-            l[14..16].copy_from_slice(&65535u16.to_be_bytes());
-            l[20..].copy_from_slice(payload);
-        }
-        _ => {
-            l[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
-            l[8..].copy_from_slice(payload);
-        }
+    if let L4::Tcp(flags) = l4 {
+        l[4..8].copy_from_slice(&1000u32.to_be_bytes());
+        l[12] = 5 << 4;
+        l[13] = flags;
+        l[14..16].copy_from_slice(&65535u16.to_be_bytes());
+        l[20..].copy_from_slice(payload);
+    } else {
+        l[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+        l[8..].copy_from_slice(payload);
     }
     let ip_csum = fold(sum16(&f[ETH..ETH + IP]));
     f[ETH + 10..ETH + 12].copy_from_slice(&ip_csum.to_be_bytes());

@@ -167,7 +167,7 @@ fn lex(text: &str) -> Vec<Line> {
             // A prefix (`b`, `c`) is an identifier character and has already been pushed as code.
             let hashes = if c == 'r' {
                 let n = raw_string_hashes(&chars, i).expect("checked");
-                for _ in 0..n + 1 {
+                for _ in 0..=n {
                     push(&mut lines, chars[i], true, false);
                     i += 1;
                 }
@@ -186,7 +186,6 @@ fn lex(text: &str) -> Vec<Line> {
                             push(&mut lines, chars[i + 1], false, false);
                         }
                         i += 2;
-                        continue;
                     }
                     None if d == '"' => {
                         push(&mut lines, d, true, false);
@@ -215,19 +214,16 @@ fn lex(text: &str) -> Vec<Line> {
             } else {
                 None
             };
-            match end {
-                Some(end) => {
-                    push(&mut lines, '\'', true, false);
-                    for &d in &chars[i + 1..end] {
-                        push(&mut lines, d, false, false);
-                    }
-                    push(&mut lines, '\'', true, false);
-                    i = end + 1;
+            if let Some(end) = end {
+                push(&mut lines, '\'', true, false);
+                for &d in &chars[i + 1..end] {
+                    push(&mut lines, d, false, false);
                 }
-                None => {
-                    push(&mut lines, c, true, false);
-                    i += 1;
-                }
+                push(&mut lines, '\'', true, false);
+                i = end + 1;
+            } else {
+                push(&mut lines, c, true, false);
+                i += 1;
             }
         } else if is_ident(c) {
             // Whole identifiers, so that `br"…"` or `for"` style prefixes are not misread and
@@ -249,7 +245,7 @@ fn lex(text: &str) -> Vec<Line> {
                 let c = chars[i];
                 debug_assert_eq!(c, 'r');
                 let n = raw_string_hashes(&chars, i).expect("checked");
-                for _ in 0..n + 1 {
+                for _ in 0..=n {
                     push(&mut lines, chars[i], true, false);
                     i += 1;
                 }

@@ -60,7 +60,7 @@ pub enum Command {
         /// Gateway address of the pod subnet, put on the bridge.
         #[arg(long, value_name = "ADDR/LEN", default_value = "198.18.0.1/24")]
         subnet: Subnet,
-        /// The interface towards the rest of the network: NodePorts answer on its address and
+        /// The interface towards the rest of the network: `NodePorts` answer on its address and
         /// pod traffic leaving through it is masqueraded.
         #[arg(long, value_name = "IFACE")]
         uplink: Option<String>,
@@ -158,7 +158,7 @@ pub struct RunArgs {
     /// Most processes the sandbox may have at once.
     #[arg(long, value_name = "N")]
     pids_limit: Option<u64>,
-    /// A directory to use as the root (pivot_root); default: the host's, privately mounted.
+    /// A directory to use as the root (`pivot_root`); default: the host's, privately mounted.
     #[arg(long, value_name = "DIR")]
     rootfs: Option<PathBuf>,
     /// Address in the pod subnet (default: the lowest free one).
@@ -179,7 +179,7 @@ pub struct RunArgs {
     /// A cgroup namespace.
     #[arg(long)]
     cgroupns: bool,
-    /// Keep every capability, writable /sys and /proc/sys, no no_new_privs.
+    /// Keep every capability, writable /sys and /proc/sys, no `no_new_privs`.
     #[arg(long)]
     privileged: bool,
     /// Create the cgroup under this one instead of under bulkhead's own.
@@ -237,7 +237,7 @@ pub enum ServiceCommand {
         /// Session affinity by client address, with this timeout in seconds.
         #[arg(long, value_name = "SECONDS", default_value_t = 0)]
         affinity: u32,
-        /// Also answer on this port of every node address (NodePort); needs `up --uplink` for
+        /// Also answer on this port of every node address (`NodePort`); needs `up --uplink` for
         /// clients outside the node.
         #[arg(long, value_name = "PORT")]
         nodeport: Option<u16>,
@@ -466,7 +466,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => {
             out.flush()?;
             drop(out);
-            return run_sandbox(&paths, *args, cli.lock_timeout);
+            return Ok(run_sandbox(&paths, *args, cli.lock_timeout));
         }
         Command::Ps { json } => print_ps(&paths, json, &mut out)?,
         Command::Exec { name, command } => {
@@ -783,34 +783,30 @@ fn endpoint(paths: &node::Paths, cmd: EndpointCommand, out: &mut impl Write) -> 
     Ok(())
 }
 
-fn run_sandbox(
-    paths: &Paths,
-    args: RunArgs,
-    lock_timeout: Option<Duration>,
-) -> anyhow::Result<ExitCode> {
+fn run_sandbox(paths: &Paths, args: RunArgs, lock_timeout: Option<Duration>) -> ExitCode {
     let spec = match run_spec(args) {
         Ok(spec) => spec,
         Err(e) => {
             eprintln!("bulkhead: {e}");
-            return Ok(ExitCode::from(125));
+            return ExitCode::from(125);
         }
     };
     match sandbox::run(paths, &spec, lock_timeout) {
         Ok((name, None)) => {
             println!("{name}");
-            Ok(ExitCode::SUCCESS)
+            ExitCode::SUCCESS
         }
-        Ok((_, Some(sandbox::Exit(code)))) => Ok(ExitCode::from(code.clamp(0, 255) as u8)),
+        Ok((_, Some(sandbox::Exit(code)))) => ExitCode::from(code.clamp(0, 255) as u8),
         // docker's convention: 127 for a command that is not there, 125 for run itself failing.
         Err(e) => {
             eprintln!("bulkhead: run: {}", sandbox::error_chain(&e));
-            Ok(ExitCode::from(
+            ExitCode::from(
                 if matches!(e, sandbox::SandboxError::CommandNotFound { .. }) {
                     127
                 } else {
                     125
                 },
-            ))
+            )
         }
     }
 }

@@ -379,7 +379,7 @@ impl Datapath {
         Ok(())
     }
 
-    /// Runs the ingress classifier on `packet` (an Ethernet frame) through BPF_PROG_TEST_RUN,
+    /// Runs the ingress classifier on `packet` (an Ethernet frame) through `BPF_PROG_TEST_RUN`,
     /// returning its TC verdict and the packet as it left the program.
     pub fn run_ingress(&self, packet: &[u8]) -> Result<(u32, Vec<u8>), LoaderError> {
         run(&self.ingress, program::INGRESS, packet)
@@ -631,7 +631,7 @@ pub struct NodeSettings {
     pub pod_subnet: Option<(std::net::Ipv4Addr, u8)>,
     /// The uplink: ifindex and the address masquerade uses as source.
     pub uplink: Option<(u32, std::net::Ipv4Addr)>,
-    /// Every IPv4 address of the node, where NodePorts answer.
+    /// Every IPv4 address of the node, where `NodePorts` answer.
     pub node_addrs: Vec<std::net::Ipv4Addr>,
     /// Conntrack timeouts to change; the others keep their values.
     pub timeouts: ConntrackTimeouts,
@@ -709,8 +709,7 @@ pub fn configure(dir: &Path, settings: &NodeSettings) -> Result<(), LoaderError>
         }
         None => (0, 0),
     };
-    (cfg.uplink_ifindex, cfg.uplink_addr) =
-        settings.uplink.map(|(i, a)| (i, be(a))).unwrap_or((0, 0));
+    (cfg.uplink_ifindex, cfg.uplink_addr) = settings.uplink.map_or((0, 0), |(i, a)| (i, be(a)));
     cfg.flags = if settings.bypass {
         0
     } else {
@@ -746,7 +745,7 @@ pub fn configure(dir: &Path, settings: &NodeSettings) -> Result<(), LoaderError>
 
 /// Number of possible CPUs: the length of every per-CPU value.
 pub fn nr_cpus() -> usize {
-    aya::util::nr_cpus().map(|n| n.max(1)).unwrap_or(1)
+    aya::util::nr_cpus().map_or(1, |n| n.max(1))
 }
 
 /// Packet and byte counters per (ifindex, direction), summed over CPUs.
@@ -760,7 +759,7 @@ pub fn iface_counters(dir: &Path) -> Result<Vec<(IfaceKey, Counters)>, LoaderErr
             .try_into()
             .map_err(err)?;
     let mut out = Vec::new();
-    for entry in stats.iter() {
+    for entry in &stats {
         let (key, per_cpu) = entry.map_err(err)?;
         let mut total = Counters::default();
         per_cpu.iter().for_each(|c| total.add(c));

@@ -192,7 +192,7 @@ mod sys {
             libc::syscall(
                 libc::SYS_bpf,
                 cmd,
-                attr as *const ElemAttr,
+                std::ptr::from_ref::<ElemAttr>(attr),
                 std::mem::size_of::<ElemAttr>(),
             )
         };

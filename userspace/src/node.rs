@@ -144,7 +144,7 @@ pub struct NodeRecord {
     pub mode: TcMode,
     /// Interfaces the datapath is attached to, the bridge first.
     pub attached: Vec<String>,
-    /// The interface towards the rest of the network: NodePorts and masquerade act there.
+    /// The interface towards the rest of the network: `NodePorts` and masquerade act there.
     #[serde(default)]
     pub uplink: Option<String>,
     /// Datapath event verbosity the programs were loaded with.

@@ -124,7 +124,7 @@ for f in md json svg; do echo \"BENCH-FILE-BEGIN $f\"; cat /tmp/bench/datapath.$
         (artifacts.init.clone(), "/bin/bulkhead-init"),
         (bench, "/bin/bulkhead-bench"),
     ];
-    let console = crate::vm::run_capture(&body, &binaries, Duration::from_secs(3 * 3600))?;
+    let console = crate::vm::run_capture(&body, &binaries, Duration::from_hours(3))?;
     let dir = out_dir()?;
     let mut current: Option<(String, String)> = None;
     for line in console.lines() {
@@ -149,7 +149,7 @@ fn out_dir() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// True when the ELF file has no PT_INTERP program header (no dynamic loader).
+/// True when the ELF file has no `PT_INTERP` program header (no dynamic loader).
 fn is_static(path: &Path) -> anyhow::Result<bool> {
     let elf = fs::read(path).with_context(|| format!("read {}", path.display()))?;
     if elf.len() < 64 || &elf[..4] != b"\x7fELF" || elf[4] != 2 {
@@ -193,7 +193,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-/// Peak resident set of the init process itself (VmHWM), sampled while its child sleeps.
+/// Peak resident set of the init process itself (`VmHWM`), sampled while its child sleeps.
 fn peak_rss_kib(init: &[&str]) -> anyhow::Result<u64> {
     let mut child = Command::new(init[0])
         .args(&init[1..])
@@ -487,25 +487,24 @@ the endpoint entry; crun and runc run the same busybox bundle (runc's default sp
     );
     let mut json = Vec::new();
     for (i, (name, _)) in contenders.iter().enumerate() {
-        match &failures[i] {
-            Some(e) => md.push_str(&format!(
+        if let Some(e) = &failures[i] {
+            md.push_str(&format!(
                 "| {name} | - | - | - | did not run: {} |\n",
                 e.lines().next().unwrap_or("")
-            )),
-            None => {
-                let m = median(times[i].clone());
-                md.push_str(&format!(
-                    "| {name} | {:.2} | {:.2} | {:.2} | |\n",
-                    us(m) / 1000.0,
-                    us(m) / us(base),
-                    us(p90(&times[i])) / 1000.0
-                ));
-                json.push(format!(
-                    "{{\"name\":\"{name}\",\"median_us\":{:.0},\"baseline_us\":{:.0}}}",
-                    us(m),
-                    us(base)
-                ));
-            }
+            ));
+        } else {
+            let m = median(times[i].clone());
+            md.push_str(&format!(
+                "| {name} | {:.2} | {:.2} | {:.2} | |\n",
+                us(m) / 1000.0,
+                us(m) / us(base),
+                us(p90(&times[i])) / 1000.0
+            ));
+            json.push(format!(
+                "{{\"name\":\"{name}\",\"median_us\":{:.0},\"baseline_us\":{:.0}}}",
+                us(m),
+                us(base)
+            ));
         }
     }
     let dir = out_dir()?;

@@ -26,7 +26,7 @@ pub fn vm_demo(artifacts: &build::Artifacts) -> anyhow::Result<()> {
     vm::run(
         "BULKHEAD_BIN=/bin/bulkhead /bin/bulkhead-demo",
         &binaries,
-        Duration::from_secs(900),
+        Duration::from_mins(15),
     )
 }
 

@@ -21,7 +21,7 @@ use anyhow::{Context as _, bail};
 use crate::{build, setup};
 
 /// Modules the scenarios need, with their dependencies added from modules.dep. crc32c comes
-/// first: libcrc32c (under conntrack, IPVS and nf_tables) needs it as a soft dependency, which
+/// first: libcrc32c (under conntrack, IPVS and `nf_tables`) needs it as a soft dependency, which
 /// modules.dep does not list.
 const MODULES: &[&str] = &[
     "crc32c_generic",
@@ -205,14 +205,14 @@ impl Tree {
             }
         };
         for d in &self.dirs {
-            entry(&mut cpio, d, 0o040755, &[]);
+            entry(&mut cpio, d, 0o040_755, &[]);
         }
         for (dest, src, mode) in &self.files {
             let data = fs::read(src).with_context(|| format!("read {}", src.display()))?;
-            entry(&mut cpio, dest, 0o100000 | mode, &data);
+            entry(&mut cpio, dest, 0o100_000 | mode, &data);
         }
         for (link, target) in &self.links {
-            entry(&mut cpio, link, 0o120777, target.as_bytes());
+            entry(&mut cpio, link, 0o120_777, target.as_bytes());
         }
         entry(&mut cpio, "TRAILER!!!", 0, &[]);
         let mut gz = Command::new("gzip")
@@ -465,13 +465,9 @@ pub fn run_capture(
     let (result, booted, console) = boot(qemu(&kernel, &initrd, accel, 2048), limit, true)?;
     eprintln!(
         "vm: booted in {}, total {:.1} s, scenario status {}",
-        booted
-            .map(|b| format!("{:.1} s", b.as_secs_f64()))
-            .unwrap_or_else(|| "(never)".into()),
+        booted.map_or_else(|| "(never)".into(), |b| format!("{:.1} s", b.as_secs_f64())),
         started.elapsed().as_secs_f64(),
-        result
-            .map(|r| r.to_string())
-            .unwrap_or_else(|| "missing".into())
+        result.map_or_else(|| "missing".into(), |r| r.to_string())
     );
     match result {
         Some(0) => Ok(console),

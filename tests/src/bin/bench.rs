@@ -26,7 +26,7 @@ use tests::{Netns, Node, Pod};
 
 const PORT: u16 = 8080;
 /// Longest an install may take before its row is abandoned.
-const INSTALL_BUDGET: Duration = Duration::from_secs(300);
+const INSTALL_BUDGET: Duration = Duration::from_mins(5);
 const REQUEST: usize = 64;
 /// First request byte: close after the reply (connection-rate phase) or keep the connection.
 const CLOSE: u8 = b'C';
@@ -79,7 +79,7 @@ fn parse_args() -> Result<Args, String> {
             Mode::Nftables,
         ],
         out: PathBuf::from("target/bench"),
-        install_budget: Duration::from_secs(300),
+        install_budget: Duration::from_mins(5),
     };
     let mut it = std::env::args().skip(1);
     if it.next().as_deref() != Some("datapath") {
@@ -92,13 +92,13 @@ fn parse_args() -> Result<Args, String> {
                 args.services = value
                     .split(',')
                     .map(|v| v.parse().map_err(|_| format!("bad count {v}")))
-                    .collect::<Result<_, _>>()?
+                    .collect::<Result<_, _>>()?;
             }
             "--seconds" => args.seconds = value.parse().map_err(|_| "bad --seconds")?,
             "--concurrency" => args.concurrency = value.parse().map_err(|_| "bad --concurrency")?,
             "--install-budget" => {
                 args.install_budget =
-                    Duration::from_secs(value.parse().map_err(|_| "bad --install-budget")?)
+                    Duration::from_secs(value.parse().map_err(|_| "bad --install-budget")?);
             }
             "--out" => args.out = PathBuf::from(value),
             "--modes" => {
@@ -113,7 +113,7 @@ fn parse_args() -> Result<Args, String> {
                         "ipvs" => Ok(Mode::Ipvs),
                         other => Err(format!("unknown mode {other}")),
                     })
-                    .collect::<Result<_, _>>()?
+                    .collect::<Result<_, _>>()?;
             }
             other => return Err(format!("unknown flag {other}")),
         }
@@ -135,7 +135,7 @@ fn vip(i: usize) -> SocketAddrV4 {
 
 /// One backend's server: threads blocked in accept on one listener, each serving a connection
 /// until the client is done (or, for `C` requests, after one reply: the server closes first,
-/// so TIME_WAIT lands on the backend and client ports are never reused into it).
+/// so `TIME_WAIT` lands on the backend and client ports are never reused into it).
 fn serve(
     pod: &Pod,
     id: u8,
@@ -185,7 +185,9 @@ fn stop_servers(
         // SAFETY: shutdown on a socket we own; it stays open until the Arc drops.
         unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
     }
-    threads.into_iter().for_each(|t| drop(t.join()));
+    for t in threads {
+        drop(t.join());
+    }
 }
 
 #[derive(Default)]
@@ -245,7 +247,7 @@ fn load(
                     }
                     if keep {
                         r.latencies_us
-                            .push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                            .push(started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                     } else {
                         conn = None;
                     }
@@ -331,17 +333,14 @@ fn backends(node: &Node) -> Vec<SocketAddrV4> {
 }
 
 fn run_stdin(node_ns: Option<&Netns>, program: &[&str], input: &str) -> Result<(), String> {
-    let mut cmd = match node_ns {
-        Some(ns) => {
-            let mut c = Command::new(tests::IP);
-            c.args(["netns", "exec", ns.name()]).args(program);
-            c
-        }
-        None => {
-            let mut c = Command::new(program[0]);
-            c.args(&program[1..]);
-            c
-        }
+    let mut cmd = if let Some(ns) = node_ns {
+        let mut c = Command::new(tests::IP);
+        c.args(["netns", "exec", ns.name()]).args(program);
+        c
+    } else {
+        let mut c = Command::new(program[0]);
+        c.args(&program[1..]);
+        c
     };
     let mut child = cmd
         .stdin(Stdio::piped())
@@ -558,7 +557,7 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64
+    f64::from(sorted[((sorted.len() - 1) as f64 * p).round() as usize])
 }
 
 /// How many single `service add` commands the control-plane column times.
@@ -686,9 +685,7 @@ fn report(rows: &[Row], args: &Args) -> (String, String) {
             .find(|r| r.mode == Mode::Direct && r.services == n)
             .or_else(|| rows.iter().find(|r| r.mode == Mode::Direct))
     };
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut md = format!(
         "Linux {}, {cpus} CPUs; {} client threads, {} s per phase; fresh topology per row.\n\
@@ -709,8 +706,7 @@ Latency: request/reply on persistent connections. Ratios are to `direct` at the 
         };
         let install = r
             .install
-            .map(|d| format!("{:.3} s", d.as_secs_f64()))
-            .unwrap_or_else(|| "-".into());
+            .map_or_else(|| "-".into(), |d| format!("{:.3} s", d.as_secs_f64()));
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {:.0} | {} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} |",
@@ -718,8 +714,7 @@ Latency: request/reply on persistent connections. Ratios are to `direct` at the 
             r.services,
             install,
             r.add_one_ms
-                .map(|ms| format!("{ms:.1}"))
-                .unwrap_or_else(|| "-".into()),
+                .map_or_else(|| "-".into(), |ms| format!("{ms:.1}")),
             r.conn_rate,
             ratio(r.conn_rate, d.map(|d| d.conn_rate)),
             r.p50_us,
@@ -740,10 +735,10 @@ Latency: request/reply on persistent connections. Ratios are to `direct` at the 
             "{{\"mode\":\"{}\",\"services\":{},\"install_s\":{},\"add_one_ms\":{},\"conn_per_s\":{:.1},\"conn_ratio_to_direct\":{},\"p50_us\":{},\"p99_us\":{},\"spread\":{:?},\"syn_retrans\":{},\"retrans\":{},\"errors\":{},\"note\":{:?}}}",
             r.mode.name(),
             r.services,
-            r.install.map(|d| format!("{:.4}", d.as_secs_f64())).unwrap_or_else(|| "null".into()),
-            r.add_one_ms.map(|ms| format!("{ms:.2}")).unwrap_or_else(|| "null".into()),
+            r.install.map_or_else(|| "null".into(), |d| format!("{:.4}", d.as_secs_f64())),
+            r.add_one_ms.map_or_else(|| "null".into(), |ms| format!("{ms:.2}")),
             r.conn_rate,
-            d.filter(|d| d.conn_rate > 0.0).map(|d| format!("{:.3}", r.conn_rate / d.conn_rate)).unwrap_or_else(|| "null".into()),
+            d.filter(|d| d.conn_rate > 0.0).map_or_else(|| "null".into(), |d| format!("{:.3}", r.conn_rate / d.conn_rate)),
             if r.p50_us.is_finite() { format!("{}", r.p50_us) } else { "null".into() },
             if r.p99_us.is_finite() { format!("{}", r.p99_us) } else { "null".into() },
             r.spread,

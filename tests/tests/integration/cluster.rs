@@ -58,7 +58,7 @@ impl Cluster {
         for b in self.backends(port) {
             args.extend(["--backend".to_owned(), b]);
         }
-        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(extra.iter().map(std::string::ToString::to_string));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.node.bulkhead_ok(&args);
         SocketAddrV4::new(VIP, vport)

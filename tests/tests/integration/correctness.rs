@@ -40,7 +40,7 @@ fn serve_count(c: &Cluster, i: usize, port: u16) -> Server {
                     let _ = conn.write_all(format!("{total}\n").as_bytes());
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(5))
+                    std::thread::sleep(Duration::from_millis(5));
                 }
                 Err(e) => panic!("accept: {e}"),
             }

@@ -1,4 +1,4 @@
-//! Where the node meets the outside: NodePort from an external namespace and from pods,
+//! Where the node meets the outside: `NodePort` from an external namespace and from pods,
 //! masquerade of pod traffic leaving through the uplink, and hairpin (a backend reaching its
 //! own service).
 

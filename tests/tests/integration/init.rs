@@ -460,7 +460,7 @@ fn zombie_storm_and_signal_burst_keep_the_exit_status() {
     }
     let status = wait_within(
         &mut child,
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         "the zombie storm under a burst of signals",
     );
     assert_eq!(
@@ -692,8 +692,8 @@ fn openpty() -> (std::fs::File, i32) {
     // allowed.
     let r = unsafe {
         libc::openpty(
-            &mut master,
-            &mut slave,
+            &raw mut master,
+            &raw mut slave,
             std::ptr::null_mut(),
             std::ptr::null(),
             std::ptr::null(),

@@ -1,7 +1,7 @@
-//! The classifier on single crafted packets through BPF_PROG_TEST_RUN: verdicts, rewritten
+//! The classifier on single crafted packets through `BPF_PROG_TEST_RUN`: verdicts, rewritten
 //! addresses and ports, and checksums recomputed from scratch.
 //!
-//! Unlike packets between veths (CHECKSUM_PARTIAL, never verified on receipt), a test-run
+//! Unlike packets between veths (`CHECKSUM_PARTIAL`, never verified on receipt), a test-run
 //! packet carries complete checksums, so a wrong incremental update shows here.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -30,7 +30,7 @@ fn sock(s: &str) -> SocketAddrV4 {
 fn spec(vaddr: &str, backends: &[&str]) -> ServiceSpec {
     ServiceSpec {
         vaddr: vaddr.parse().unwrap(),
-        scheduler: Default::default(),
+        scheduler: bulkhead::services::Scheduler::default(),
         affinity_secs: 0,
         nodeport: None,
         backends: backends.iter().map(|b| b.parse().unwrap()).collect(),

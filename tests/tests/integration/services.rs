@@ -82,9 +82,7 @@ fn schedulers_spread_flows_as_they_promise() {
         return;
     }
     let c = Cluster::new(3);
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let all = c.backends(TCP_PORT);
 
     // rr: per-CPU cursors, so each backend is within one turn per CPU of an equal share.

@@ -32,7 +32,7 @@ fn finish(children: Vec<(String, Child)>) {
 /// the datapath reads them.
 fn slots_belong_to_their_services(bpffs: &Path) {
     let maps = ServiceMaps::open(bpffs).expect("open the pinned maps");
-    for item in maps.services.iter() {
+    for item in &maps.services {
         let (key, service) = item.unwrap();
         for slot in 0..service.table_len {
             let slot_key = dataplane_common::SlotKey {
@@ -390,8 +390,10 @@ fn signal_masks(status: &str) -> (u64, u64) {
         status
             .lines()
             .find_map(|l| l.strip_prefix(name))
-            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
-            .unwrap_or_else(|| panic!("no {name} in {status}"))
+            .map_or_else(
+                || panic!("no {name} in {status}"),
+                |v| u64::from_str_radix(v.trim(), 16).unwrap(),
+            )
     };
     (field("SigIgn:"), field("SigBlk:"))
 }
@@ -425,9 +427,9 @@ fn sandboxes_start_with_default_signals_whatever_bulkhead_inherited() {
                     libc::signal(sig, libc::SIG_IGN);
                 }
                 let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                libc::sigaddset(&mut set, libc::SIGUSR1);
-                libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                libc::sigemptyset(&raw mut set);
+                libc::sigaddset(&raw mut set, libc::SIGUSR1);
+                libc::sigprocmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
                 Ok(())
             });
         }

@@ -111,7 +111,7 @@ fn maps_of_an_older_layout_are_migrated_not_reset() {
 
     let dp = Datapath::load(pins.path(), LogLevel::Off).expect("load over the old maps");
     let mut migrated = dp.migrated().clone();
-    migrated.sort();
+    migrated.sort_unstable();
     assert_eq!(migrated, vec![(map::CONFIG, 1), (map::CONNTRACK_TCP, 1)]);
     let maps = ServiceMaps::open(pins.path()).unwrap();
     let flow = maps.conntrack[0].get(&key, 0).expect("the flow survived");

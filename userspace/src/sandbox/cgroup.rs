@@ -101,23 +101,22 @@ impl Placement {
                 parents: HashMap::new(),
             });
         }
-        let parents = match parent {
-            Some(p) => CONTROLLERS
+        let parents = if let Some(p) = parent {
+            CONTROLLERS
                 .iter()
                 .map(|c| (c.to_string(), p.to_owned()))
-                .collect(),
-            None => {
-                let own = own()?;
-                CONTROLLERS
-                    .iter()
-                    .map(|c| {
-                        (
-                            c.to_string(),
-                            own.get(*c).cloned().unwrap_or_else(|| "/".into()),
-                        )
-                    })
-                    .collect()
-            }
+                .collect()
+        } else {
+            let own = own()?;
+            CONTROLLERS
+                .iter()
+                .map(|c| {
+                    (
+                        c.to_string(),
+                        own.get(*c).cloned().unwrap_or_else(|| "/".into()),
+                    )
+                })
+                .collect()
         };
         Ok(Placement {
             v2,

@@ -22,6 +22,7 @@ pub mod spec;
 
 use std::{
     ffi::CString,
+    fmt::Write as _,
     fs,
     io::{self, Read, Write},
     net::{Ipv4Addr, SocketAddrV4},
@@ -337,7 +338,9 @@ pub fn run(
 /// `sigwait`.
 fn block_forwarded() -> Result<nix::sys::signal::SigSet> {
     let mut set = nix::sys::signal::SigSet::empty();
-    FORWARDED.iter().for_each(|&s| set.add(s));
+    for &s in &FORWARDED {
+        set.add(s);
+    }
     set.add(Signal::SIGCHLD);
     set.thread_block()
         .map_err(|e| SandboxError::io("block signals", e.into()))?;
@@ -475,7 +478,10 @@ fn generated_name() -> Name {
     let _ = fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
     format!(
         "sb-{}",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        bytes.iter().fold(String::new(), |mut hex, b| {
+            let _ = write!(hex, "{b:02x}");
+            hex
+        })
     )
     .parse()
     .expect("a valid name")
@@ -578,7 +584,7 @@ fn start(paths: &Paths, spec: &RunSpec, log: Option<PathBuf>) -> Result<Record> 
         cgroup: cgroup::Placement {
             v2: false,
             path: String::new(),
-            parents: Default::default(),
+            parents: std::collections::HashMap::new(),
         },
         publish: Vec::new(),
         monitor_pid: if spec.detach {
@@ -708,9 +714,10 @@ fn lease(
         if take(addr)? {
             return Ok(addr);
         }
-        let holder = fs::read_to_string(dir.join(addr.to_string()))
-            .map(|n| format!("sandbox {n}"))
-            .unwrap_or_else(|_| "a pod registered with the datapath".into());
+        let holder = fs::read_to_string(dir.join(addr.to_string())).map_or_else(
+            |_| "a pod registered with the datapath".into(),
+            |n| format!("sandbox {n}"),
+        );
         return Err(SandboxError::AddressTaken { addr, holder });
     }
     for addr in subnet.pod_addresses() {
@@ -762,7 +769,7 @@ fn unbind_namespaces(paths: &Paths, record: &Record) {
     let _ = fs::remove_dir(&dir);
 }
 
-/// Refuses a host port that something already holds, naming it: a published port or NodePort
+/// Refuses a host port that something already holds, naming it: a published port or `NodePort`
 /// of the datapath, or a socket listening in the node's namespace.
 fn check_publish(paths: &Paths, door: &NodeDoor<'_>, p: &Publish) -> Result<()> {
     let holder = match door.port_holder(p) {

@@ -14,7 +14,7 @@ use crate::{
     link::Ip,
     loader::Endpoints,
     node::{self, NodeRecord, Paths},
-    services::{BackendSpec, Proto, ServiceSpec, ServiceTable, VirtualAddr},
+    services::{BackendSpec, Proto, Scheduler, ServiceSpec, ServiceTable, VirtualAddr},
     subnet::Subnet,
 };
 
@@ -38,7 +38,7 @@ pub enum PortHolder {
     /// A datapath service on every node address at that port: another sandbox's publish, or a
     /// service added by hand.
     Published(VirtualAddr),
-    /// The NodePort of a service.
+    /// The `NodePort` of a service.
     NodePort(VirtualAddr),
     /// A socket listening in the node's namespace, as `ss` describes it.
     Listener(String),
@@ -143,7 +143,7 @@ pub fn protocol(p: &Publish) -> Proto {
 pub fn publish(paths: &Paths, p: &Publish, backend: SocketAddrV4) -> Result<()> {
     ServiceTable::open(&paths.bpffs)?.add(&ServiceSpec {
         vaddr: published_vaddr(p),
-        scheduler: Default::default(),
+        scheduler: Scheduler::default(),
         affinity_secs: 0,
         nodeport: None,
         backends: vec![BackendSpec {

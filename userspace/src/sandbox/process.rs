@@ -194,7 +194,7 @@ fn child_main(spec: &ChildSpec, go: OwnedFd, errors: OwnedFd) -> ! {
 /// blocks to forward them must reach the command too.
 /// Async-signal-safe: only sigaction(2) and sigprocmask(2).
 pub fn default_signals() {
-    /// The kernel's `struct sigaction` for rt_sigaction(2) (x86_64 and arm64 order).
+    /// The kernel's `struct sigaction` for `rt_sigaction(2)` (`x86_64` and arm64 order).
     #[repr(C)]
     struct KernelSigaction {
         handler: libc::sighandler_t,
@@ -230,8 +230,8 @@ pub fn default_signals() {
     // SAFETY: an empty set, initialised before use, installed as this thread's mask.
     unsafe {
         let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
-        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        libc::sigemptyset(&raw mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &raw const none, std::ptr::null_mut());
     }
 }
 
@@ -333,7 +333,7 @@ fn setup_and_exec(spec: &ChildSpec) -> Result<Never, String> {
         chdir(&root).map_err(|e| sys("enter the root", e))?;
         match pivot_root(".", ".") {
             Ok(()) => {
-                umount2(".", MntFlags::MNT_DETACH).map_err(|e| sys("detach the old root", e))?
+                umount2(".", MntFlags::MNT_DETACH).map_err(|e| sys("detach the old root", e))?;
             }
             // The host's root is an initramfs, which cannot be pivoted away from (an initramfs
             // boot, like the test VM's): move the new root over it and chroot, as
@@ -463,7 +463,7 @@ fn build_dev(dev: &Path, staging: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Docker's default capability set and no_new_privs.
+/// Docker's default capability set and `no_new_privs`.
 fn drop_privileges() -> Result<(), String> {
     // The highest capability this kernel knows.
     let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
@@ -473,7 +473,8 @@ fn drop_privileges() -> Result<(), String> {
     for cap in 0..=last {
         if !DEFAULT_CAPS.contains(&cap) {
             // SAFETY: prctl with plain integer arguments.
-            let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+            let r =
+                unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
             if r != 0 {
                 return Err(format!(
                     "drop capability {cap}: {}",
@@ -508,7 +509,7 @@ fn drop_privileges() -> Result<(), String> {
     };
     let data = [half(0), half(32)];
     // SAFETY: capset(2) with a version-3 header and the two data structs it reads.
-    let r = unsafe { libc::syscall(libc::SYS_capset, &header as *const Header, data.as_ptr()) };
+    let r = unsafe { libc::syscall(libc::SYS_capset, &raw const header, data.as_ptr()) };
     if r != 0 {
         return Err(format!(
             "set capabilities: {}",

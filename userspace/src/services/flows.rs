@@ -18,12 +18,8 @@ impl ServiceTable {
         let maps = &self.store.maps;
         let now = monotonic_ns();
         let cfg = maps.config.get(&0, 0).unwrap_or_default();
-        let event = |slot: u32| -> u64 {
-            maps.ct_events
-                .get(&slot, 0)
-                .map(|v| v.iter().sum())
-                .unwrap_or(0)
-        };
+        let event =
+            |slot: u32| -> u64 { maps.ct_events.get(&slot, 0).map_or(0, |v| v.iter().sum()) };
         (0..2)
             .map(|t| {
                 let (mut entries, mut live) = (0u64, 0u64);
@@ -110,7 +106,7 @@ fn flow_state_name(proto: Proto, state: u8) -> &'static str {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
+/// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns`.
 fn monotonic_ns() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .unwrap_or(nix::sys::time::TimeSpec::new(0, 0));

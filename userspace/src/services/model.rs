@@ -246,7 +246,7 @@ pub struct ServiceSpec {
     pub scheduler: Scheduler,
     /// Session affinity timeout in seconds (0: none).
     pub affinity_secs: u32,
-    /// Also answer on this port of every node address (Kubernetes NodePort).
+    /// Also answer on this port of every node address (Kubernetes `NodePort`).
     pub nodeport: Option<u16>,
     pub backends: Vec<BackendSpec>,
 }
@@ -338,7 +338,7 @@ mod tests {
     #[test]
     fn scheduler_names_include_ipvs_aliases() {
         let check = |name: &str, want: Scheduler| {
-            assert_eq!(name.parse::<Scheduler>().unwrap(), want, "{name}")
+            assert_eq!(name.parse::<Scheduler>().unwrap(), want, "{name}");
         };
         check("hash", Scheduler::Hash);
         check("mh", Scheduler::Maglev);

@@ -49,13 +49,15 @@ fn gcd(a: u32, b: u32) -> u32 {
 pub fn weighted_sequence(weights: &[u16]) -> Vec<usize> {
     let mut w: Vec<u32> = weights.iter().map(|&w| u32::from(w)).collect();
     let g = w.iter().copied().fold(0, gcd).max(1);
-    w.iter_mut().for_each(|x| *x /= g);
+    for x in &mut w {
+        *x /= g;
+    }
     let total: u32 = w.iter().sum();
     if total > MAX_SEQUENCE {
         // Scale down, keeping every backend at least once.
-        w.iter_mut().for_each(|x| {
-            *x = (u64::from(*x) * u64::from(MAX_SEQUENCE) / u64::from(total)).max(1) as u32
-        });
+        for x in &mut w {
+            *x = (u64::from(*x) * u64::from(MAX_SEQUENCE) / u64::from(total)).max(1) as u32;
+        }
     }
     let total: i64 = w.iter().map(|&x| i64::from(x)).sum();
     let mut current = vec![0i64; w.len()];
@@ -147,7 +149,9 @@ mod tests {
 
     fn shares(seq: &[usize], n: usize) -> Vec<usize> {
         let mut c = vec![0; n];
-        seq.iter().for_each(|&i| c[i] += 1);
+        for &i in seq {
+            c[i] += 1;
+        }
         c
     }
 

@@ -32,7 +32,7 @@ pub enum PerId {
 
 /// What a service change writes.
 pub trait Store {
-    /// Every service entry, NodePort faces included.
+    /// Every service entry, `NodePort` faces included.
     fn services(&self) -> Result<Vec<(ServiceKey, Service)>>;
     /// Every backend by id.
     fn backends(&self) -> Result<Vec<(u32, Backend)>>;
@@ -53,7 +53,7 @@ pub trait Store {
 /// Runs a map update, retrying while the kernel answers ENOMEM.
 ///
 /// Maps without preallocation take their elements from the BPF memory allocator, whose per-CPU
-/// caches are refilled asynchronously (irq_work); a burst of updates from user space, such as a
+/// caches are refilled asynchronously (`irq_work`); a burst of updates from user space, such as a
 /// restore of thousands of services, can drain them and get a transient ENOMEM with plenty of
 /// memory free (seen on 6.18; amazon-linux-2023 issue 1129 describes the same on 6.12). A short
 /// pause lets the refill run.

@@ -42,7 +42,7 @@ const GRACE: Duration = Duration::from_millis(5);
 pub(crate) struct Entry {
     pub(crate) key: ServiceKey,
     pub(crate) value: Service,
-    /// The NodePort face of the service: same value (with the NODEPORT flag), address zero.
+    /// The `NodePort` face of the service: same value (with the NODEPORT flag), address zero.
     pub(crate) nodeport: Option<ServiceKey>,
     pub(crate) backends: Vec<(u32, Backend)>,
 }
@@ -85,7 +85,7 @@ impl Entry {
         }
     }
 
-    /// Writes the service entry, and its NodePort face, so new flows see the current table.
+    /// Writes the service entry, and its `NodePort` face, so new flows see the current table.
     fn publish(&self, store: &mut impl Store) -> Result<()> {
         store.put_service(self.key, self.value)?;
         if let Some(np) = self.nodeport {
