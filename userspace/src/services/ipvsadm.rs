@@ -60,6 +60,7 @@ pub fn parse(text: &str) -> Result<(bool, Vec<(usize, ServiceSpec)>)> {
             continue;
         };
         let opts = Options::parse(rest).map_err(wrap)?;
+        opts.only_supported(cmd).map_err(wrap)?;
         match cmd {
             "-C" | "--clear" => clear = true,
             "-A" | "--add-service" => {
@@ -101,13 +102,6 @@ pub fn parse(text: &str) -> Result<(bool, Vec<(usize, ServiceSpec)>)> {
                 let i = *index
                     .get(&vaddr)
                     .ok_or_else(|| wrap(ServiceTableError::Unknown { service: vaddr }))?;
-                if opts.has(&["-g", "--gatewaying", "-i", "--ipip"]) {
-                    return Err(wrap(parse_err(
-                        "forwarding method",
-                        raw,
-                        "only masquerading (-m, NAT) is supported",
-                    )));
-                }
                 let real = opts
                     .get(&["-r", "--real-server"])
                     .ok_or_else(|| wrap(parse_err("server line", raw, "missing -r ADDR:PORT")))?;
@@ -132,7 +126,16 @@ struct Options<'a> {
 
 impl<'a> Options<'a> {
     fn parse(words: &[&'a str]) -> Result<Self> {
-        const SWITCHES: [&str; 6] = ["-m", "--masquerading", "-g", "--gatewaying", "-i", "--ipip"];
+        const SWITCHES: [&str; 8] = [
+            "-m",
+            "--masquerading",
+            "-g",
+            "--gatewaying",
+            "-i",
+            "--ipip",
+            "-o",
+            "--ops",
+        ];
         let mut pairs = Vec::new();
         let mut it = words.iter();
         while let Some(&w) = it.next() {
@@ -148,15 +151,67 @@ impl<'a> Options<'a> {
         Ok(Options { pairs })
     }
 
+    /// Refuses every option this table cannot keep, naming it: a restored table must come
+    /// back from `save` exactly as it went in, never with an option silently dropped.
+    fn only_supported(&self, cmd: &str) -> Result<()> {
+        const SERVICE: [&str; 10] = [
+            "-t",
+            "--tcp-service",
+            "-u",
+            "--udp-service",
+            "-s",
+            "--scheduler",
+            "-p",
+            "--persistent",
+            "--nodeport",
+            "--",
+        ];
+        const SERVER: [&str; 9] = [
+            "-t",
+            "--tcp-service",
+            "-u",
+            "--udp-service",
+            "-r",
+            "--real-server",
+            "-w",
+            "--weight",
+            "-m",
+        ];
+        let allowed: &[&str] = match cmd {
+            "-A" | "--add-service" => &SERVICE,
+            "-a" | "--add-server" => &SERVER,
+            _ => return Ok(()),
+        };
+        for (name, _) in &self.pairs {
+            if allowed.contains(name) || *name == "--masquerading" {
+                continue;
+            }
+            let why = match *name {
+                "-M" | "--netmask" => {
+                    "a persistence netmask is not supported yet (affinity is per client address)"
+                }
+                "-b" | "--sched-flags" => "scheduler flags are not supported yet",
+                "-f" | "--fwmark-service" => "firewall-mark services are not supported yet",
+                "-o" | "--ops" => "one-packet scheduling is not supported yet",
+                "-x" | "--u-threshold" | "-y" | "--l-threshold" => {
+                    "connection thresholds are not supported yet"
+                }
+                "--pe" => "persistence engines are not supported",
+                "-g" | "--gatewaying" | "-i" | "--ipip" => {
+                    "only masquerading (-m, NAT) is supported"
+                }
+                _ => "unknown option",
+            };
+            return Err(parse_err("option", name, why));
+        }
+        Ok(())
+    }
+
     fn get(&self, names: &[&str]) -> Option<&'a str> {
         self.pairs
             .iter()
             .find(|(k, _)| names.contains(k))
             .and_then(|(_, v)| *v)
-    }
-
-    fn has(&self, names: &[&str]) -> bool {
-        self.pairs.iter().any(|(k, _)| names.contains(k))
     }
 
     fn service(&self) -> Result<VirtualAddr> {
@@ -212,6 +267,23 @@ mod tests {
             "masquerading",
         );
         err("-X\n", "expected -A");
+        // Options a table could not keep are refused by name, never dropped.
+        for (line, option) in [
+            (
+                "-A -t 198.19.9.4:80 -s rr -p 300 -M 255.255.255.0",
+                "\"-M\"",
+            ),
+            ("-A -t 198.19.9.4:80 -s mh -b flag-1,flag-2", "\"-b\""),
+            ("-A -f 10 -s rr", "\"-f\""),
+            ("-A -u 198.19.9.4:53 -s rr -o", "\"-o\""),
+            ("-A -t 198.19.9.4:80 --frobnicate 1", "unknown option"),
+        ] {
+            err(&format!("{line}\n"), option);
+        }
+        err(
+            "-A -t 198.19.9.4:80\n-a -t 198.19.9.4:80 -r 198.18.0.2:80 -m -x 10\n",
+            "thresholds",
+        );
     }
 
     #[test]

@@ -226,15 +226,17 @@ impl FromStr for Scheduler {
             "mh" => "maglev",
             other => other,
         };
+        const EXPECTED: &str = "expected hash, random, maglev (mh), rr (wrr), lc (wlc), sh or dh";
         Self::ALL
             .into_iter()
             .find(|k| k.name() == s)
-            .ok_or_else(|| {
-                parse_err(
+            .ok_or_else(|| match input {
+                "sed" | "nq" | "fo" | "ovf" | "lblc" | "lblcr" | "twos" => parse_err(
                     "scheduler",
                     input,
-                    "expected hash, random, maglev (mh), rr (wrr), lc (wlc), sh or dh",
-                )
+                    format!("IPVS's {input} scheduler is not supported yet; {EXPECTED}"),
+                ),
+                _ => parse_err("scheduler", input, EXPECTED),
             })
     }
 }
