@@ -4,6 +4,11 @@
 //! returns typed values, and prints them as a table or, with `--json`, as JSON for scripts.
 //! Errors reach the user through `anyhow` with their whole chain.
 
+#![expect(
+    clippy::doc_markdown,
+    reason = "doc comments here are --help text, where backticks would show literally"
+)]
+
 use std::{io::Write, net::Ipv4Addr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
@@ -188,6 +193,38 @@ pub struct RunArgs {
     /// Run in the background; `bulkhead logs NAME` shows its output.
     #[arg(long, short = 'd')]
     detach: bool,
+    /// Bind a host path into the sandbox: HOST:PATH[:ro|rw]; repeat for each. (The host's
+    /// root, used without --rootfs, is read-only inside: volumes are how to share.)
+    #[arg(long, short = 'v', value_name = "HOST:PATH[:ro|rw]")]
+    volume: Vec<String>,
+    /// Mount the --rootfs read-only (/tmp, /run and /var/tmp stay writable tmpfs).
+    #[arg(long)]
+    read_only: bool,
+    /// Add a capability to docker's default set (NET_ADMIN, CAP_SYS_TIME, ALL); repeat.
+    #[arg(long, value_name = "CAP")]
+    cap_add: Vec<String>,
+    /// Drop a capability from the set (or ALL); repeat.
+    #[arg(long, value_name = "CAP")]
+    cap_drop: Vec<String>,
+    /// Run the command as UID[:GID] (numbers).
+    #[arg(long, short = 'u', value_name = "UID[:GID]")]
+    user: Option<String>,
+    /// A resource limit, NAME=SOFT[:HARD] (nofile, nproc, core, stack, ...); repeat.
+    #[arg(long, value_name = "NAME=SOFT[:HARD]")]
+    ulimit: Vec<String>,
+    /// A time namespace of its own (clocks as the host's unless --time-offset shifts them).
+    #[arg(long)]
+    timens: bool,
+    /// Clock offsets of the time namespace in seconds: monotonic=SECS,boottime=SECS
+    /// (implies --timens).
+    #[arg(long, value_name = "CLOCK=SECS,...")]
+    time_offset: Option<String>,
+    /// Relative CPU weight against other sandboxes (cpu.shares; default 1024).
+    #[arg(long, value_name = "N")]
+    cpu_shares: Option<u64>,
+    /// Memory soft limit the kernel reclaims down to under pressure, e.g. 64m.
+    #[arg(long, value_name = "SIZE")]
+    memory_reservation: Option<String>,
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
 }
@@ -837,6 +874,52 @@ fn run_spec(args: RunArgs) -> Result<sandbox::RunSpec, sandbox::SandboxError> {
         privileged: args.privileged,
         detach: args.detach,
         cgroup_parent: args.cgroup_parent,
+        volumes: args
+            .volume
+            .iter()
+            .map(|v| v.parse())
+            .collect::<Result<_, _>>()?,
+        read_only: args.read_only,
+        cap_add: args
+            .cap_add
+            .iter()
+            .map(|c| c.parse())
+            .collect::<Result<_, _>>()?,
+        cap_drop: args
+            .cap_drop
+            .iter()
+            .map(|c| c.parse())
+            .collect::<Result<_, _>>()?,
+        user: args.user.as_deref().map(str::parse).transpose()?,
+        ulimits: args
+            .ulimit
+            .iter()
+            .map(|u| u.parse())
+            .collect::<Result<_, _>>()?,
+        time_offsets: match (args.timens, args.time_offset.as_deref()) {
+            (_, Some(offsets)) => Some(offsets.parse()?),
+            (true, None) => Some(sandbox::spec::TimeOffsets::default()),
+            (false, None) => None,
+        },
+        cpu_shares: args
+            .cpu_shares
+            .map(|n| {
+                if (2..=262_144).contains(&n) {
+                    Ok(n)
+                } else {
+                    Err(sandbox::SandboxError::BadValue {
+                        what: "cpu shares",
+                        value: n.to_string(),
+                        why: "must be 2 to 262144".into(),
+                    })
+                }
+            })
+            .transpose()?,
+        memory_reservation: args
+            .memory_reservation
+            .as_deref()
+            .map(spec::parse_size)
+            .transpose()?,
         command: args.command,
     })
 }

@@ -79,7 +79,95 @@ pub fn run() -> Vec<Check> {
             "echo 1 > /proc/sys/net/core/bpf_jit_enable",
         ),
         br_netfilter(),
+        seccomp(),
+        lsm(
+            "apparmor",
+            "/sys/kernel/security/apparmor",
+            "/sys/module/apparmor/parameters/enabled",
+        ),
+        lsm("selinux", "/sys/fs/selinux", "/sys/fs/selinux/enforce"),
+        time_namespace(),
+        mount_setattr(),
     ]
+}
+
+/// Whether this kernel filters system calls (`seccomp(2)` filter mode, Linux 3.5).
+fn seccomp() -> Check {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    match status.lines().find_map(|l| l.strip_prefix("Seccomp:")) {
+        Some(mode) => check(
+            "seccomp",
+            Status::Ok,
+            format!("available (this process: mode {})", mode.trim()),
+            None,
+        ),
+        None => check(
+            "seccomp",
+            Status::Info,
+            "not in this kernel (CONFIG_SECCOMP)",
+            None,
+        ),
+    }
+}
+
+/// Whether a Linux security module is enabled: its directory in securityfs or sysfs, and its
+/// enablement file where it has one.
+fn lsm(name: &'static str, dir: &str, enabled: &str) -> Check {
+    let lsms = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
+    let listed = lsms.split(',').any(|l| l.trim() == name);
+    let on = std::path::Path::new(dir).exists()
+        && std::fs::read_to_string(enabled).map_or(true, |v| v.trim() != "N" && v.trim() != "0");
+    if listed || on {
+        check(name, Status::Ok, "enabled in this kernel", None)
+    } else {
+        check(
+            name,
+            Status::Info,
+            "not enabled in this kernel; sandboxes cannot ask for it",
+            None,
+        )
+    }
+}
+
+/// Time namespaces (Linux 5.6), for `run --timens`.
+fn time_namespace() -> Check {
+    if std::path::Path::new("/proc/self/ns/time").exists() {
+        check(
+            "time namespace",
+            Status::Ok,
+            "available (run --timens)",
+            None,
+        )
+    } else {
+        check(
+            "time namespace",
+            Status::Info,
+            "not in this kernel (Linux 5.6+, CONFIG_TIME_NS); run --timens fails",
+            None,
+        )
+    }
+}
+
+/// `mount_setattr(2)` (Linux 5.12), which makes a sandbox's root read-only recursively.
+fn mount_setattr() -> Check {
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if parse_release(&release) >= (5, 12) {
+        check(
+            "read-only roots",
+            Status::Ok,
+            "mount_setattr available (Linux 5.12+)",
+            None,
+        )
+    } else {
+        check(
+            "read-only roots",
+            Status::Missing,
+            format!("Linux {release} lacks mount_setattr"),
+            Some("sandboxes need Linux 5.12 or newer for a read-only root"),
+        )
+    }
 }
 
 fn kernel() -> Check {

@@ -111,6 +111,9 @@ const VM_SANDBOX_TESTS: &[&str] = &[
     "sandboxes::a_cpu_limit_shows_throttling",
     "sandboxes::exec_lands_in_the_sandboxs_namespaces_and_cgroup",
     "sandboxes::after_rm_nothing_is_left",
+    "sandboxes::the_hosts_root_is_read_only_inside_and_volumes_are_shared",
+    "sandboxes::cpu_shares_and_memory_reservation_reach_the_cgroup",
+    "sandboxes::a_time_namespace_shifts_the_sandboxs_clocks",
 ];
 
 fn vm_sandboxes(artifacts: &build::Artifacts) -> anyhow::Result<()> {

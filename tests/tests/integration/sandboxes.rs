@@ -807,3 +807,252 @@ fn cgroup_parent_places_the_cgroup_and_down_removes_every_sandbox() {
         let _ = std::fs::remove_dir(d.parent().unwrap().parent().unwrap());
     }
 }
+
+/// The output of a sandbox run (stdout and stderr), asserting it ran.
+fn ran(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout) + &text(&out.stderr)
+}
+
+#[test]
+fn the_hosts_root_is_read_only_inside_and_volumes_are_shared() {
+    let Some(h) = Host::new("the_hosts_root_is_read_only_inside_and_volumes_are_shared") else {
+        return;
+    };
+    let tag = tests::unique_name("ro");
+    // No --rootfs: the host's own root, which the sandbox must not be able to change.
+    let script = format!(
+        "for d in /etc /root /usr; do touch $d/{tag} 2>&1; done; \
+         touch /tmp/{tag} /run/{tag} /var/tmp/{tag} && echo scratch-writable"
+    );
+    let out = ran(&h.node.bulkhead(&["run", "--", "sh", "-c", &script]));
+    assert_eq!(
+        out.matches("Read-only file system").count(),
+        3,
+        "writes under /etc, /root and /usr must fail with EROFS: {out}"
+    );
+    assert!(out.contains("scratch-writable"), "{out}");
+    for d in ["/etc", "/root", "/usr", "/tmp", "/run", "/var/tmp"] {
+        assert!(
+            !Path::new(d).join(&tag).exists(),
+            "{d}/{tag} reached the host"
+        );
+    }
+
+    // A volume is writable and seen on the host; `:ro` is not writable.
+    let shared = TempDir::new("bhv");
+    let vol = format!("{}:/data", shared.path().display());
+    let out = ran(&h.run(&["-v", &vol], "echo from-sandbox > /data/f && cat /data/f"));
+    assert!(out.contains("from-sandbox"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(shared.path().join("f")).unwrap(),
+        "from-sandbox\n"
+    );
+    let ro = format!("{}:/data:ro", shared.path().display());
+    let out = ran(&h.run(&["-v", &ro], "echo x > /data/g 2>&1; cat /data/f"));
+    assert!(out.contains("Read-only file system"), "{out}");
+    assert!(!shared.path().join("g").exists());
+    // --read-only makes a --rootfs read-only too, scratch space aside.
+    let out = ran(&h.run(
+        &["--read-only"],
+        "touch /bin/x 2>&1; touch /tmp/x && echo tmp-ok",
+    ));
+    assert!(
+        out.contains("Read-only file system") && out.contains("tmp-ok"),
+        "{out}"
+    );
+}
+
+#[test]
+fn dockers_masked_and_read_only_paths_are_hidden() {
+    let Some(h) = Host::new("dockers_masked_and_read_only_paths_are_hidden") else {
+        return;
+    };
+    // Each masked file that this kernel has reads empty; each masked directory lists empty.
+    let script = "for p in /proc/kcore /proc/keys /proc/timer_list /proc/sched_debug; do \
+                    [ -e $p ] && echo \"file $p $(head -c 64 $p | wc -c)\"; done; \
+                  for d in /proc/scsi /sys/firmware; do \
+                    [ -d $d ] && echo \"dir $d $(ls -A $d | wc -l)\"; done; \
+                  for p in /proc/bus /proc/fs /proc/irq /proc/sysrq-trigger; do \
+                    [ -e $p ] && grep -q \" $p .*ro,\" /proc/self/mountinfo && echo \"ro $p\"; done; true";
+    let masked = ran(&h.run(&[], script));
+    let mut checked = 0;
+    for line in masked.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["file" | "dir", path, n] => {
+                assert_eq!(*n, "0", "{path} is not masked: {masked}");
+                checked += 1;
+            }
+            ["ro", _] => checked += 1,
+            _ => {}
+        }
+    }
+    for p in ["/proc/bus", "/proc/fs", "/proc/irq"] {
+        if Path::new(p).exists() {
+            assert!(
+                masked.contains(&format!("ro {p}")),
+                "{p} is writable: {masked}"
+            );
+        }
+    }
+    assert!(
+        checked >= 3,
+        "too few masked paths exist to check: {masked}"
+    );
+    // --privileged keeps them as they are, as docker's does.
+    let open = ran(&h.run(&["--privileged"], script));
+    assert!(
+        Path::new("/proc/timer_list").exists() == open.contains("file /proc/timer_list ")
+            && !open.contains("file /proc/timer_list 0"),
+        "{open}"
+    );
+}
+
+#[test]
+fn capabilities_user_and_ulimits_are_applied() {
+    let Some(h) = Host::new("capabilities_user_and_ulimits_are_applied") else {
+        return;
+    };
+    let out = ran(&h.run(
+        &["--cap-add", "NET_ADMIN", "--cap-drop", "chown"],
+        "grep CapBnd /proc/self/status",
+    ));
+    let bnd = u64::from_str_radix(out.split_whitespace().last().unwrap(), 16).unwrap();
+    assert_ne!(bnd & (1 << 12), 0, "NET_ADMIN was not added: {out}");
+    assert_eq!(bnd & 1, 0, "CHOWN was not dropped: {out}");
+    let out = ran(&h.run(
+        &["-u", "1000:1001", "--ulimit", "nofile=100:200"],
+        "id -u; id -g; ulimit -n; ulimit -Hn; grep CapEff /proc/self/status",
+    ));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(&lines[..4], &["1000", "1001", "100", "200"], "{out}");
+    assert!(
+        lines[4].ends_with("0000000000000000"),
+        "a user has no capabilities: {out}"
+    );
+}
+
+#[test]
+fn a_time_namespace_shifts_the_sandboxs_clocks() {
+    let Some(h) = Host::new("a_time_namespace_shifts_the_sandboxs_clocks") else {
+        return;
+    };
+    if !Path::new("/proc/self/ns/time").exists() {
+        eprintln!(
+            "SKIP a_time_namespace_shifts_the_sandboxs_clocks: no time namespaces (Linux 5.6)"
+        );
+        return;
+    }
+    let day = 86_400.0;
+    let host_uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let out = ran(&h.run(
+        &["--time-offset", "boottime=864000"],
+        "cut -d' ' -f1 /proc/uptime; readlink /proc/self/ns/time",
+    ));
+    let mut lines = out.lines();
+    let uptime: f64 = lines.next().unwrap().parse().unwrap();
+    assert!(
+        uptime - host_uptime > 10.0 * day - 60.0 && uptime - host_uptime < 10.0 * day + 60.0,
+        "uptime {uptime} inside, {host_uptime} outside"
+    );
+    assert_ne!(
+        lines.next().unwrap(),
+        std::fs::read_link("/proc/self/ns/time")
+            .unwrap()
+            .to_str()
+            .unwrap()
+    );
+}
+
+#[test]
+fn cpu_shares_and_memory_reservation_reach_the_cgroup() {
+    let Some(h) = Host::new("cpu_shares_and_memory_reservation_reach_the_cgroup") else {
+        return;
+    };
+    h.detach(
+        "weights",
+        &["--cpu-shares", "512", "--memory-reservation", "64m"],
+        "sleep 30",
+    );
+    let record = h.record("weights");
+    let files: Vec<String> = cgroup_dirs(&record)
+        .iter()
+        .flat_map(|d| {
+            [
+                "cpu.shares",
+                "cpu.weight",
+                "memory.soft_limit_in_bytes",
+                "memory.low",
+            ]
+            .map(|f| d.join(f))
+        })
+        .filter(|f| f.exists())
+        .map(|f| {
+            format!(
+                "{} {}",
+                f.file_name().unwrap().to_string_lossy(),
+                std::fs::read_to_string(&f).unwrap().trim()
+            )
+        })
+        .collect();
+    let all = files.join("\n");
+    assert!(
+        all.contains("cpu.shares 512") || all.contains("cpu.weight "),
+        "{all}"
+    );
+    assert!(
+        all.contains("memory.soft_limit_in_bytes 67108864") || all.contains("memory.low 67108864"),
+        "{all}"
+    );
+    h.node.bulkhead_ok(&["rm", "-f", "weights"]);
+}
+
+#[test]
+fn bad_hardening_options_are_refused_before_anything_is_made() {
+    let Some(h) = Host::new("bad_hardening_options_are_refused_before_anything_is_made") else {
+        return;
+    };
+    for (args, why) in [
+        (vec!["-v", "/nonexistent-bulkhead:/data"], "does not exist"),
+        (vec!["-v", "relative:/data"], "absolute"),
+        (vec!["--cap-add", "CAP_FLY"], "capability"),
+        (vec!["-u", "alice"], "UID[:GID]"),
+        (vec!["--ulimit", "files=10"], "unknown limit"),
+        (vec!["--ulimit", "nofile=20:10"], "exceeds the hard one"),
+        (
+            vec!["--time-offset", "boottime=99999999999"],
+            "out of range",
+        ),
+        (vec!["--time-offset", "realtime=5"], "unknown clock"),
+        (vec!["--cpu-shares", "1"], "2 to 262144"),
+    ] {
+        let out = h.run(&args, "true");
+        assert_eq!(out.status.code(), Some(125), "{args:?}");
+        let err = text(&out.stderr);
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+    assert_eq!(
+        h.ps().as_array().unwrap().len(),
+        0,
+        "nothing was left behind"
+    );
+    assert!(
+        !h.node.state_dir().join("leases").exists()
+            || std::fs::read_dir(h.node.state_dir().join("leases"))
+                .unwrap()
+                .count()
+                == 0
+    );
+}

@@ -149,6 +149,10 @@ pub struct Limits {
     pub memory: Option<u64>,
     pub cpus: Option<f64>,
     pub pids: Option<u64>,
+    /// Relative CPU weight, cgroup v1's `cpu.shares` (v2: mapped onto `cpu.weight`).
+    pub cpu_shares: Option<u64>,
+    /// The memory soft limit: v1's `memory.soft_limit_in_bytes`, v2's `memory.low`.
+    pub memory_reservation: Option<u64>,
 }
 
 /// Creates the cgroup with `limits`; on failure removes what it created.
@@ -184,6 +188,17 @@ fn apply(cg: &Cgroup, limits: &Limits) -> Result<(), SandboxError> {
         let quota = (cpus * CFS_PERIOD_US as f64).round() as i64;
         cpu.set_cfs_quota_and_period(Some(quota.max(1000)), Some(CFS_PERIOD_US))
             .map_err(|e| SandboxError::cgroup("set the cpu quota", e))?;
+    }
+    if let Some(shares) = limits.cpu_shares {
+        let cpu: &CpuController = controller(cg, "cpu")?;
+        // cgroups-rs maps shares onto cpu.weight on v2, as runc does.
+        cpu.set_shares(shares)
+            .map_err(|e| SandboxError::cgroup("set the cpu shares", e))?;
+    }
+    if let Some(bytes) = limits.memory_reservation {
+        let mem: &MemController = controller(cg, "memory")?;
+        mem.set_soft_limit(bytes as i64)
+            .map_err(|e| SandboxError::cgroup("set the memory reservation", e))?;
     }
     if let Some(max) = limits.pids {
         let pids: &PidController = controller(cg, "pids")?;

@@ -181,6 +181,12 @@ pub struct Record {
     /// The process that waits for a detached sandbox and records its exit status (0: none).
     #[serde(default)]
     pub monitor_pid: i32,
+    /// The capabilities its processes keep (`exec` gives them the same).
+    #[serde(default = "process::default_caps")]
+    pub caps: u64,
+    /// The user its processes run as.
+    #[serde(default)]
+    pub user: Option<spec::User>,
 }
 
 fn sandboxes_dir(paths: &Paths) -> PathBuf {
@@ -587,6 +593,12 @@ fn start(paths: &Paths, spec: &RunSpec, log: Option<PathBuf>) -> Result<Record> 
             parents: std::collections::HashMap::new(),
         },
         publish: Vec::new(),
+        caps: spec
+            .cap_add
+            .iter()
+            .fold(process::default_caps(), |m, c| m | c.mask())
+            & !spec.cap_drop.iter().fold(0, |m, c| m | c.mask()),
+        user: spec.user,
         monitor_pid: if spec.detach {
             std::process::id() as i32
         } else {
@@ -633,6 +645,8 @@ fn build(
             memory: spec.memory,
             cpus: spec.cpus,
             pids: spec.pids_limit,
+            cpu_shares: spec.cpu_shares,
+            memory_reservation: spec.memory_reservation,
         },
     )?;
 
@@ -660,6 +674,12 @@ fn build(
         privileged: spec.privileged,
         init,
         log,
+        read_only_root: spec.rootfs.is_none() || spec.read_only,
+        volumes: spec.volumes.clone(),
+        caps: record.caps,
+        user: spec.user,
+        ulimits: spec.ulimits.clone(),
+        time_offsets: spec.time_offsets,
     };
     let mut child = process::spawn(&child_spec)?;
     record.pid = child.pid.as_raw();
@@ -978,6 +998,8 @@ pub fn exec(paths: &Paths, name: &str, command: &[String]) -> Result<i32> {
                 &record.workdir,
                 record.userns,
                 record.privileged,
+                record.caps,
+                record.user,
                 &argv,
                 &envp,
                 path_var,

@@ -23,7 +23,10 @@ use nix::{
     unistd::{Pid, chdir, pivot_root, sethostname},
 };
 
-use super::SandboxError;
+use super::{
+    SandboxError,
+    spec::{TimeOffsets, Ulimit, User, Volume},
+};
 
 /// What the child needs, prepared by the parent before cloning (no allocation decisions left
 /// for the child except error messages).
@@ -40,6 +43,14 @@ pub struct ChildSpec {
     pub init: File,
     /// Standard output and error for a detached sandbox (its log), standard input /dev/null.
     pub log: Option<File>,
+    /// The root read-only (always for the host's root).
+    pub read_only_root: bool,
+    pub volumes: Vec<Volume>,
+    /// The capabilities the command keeps (ignored when privileged).
+    pub caps: u64,
+    pub user: Option<User>,
+    pub ulimits: Vec<Ulimit>,
+    pub time_offsets: Option<TimeOffsets>,
 }
 
 /// A cloned child waiting for [`Child::release`].
@@ -47,6 +58,12 @@ pub struct Child {
     pub pid: Pid,
     go: Option<File>,
     errors: File,
+}
+
+/// Docker's default capability set as a mask: what a sandbox keeps unless `--privileged`,
+/// `--cap-add` or `--cap-drop` say otherwise.
+pub fn default_caps() -> u64 {
+    DEFAULT_CAPS.iter().map(|c| 1u64 << c).sum()
 }
 
 /// Capabilities a sandbox keeps unless `--privileged`: docker's default set.
@@ -279,6 +296,11 @@ fn setup_and_exec(spec: &ChildSpec) -> Result<Never, String> {
     };
     let at = |p: &str| root.join(p);
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    if spec.read_only_root {
+        // Every mount beneath the root, in this mount namespace only: the host's mounts are
+        // not touched (the namespace holds copies of them).
+        read_only_tree(&root).map_err(|e| format!("make the root read-only: {e}"))?;
+    }
     // /tmp first: the new /dev is assembled there when there is no separate root.
     ensure_dir(&at("tmp"))?;
     mount(
@@ -290,6 +312,22 @@ fn setup_and_exec(spec: &ChildSpec) -> Result<Never, String> {
     )
     .map_err(|e| sys("mount /tmp", e))?;
     build_dev(&at("dev"), &at("tmp/.bulkhead-dev"))?;
+    // Scratch space where programs expect it, so a read-only root still runs them.
+    for dir in ["run", "var/tmp"] {
+        if at(dir).is_dir() || (!spec.read_only_root && std::fs::create_dir_all(at(dir)).is_ok()) {
+            mount(
+                Some("tmpfs"),
+                &at(dir),
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                Some("mode=1777"),
+            )
+            .map_err(|e| sys(&format!("mount /{dir}"), e))?;
+        }
+    }
+    for v in &spec.volumes {
+        bind_volume(&root, v, spec.read_only_root)?;
+    }
     ensure_dir(&at("proc"))?;
     mount(Some("proc"), &at("proc"), Some("proc"), nodev, None::<&str>)
         .map_err(|e| sys("mount /proc", e))?;
@@ -326,6 +364,9 @@ fn setup_and_exec(spec: &ChildSpec) -> Result<Never, String> {
         )
         .map_err(|e| sys("make /proc/sys read-only", e))?;
     }
+    if !spec.privileged {
+        mask_paths(&root)?;
+    }
     if spec.rootfs.is_some() {
         // pivot_root(".", "."): the old root ends up stacked on the new one and is detached at
         // once; no directory for it is needed inside the rootfs (which root of a user
@@ -359,8 +400,31 @@ fn setup_and_exec(spec: &ChildSpec) -> Result<Never, String> {
             libc::dup2(log.as_raw_fd(), 2);
         }
     }
+    for limit in &spec.ulimits {
+        let value = libc::rlimit {
+            rlim_cur: limit.soft,
+            rlim_max: limit.hard,
+        };
+        // SAFETY: setrlimit(2) with a resource number from the table of known ones and an
+        // initialised struct.
+        if unsafe { libc::setrlimit(limit.resource as _, &raw const value) } != 0 {
+            return Err(format!(
+                "set resource limit {} to {}:{} (raising a hard limit needs CAP_SYS_RESOURCE): {}",
+                limit.resource,
+                limit.soft,
+                limit.hard,
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    if let Some(offsets) = spec.time_offsets {
+        enter_time_namespace(offsets)?;
+    }
     if !spec.privileged {
-        drop_privileges()?;
+        drop_privileges(spec.caps)?;
+    }
+    if let Some(user) = spec.user {
+        become_user(user)?;
     }
     // Set up: from here the sandbox outlives whoever started it.
     // SAFETY: prctl with plain integer arguments.
@@ -384,6 +448,194 @@ fn setup_and_exec(spec: &ChildSpec) -> Result<Never, String> {
         "exec bulkhead-init: {}",
         std::io::Error::last_os_error()
     ))
+}
+
+/// Makes every mount from `root` down read-only (`mount_setattr(2)`, Linux 5.12).
+fn read_only_tree(root: &Path) -> std::io::Result<()> {
+    /// `struct mount_attr`.
+    #[repr(C)]
+    struct MountAttr {
+        set: u64,
+        clear: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    const MOUNT_ATTR_RDONLY: u64 = 0x1;
+    let attr = MountAttr {
+        set: MOUNT_ATTR_RDONLY,
+        clear: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let path = CString::new(root.as_os_str().as_bytes())?;
+    // SAFETY: mount_setattr(2) on a NUL-terminated path with an initialised attribute struct
+    // of the size passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_RECURSIVE as libc::c_uint,
+            &raw const attr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Binds a host path into the sandbox at its target (created when the root is writable),
+/// read-only if asked.
+fn bind_volume(root: &Path, v: &Volume, read_only_root: bool) -> Result<(), String> {
+    let target = root.join(v.target.trim_start_matches('/'));
+    if !target.exists() {
+        if read_only_root {
+            return Err(format!(
+                "volume {}: {} does not exist in the read-only root",
+                v.host.display(),
+                v.target
+            ));
+        }
+        let made = if v.host.is_dir() {
+            std::fs::create_dir_all(&target)
+        } else {
+            target
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| File::create(&target).map(drop))
+        };
+        made.map_err(|e| format!("create the volume target {}: {e}", v.target))?;
+    }
+    mount(
+        Some(&v.host),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("bind {} at {}: {e}", v.host.display(), v.target))?;
+    if v.read_only {
+        mount(
+            None::<&str>,
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(|e| format!("make the volume {} read-only: {e}", v.target))?;
+    }
+    Ok(())
+}
+
+/// Files of /proc and /sys hidden from the sandbox, as docker hides them: /dev/null bound over
+/// a file, an empty read-only tmpfs over a directory.
+const MASKED_PATHS: [&str; 6] = [
+    "proc/kcore",
+    "proc/keys",
+    "proc/timer_list",
+    "proc/sched_debug",
+    "proc/scsi",
+    "sys/firmware",
+];
+/// Paths of /proc the sandbox may read but not write, as docker has them.
+const READ_ONLY_PATHS: [&str; 4] = ["proc/bus", "proc/fs", "proc/irq", "proc/sysrq-trigger"];
+
+fn mask_paths(root: &Path) -> Result<(), String> {
+    let null = root.join("dev/null");
+    for p in MASKED_PATHS {
+        let path = root.join(p);
+        let result = if path.is_dir() {
+            mount(
+                Some("tmpfs"),
+                &path,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("size=0"),
+            )
+        } else if path.exists() {
+            mount(
+                Some(&null),
+                &path,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+        } else {
+            continue;
+        };
+        result.map_err(|e| format!("mask /{p}: {e}"))?;
+    }
+    for p in READ_ONLY_PATHS {
+        let path = root.join(p);
+        if !path.exists() {
+            continue;
+        }
+        mount(
+            Some(&path),
+            &path,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .and_then(|()| {
+            mount(
+                None::<&str>,
+                &path,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+        })
+        .map_err(|e| format!("make /{p} read-only: {e}"))?;
+    }
+    Ok(())
+}
+
+/// A new time namespace with `offsets`, entered by the program when it is executed
+/// (`time_namespaces(7)`: the offsets must be written before any process is in the namespace,
+/// and execve(2) moves the caller into it).
+fn enter_time_namespace(offsets: TimeOffsets) -> Result<(), String> {
+    // CLONE_NEWTIME, Linux 5.6.
+    const CLONE_NEWTIME: libc::c_int = 0x80;
+    // SAFETY: unshare(2) with a namespace flag.
+    if unsafe { libc::unshare(CLONE_NEWTIME) } != 0 {
+        return Err(format!(
+            "create the time namespace (Linux 5.6 or newer): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let text = format!(
+        "monotonic {} 0\nboottime {} 0\n",
+        offsets.monotonic, offsets.boottime
+    );
+    std::fs::write("/proc/self/timens_offsets", text)
+        .map_err(|e| format!("set the time namespace's clock offsets: {e}"))
+}
+
+/// Switches to `user` for good: no supplementary groups, then the group, then the user.
+fn become_user(user: User) -> Result<(), String> {
+    // SAFETY: plain credential system calls with integer arguments; setgroups with an empty
+    // list reads nothing.
+    let r = unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0 {
+            -1
+        } else {
+            libc::setresgid(user.gid, user.gid, user.gid)
+                | libc::setresuid(user.uid, user.uid, user.uid)
+        }
+    };
+    if r != 0 {
+        return Err(format!(
+            "become user {}:{}: {}",
+            user.uid,
+            user.gid,
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 fn ensure_dir(path: &Path) -> Result<(), String> {
@@ -463,15 +715,16 @@ fn build_dev(dev: &Path, staging: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Docker's default capability set and `no_new_privs`.
-fn drop_privileges() -> Result<(), String> {
+/// Keeps only the capabilities in `keep` (a mask by capability number) and sets
+/// `no_new_privs`.
+fn drop_privileges(keep: u64) -> Result<(), String> {
     // The highest capability this kernel knows.
     let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(40);
     for cap in 0..=last {
-        if !DEFAULT_CAPS.contains(&cap) {
+        if keep & (1u64 << cap) == 0 {
             // SAFETY: prctl with plain integer arguments.
             let r =
                 unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
@@ -485,7 +738,7 @@ fn drop_privileges() -> Result<(), String> {
     }
     // The bounding set limits what exec grants; the sets this process holds now must shrink
     // too, or the init would run with them.
-    let mask: u64 = DEFAULT_CAPS.iter().map(|c| 1u64 << c).sum();
+    let mask = keep;
     #[repr(C)]
     struct Header {
         version: u32,
@@ -581,10 +834,16 @@ pub fn c_strings<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(
 
 /// The forked child of `bulkhead exec`, already in the sandbox's namespaces: takes the
 /// sandbox's identity and privileges and execs. Returns only an error message.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the sandbox's identity, field by field, for a child that may not allocate"
+)]
 pub fn exec_in_sandbox(
     workdir: &str,
     userns: bool,
     privileged: bool,
+    caps: u64,
+    user: Option<User>,
     argv: &[CString],
     envp: &[CString],
     path_var: &str,
@@ -601,7 +860,12 @@ pub fn exec_in_sandbox(
     if let Err(e) = chdir(workdir) {
         return format!("enter {workdir}: {e}");
     }
-    if !privileged && let Err(e) = drop_privileges() {
+    if !privileged && let Err(e) = drop_privileges(caps) {
+        return e;
+    }
+    if let Some(user) = user
+        && let Err(e) = become_user(user)
+    {
         return e;
     }
     let program = argv[0].to_bytes();

@@ -199,7 +199,300 @@ pub struct RunSpec {
     pub privileged: bool,
     pub detach: bool,
     pub cgroup_parent: Option<String>,
+    /// Host paths bound into the sandbox (`--volume`).
+    pub volumes: Vec<Volume>,
+    /// The root read-only (`--read-only`; the host's root always is).
+    pub read_only: bool,
+    /// Capabilities added to and dropped from docker's default set.
+    pub cap_add: Vec<Capability>,
+    pub cap_drop: Vec<Capability>,
+    /// The user the command runs as (`--user UID[:GID]`).
+    pub user: Option<User>,
+    /// Resource limits (`--ulimit NAME=SOFT[:HARD]`).
+    pub ulimits: Vec<Ulimit>,
+    /// A time namespace with these clock offsets (`--timens`, `--time-offset`).
+    pub time_offsets: Option<TimeOffsets>,
+    /// Relative CPU weight (`--cpu-shares`, cgroup v1 cpu.shares; 2 to 262144).
+    pub cpu_shares: Option<u64>,
+    /// Memory the kernel tries to leave the sandbox under pressure (`--memory-reservation`).
+    pub memory_reservation: Option<u64>,
     pub command: Vec<String>,
+}
+
+fn bad(what: &'static str, value: &str, why: impl Into<String>) -> SandboxError {
+    SandboxError::BadValue {
+        what,
+        value: value.to_owned(),
+        why: why.into(),
+    }
+}
+
+/// A host path bound into the sandbox: docker's `-v HOST:PATH[:ro|rw]`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Volume {
+    /// An existing absolute path on the host.
+    pub host: std::path::PathBuf,
+    /// An absolute path inside the sandbox.
+    pub target: String,
+    pub read_only: bool,
+}
+
+impl FromStr for Volume {
+    type Err = SandboxError;
+
+    fn from_str(s: &str) -> Result<Self, SandboxError> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let (host, target, read_only) = match parts.as_slice() {
+            [h, t] | [h, t, "rw"] => (*h, *t, false),
+            [h, t, "ro"] => (*h, *t, true),
+            [_, _, mode] => {
+                return Err(bad("volume", s, format!("mode {mode:?} is not ro or rw")));
+            }
+            _ => return Err(bad("volume", s, "expected HOST:PATH[:ro|rw]")),
+        };
+        for (which, path) in [("host path", host), ("sandbox path", target)] {
+            if !path.starts_with('/') {
+                return Err(bad("volume", s, format!("the {which} must be absolute")));
+            }
+            if path.split('/').any(|c| c == "..") {
+                return Err(bad("volume", s, format!("the {which} must not contain ..")));
+            }
+        }
+        if target == "/" {
+            return Err(bad("volume", s, "cannot replace the sandbox's root"));
+        }
+        let host = std::path::Path::new(host);
+        if !host.exists() {
+            return Err(bad("volume", s, "the host path does not exist"));
+        }
+        Ok(Volume {
+            host: host.to_owned(),
+            target: target.to_owned(),
+            read_only,
+        })
+    }
+}
+
+/// Capability names as capabilities(7) spells them, by number.
+const CAPABILITIES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+/// A capability for `--cap-add`/`--cap-drop`: `NET_ADMIN` or `CAP_NET_ADMIN` (any case), or
+/// `ALL`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Capability {
+    All,
+    One(u32),
+}
+
+impl Capability {
+    /// The capabilities this stands for, as a bit mask.
+    pub fn mask(self) -> u64 {
+        match self {
+            Capability::All => (1u64 << CAPABILITIES.len()) - 1,
+            Capability::One(n) => 1 << n,
+        }
+    }
+}
+
+impl FromStr for Capability {
+    type Err = SandboxError;
+
+    fn from_str(s: &str) -> Result<Self, SandboxError> {
+        let upper = s.to_ascii_uppercase();
+        let name = upper.strip_prefix("CAP_").unwrap_or(&upper);
+        if name == "ALL" {
+            return Ok(Capability::All);
+        }
+        CAPABILITIES
+            .iter()
+            .position(|c| *c == name)
+            .map(|n| Capability::One(n as u32))
+            .ok_or_else(|| bad("capability", s, "not a capability capabilities(7) names"))
+    }
+}
+
+/// `--user UID[:GID]`, numeric (the sandbox's /etc/passwd is not consulted).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl FromStr for User {
+    type Err = SandboxError;
+
+    fn from_str(s: &str) -> Result<Self, SandboxError> {
+        let number = |t: &str| {
+            t.parse::<u32>()
+                .ok()
+                .filter(|n| *n != u32::MAX)
+                .ok_or_else(|| bad("user", s, "expected UID[:GID], numbers"))
+        };
+        let (uid, gid) = match s.split_once(':') {
+            Some((u, g)) => (number(u)?, number(g)?),
+            None => (number(s)?, number(s)?),
+        };
+        Ok(User { uid, gid })
+    }
+}
+
+/// `--ulimit NAME=SOFT[:HARD]`, docker's names for setrlimit(2)'s resources.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ulimit {
+    pub resource: u32,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+impl FromStr for Ulimit {
+    type Err = SandboxError;
+
+    fn from_str(s: &str) -> Result<Self, SandboxError> {
+        const NAMES: [(&str, u32); 15] = [
+            ("core", libc::RLIMIT_CORE),
+            ("cpu", libc::RLIMIT_CPU),
+            ("data", libc::RLIMIT_DATA),
+            ("fsize", libc::RLIMIT_FSIZE),
+            ("locks", libc::RLIMIT_LOCKS),
+            ("memlock", libc::RLIMIT_MEMLOCK),
+            ("msgqueue", libc::RLIMIT_MSGQUEUE),
+            ("nice", libc::RLIMIT_NICE),
+            ("nofile", libc::RLIMIT_NOFILE),
+            ("nproc", libc::RLIMIT_NPROC),
+            ("rss", libc::RLIMIT_RSS),
+            ("rtprio", libc::RLIMIT_RTPRIO),
+            ("rttime", libc::RLIMIT_RTTIME),
+            ("sigpending", libc::RLIMIT_SIGPENDING),
+            ("stack", libc::RLIMIT_STACK),
+        ];
+        let (name, values) = s
+            .split_once('=')
+            .ok_or_else(|| bad("ulimit", s, "expected NAME=SOFT[:HARD]"))?;
+        let resource = NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, r)| *r)
+            .ok_or_else(|| bad("ulimit", s, format!("unknown limit {name:?}")))?;
+        let number = |t: &str| {
+            t.parse::<u64>()
+                .map_err(|_| bad("ulimit", s, "limits are numbers"))
+        };
+        let (soft, hard) = match values.split_once(':') {
+            Some((a, b)) => (number(a)?, number(b)?),
+            None => (number(values)?, number(values)?),
+        };
+        if soft > hard {
+            return Err(bad("ulimit", s, "the soft limit exceeds the hard one"));
+        }
+        Ok(Ulimit {
+            resource,
+            soft,
+            hard,
+        })
+    }
+}
+
+/// Clock offsets of a time namespace, in seconds: `monotonic=SECS,boottime=SECS`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimeOffsets {
+    pub monotonic: i64,
+    pub boottime: i64,
+}
+
+/// Largest offset accepted, in seconds (a century): far beyond any test of uptime handling,
+/// far below where the kernel's clocks would overflow.
+const MAX_OFFSET: i64 = 100 * 365 * 24 * 3600;
+
+impl FromStr for TimeOffsets {
+    type Err = SandboxError;
+
+    fn from_str(s: &str) -> Result<Self, SandboxError> {
+        let mut t = TimeOffsets::default();
+        for pair in s.split(',') {
+            let (name, secs) = pair
+                .split_once('=')
+                .ok_or_else(|| bad("time offset", s, "expected monotonic=SECS,boottime=SECS"))?;
+            let secs: i64 = secs
+                .parse()
+                .map_err(|_| bad("time offset", s, "offsets are whole seconds"))?;
+            if secs.abs() > MAX_OFFSET {
+                return Err(bad("time offset", s, "out of range (at most a century)"));
+            }
+            match name {
+                "monotonic" => t.monotonic = secs,
+                "boottime" => t.boottime = secs,
+                _ => {
+                    return Err(bad(
+                        "time offset",
+                        s,
+                        format!("unknown clock {name:?} (monotonic or boottime)"),
+                    ));
+                }
+            }
+        }
+        // A clock may not be shifted below zero: the kernel refuses it when the offsets are
+        // written, after the sandbox is half made.
+        for (name, offset, clock) in [
+            (
+                "monotonic",
+                t.monotonic,
+                nix::time::ClockId::CLOCK_MONOTONIC,
+            ),
+            ("boottime", t.boottime, nix::time::ClockId::CLOCK_BOOTTIME),
+        ] {
+            let now = nix::time::clock_gettime(clock).map_or(0, |ts| ts.tv_sec());
+            if now + offset < 0 {
+                return Err(bad(
+                    "time offset",
+                    s,
+                    format!("{name} would go below zero (it reads {now} s)"),
+                ));
+            }
+        }
+        Ok(t)
+    }
 }
 
 #[cfg(test)]
@@ -213,6 +506,60 @@ mod tests {
         }
         for good in ["web1", "db.primary", "a_b-c", "9"] {
             assert_eq!(good.parse::<Name>().unwrap().as_str(), good);
+        }
+    }
+
+    #[test]
+    fn hardening_options_parse_and_refuse_like_docker() {
+        let v: Volume = "/tmp:/data:ro".parse().unwrap();
+        assert_eq!((v.target.as_str(), v.read_only), ("/data", true));
+        for bad in [
+            "/tmp",
+            "tmp:/data",
+            "/tmp:data",
+            "/tmp:/",
+            "/tmp:/a:rx",
+            "/nonexistent-x:/a",
+            "/tmp:/../etc",
+        ] {
+            assert!(bad.parse::<Volume>().is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            "net_admin".parse::<Capability>().unwrap(),
+            Capability::One(12)
+        );
+        assert_eq!(
+            "CAP_SYS_TIME".parse::<Capability>().unwrap(),
+            Capability::One(25)
+        );
+        assert_eq!("ALL".parse::<Capability>().unwrap().mask().count_ones(), 41);
+        assert!("CAP_FLY".parse::<Capability>().is_err());
+        assert_eq!(
+            "1000".parse::<User>().unwrap(),
+            User {
+                uid: 1000,
+                gid: 1000
+            }
+        );
+        assert_eq!(
+            "1000:10".parse::<User>().unwrap(),
+            User { uid: 1000, gid: 10 }
+        );
+        assert!("alice".parse::<User>().is_err());
+        let u: Ulimit = "nofile=100:200".parse().unwrap();
+        assert_eq!((u.soft, u.hard), (100, 200));
+        for bad in ["nofile", "files=1", "nofile=2:1", "nofile=x"] {
+            assert!(bad.parse::<Ulimit>().is_err(), "{bad:?}");
+        }
+        let t: TimeOffsets = "monotonic=3600,boottime=86400".parse().unwrap();
+        assert_eq!((t.monotonic, t.boottime), (3600, 86400));
+        for bad in [
+            "realtime=1",
+            "boottime=x",
+            "monotonic=-99999999999",
+            "boottime=9999999999",
+        ] {
+            assert!(bad.parse::<TimeOffsets>().is_err(), "{bad:?}");
         }
     }
 
