@@ -225,6 +225,10 @@ pub struct RunArgs {
     /// Memory soft limit the kernel reclaims down to under pressure, e.g. 64m.
     #[arg(long, value_name = "SIZE")]
     memory_reservation: Option<String>,
+    /// seccomp=PROFILE.json (docker's format), seccomp=unconfined, apparmor=NAME,
+    /// no-new-privileges (always on); repeat.
+    #[arg(long, value_name = "KEY=VALUE")]
+    security_opt: Vec<String>,
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
 }
@@ -920,8 +924,41 @@ fn run_spec(args: RunArgs) -> Result<sandbox::RunSpec, sandbox::SandboxError> {
             .as_deref()
             .map(spec::parse_size)
             .transpose()?,
+        seccomp: security_opts(&args.security_opt)?,
         command: args.command,
     })
+}
+
+/// `--security-opt` values, docker's names.
+fn security_opts(opts: &[String]) -> Result<sandbox::seccomp::Policy, sandbox::SandboxError> {
+    let mut policy = sandbox::seccomp::Policy::Default;
+    for opt in opts {
+        let bad = |why: &str| sandbox::SandboxError::BadValue {
+            what: "security option",
+            value: opt.clone(),
+            why: why.into(),
+        };
+        match opt.split_once(['=', ':']) {
+            Some(("seccomp", value)) => policy = value.parse()?,
+            Some(("apparmor", _)) => {
+                return Err(bad(
+                    if std::path::Path::new("/sys/kernel/security/apparmor").exists() {
+                        "AppArmor profiles are not supported yet"
+                    } else {
+                        "AppArmor is not enabled in this kernel (see bulkhead doctor)"
+                    },
+                ));
+            }
+            None if opt == "no-new-privileges" => {}
+            Some(("no-new-privileges", "true")) => {}
+            _ => {
+                return Err(bad(
+                    "expected seccomp=PROFILE|unconfined, apparmor=NAME or no-new-privileges",
+                ));
+            }
+        }
+    }
+    Ok(policy)
 }
 
 fn print_ps(paths: &Paths, json: bool, out: &mut impl Write) -> anyhow::Result<()> {

@@ -1056,3 +1056,96 @@ fn bad_hardening_options_are_refused_before_anything_is_made() {
                 == 0
     );
 }
+
+/// What `bulkhead-syscall CALLS` prints inside a sandbox on the host's root, by call.
+fn syscalls(h: &Host, args: &[&str], calls: &[&str]) -> std::collections::BTreeMap<String, String> {
+    let mut all = vec!["run"];
+    all.extend_from_slice(args);
+    all.push("--");
+    all.push(env!("CARGO_BIN_EXE_bulkhead-syscall"));
+    all.extend_from_slice(calls);
+    let out = ran(&h.node.bulkhead(&all));
+    out.lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+#[test]
+fn the_default_seccomp_filter_denies_what_dockers_denies() {
+    let Some(h) = Host::new("the_default_seccomp_filter_denies_what_dockers_denies") else {
+        return;
+    };
+    let calls = [
+        "keyctl",
+        "unshare-user",
+        "mount",
+        "reboot",
+        "getpid",
+        "uname",
+    ];
+    let eperm = format!("errno {}", libc::EPERM);
+    let filtered = syscalls(&h, &[], &calls);
+    for call in ["keyctl", "unshare-user", "mount", "reboot"] {
+        assert_eq!(filtered[call], eperm, "{call}: {filtered:?}");
+    }
+    assert_eq!(filtered["getpid"], "ok");
+    assert_eq!(filtered["uname"], "ok");
+    // Ordinary programs are unaffected, and the filter shows.
+    let out = ran(&h.node.bulkhead(&[
+        "run",
+        "--",
+        "sh",
+        "-c",
+        "ls / | wc -l; grep -E '^Seccomp:' /proc/self/status",
+    ]));
+    assert!(out.contains("Seccomp:\t2"), "{out}");
+    // Unconfined: the keyring and user namespaces work, as they do outside.
+    let open = syscalls(&h, &["--security-opt", "seccomp=unconfined"], &calls);
+    assert_eq!(open["keyctl"], "ok", "{open:?}");
+    assert_eq!(open["unshare-user"], "ok", "{open:?}");
+    // A capability unlocks what docker gates on it: reboot reaches the kernel, which refuses
+    // the invalid magic numbers with EINVAL.
+    let boot = syscalls(&h, &["--cap-add", "SYS_BOOT"], &["reboot"]);
+    assert_eq!(
+        boot["reboot"],
+        format!("errno {}", libc::EINVAL),
+        "{boot:?}"
+    );
+}
+
+#[test]
+fn a_seccomp_profile_in_dockers_format_is_applied_and_bad_ones_refused() {
+    let Some(h) = Host::new("a_seccomp_profile_in_dockers_format_is_applied_and_bad_ones_refused")
+    else {
+        return;
+    };
+    let dir = TempDir::new("bhp");
+    let profile = dir.path().join("profile.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","architectures":["SCMP_ARCH_X86_64"],
+            "syscalls":[{"names":["uname"],"action":"SCMP_ACT_ERRNO","errnoRet":13},
+                        {"names":["umount"],"action":"SCMP_ACT_ERRNO"}]}"#,
+    )
+    .unwrap();
+    let opt = format!("seccomp={}", profile.display());
+    let out = syscalls(&h, &["--security-opt", &opt], &["uname", "keyctl"]);
+    assert_eq!(out["uname"], "errno 13", "{out:?}");
+    assert_eq!(out["keyctl"], "ok", "the profile allows the rest: {out:?}");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["frobnicate"],"action":"SCMP_ACT_ERRNO"}]}"#,
+    )
+    .unwrap();
+    let bad = h
+        .node
+        .bulkhead(&["run", "--security-opt", &opt, "--", "true"]);
+    assert_eq!(bad.status.code(), Some(125));
+    assert!(
+        text(&bad.stderr).contains("unknown syscall \"frobnicate\""),
+        "{}",
+        text(&bad.stderr)
+    );
+    assert_eq!(h.ps().as_array().unwrap().len(), 0);
+}

@@ -18,6 +18,7 @@
 pub mod cgroup;
 pub mod network;
 pub mod process;
+pub mod seccomp;
 pub mod spec;
 
 use std::{
@@ -187,6 +188,9 @@ pub struct Record {
     /// The user its processes run as.
     #[serde(default)]
     pub user: Option<spec::User>,
+    /// Its seccomp filter (`exec` installs the same).
+    #[serde(default)]
+    pub seccomp: seccomp::Policy,
 }
 
 fn sandboxes_dir(paths: &Paths) -> PathBuf {
@@ -599,6 +603,7 @@ fn start(paths: &Paths, spec: &RunSpec, log: Option<PathBuf>) -> Result<Record> 
             .fold(process::default_caps(), |m, c| m | c.mask())
             & !spec.cap_drop.iter().fold(0, |m, c| m | c.mask()),
         user: spec.user,
+        seccomp: spec.seccomp.clone(),
         monitor_pid: if spec.detach {
             std::process::id() as i32
         } else {
@@ -680,6 +685,11 @@ fn build(
         user: spec.user,
         ulimits: spec.ulimits.clone(),
         time_offsets: spec.time_offsets,
+        seccomp: if spec.privileged {
+            Vec::new()
+        } else {
+            seccomp::filters(&spec.seccomp, record.caps)?
+        },
     };
     let mut child = process::spawn(&child_spec)?;
     record.pid = child.pid.as_raw();
@@ -973,6 +983,11 @@ pub fn exec(paths: &Paths, name: &str, command: &[String]) -> Result<i32> {
                 .map_err(|e| SandboxError::io(&format!("open the sandbox's {ns} namespace"), e))
         })
         .collect::<Result<_>>()?;
+    let filters = if record.privileged {
+        Vec::new()
+    } else {
+        seccomp::filters(&record.seccomp, record.caps)?
+    };
     let argv = process::c_strings(command)?;
     let envp = environment(&record.hostname, &record.env, None)?;
     cgroup::add(&record.cgroup, std::process::id())?;
@@ -1000,6 +1015,7 @@ pub fn exec(paths: &Paths, name: &str, command: &[String]) -> Result<i32> {
                 record.privileged,
                 record.caps,
                 record.user,
+                &filters,
                 &argv,
                 &envp,
                 path_var,

@@ -51,6 +51,8 @@ pub struct ChildSpec {
     pub user: Option<User>,
     pub ulimits: Vec<Ulimit>,
     pub time_offsets: Option<TimeOffsets>,
+    /// Seccomp filters to install last, compiled by the parent.
+    pub seccomp: Vec<seccompiler::BpfProgram>,
 }
 
 /// A cloned child waiting for [`Child::release`].
@@ -426,6 +428,7 @@ fn setup_and_exec(spec: &ChildSpec) -> Result<Never, String> {
     if let Some(user) = spec.user {
         become_user(user)?;
     }
+    super::seccomp::install(&spec.seccomp)?;
     // Set up: from here the sandbox outlives whoever started it.
     // SAFETY: prctl with plain integer arguments.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
@@ -844,6 +847,7 @@ pub fn exec_in_sandbox(
     privileged: bool,
     caps: u64,
     user: Option<User>,
+    seccomp: &[seccompiler::BpfProgram],
     argv: &[CString],
     envp: &[CString],
     path_var: &str,
@@ -866,6 +870,9 @@ pub fn exec_in_sandbox(
     if let Some(user) = user
         && let Err(e) = become_user(user)
     {
+        return e;
+    }
+    if let Err(e) = super::seccomp::install(seccomp) {
         return e;
     }
     let program = argv[0].to_bytes();

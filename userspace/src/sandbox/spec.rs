@@ -216,6 +216,8 @@ pub struct RunSpec {
     pub cpu_shares: Option<u64>,
     /// Memory the kernel tries to leave the sandbox under pressure (`--memory-reservation`).
     pub memory_reservation: Option<u64>,
+    /// The seccomp filter (`--security-opt seccomp=...`); none when privileged.
+    pub seccomp: super::seccomp::Policy,
     pub command: Vec<String>,
 }
 
