@@ -24,6 +24,8 @@ pub mod program {
     pub const INGRESS: &str = "bulkhead_ingress";
     /// The classifier attached at tc egress (packets leaving through an interface).
     pub const EGRESS: &str = "bulkhead_egress";
+    /// The cgroup device program attached to each sandbox's cgroup on cgroup v2.
+    pub const DEVICE: &str = "bulkhead_device";
 }
 
 /// Map names: the kernel side declares each map under this name, the loader pins it under the
@@ -97,9 +99,14 @@ pub mod map {
     ///
     /// [`Endpoint`]: crate::Endpoint
     pub const ENDPOINTS: &str = "ENDPOINTS";
+    /// Devices sandboxes may use (cgroup v2): [`DeviceKey`] -> access bits
+    /// ([`device_access`](crate::device_access)).
+    ///
+    /// [`DeviceKey`]: crate::DeviceKey
+    pub const DEVICES: &str = "DEVICES";
 
     /// Every map, for unpinning and listing.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         IFACE_STATS,
         REASONS,
         SERVICES,
@@ -117,6 +124,7 @@ pub mod map {
         NODE_ADDRS,
         FRAGMENTS,
         ENDPOINTS,
+        DEVICES,
     ];
 
     /// Value sizes every released layout of a map has had, oldest first: the last is the
@@ -727,6 +735,53 @@ impl Default for NodeConfig {
     }
 }
 
+/// Kinds of device in [`DeviceKey::kind`], as the kernel's `BPF_DEVCG_DEV_*`.
+pub mod device_kind {
+    pub const BLOCK: u8 = 1;
+    pub const CHAR: u8 = 2;
+}
+
+/// Access bits in [`map::DEVICES`] values, as the kernel's `BPF_DEVCG_ACC_*`.
+pub mod device_access {
+    pub const MKNOD: u32 = 1;
+    pub const READ: u32 = 2;
+    pub const WRITE: u32 = 4;
+}
+
+/// Key of [`map::DEVICES`]: which cgroup (its id; 0 for every sandbox) may use which device.
+/// A major or minor of [`DeviceKey::ANY`] matches every number.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DeviceKey {
+    pub cgroup_id: u64,
+    pub major: u32,
+    pub minor: u32,
+    /// A [`device_kind`] constant.
+    pub kind: u8,
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(core::mem::size_of::<DeviceKey>() == 24);
+
+impl DeviceKey {
+    /// The wildcard major or minor number.
+    pub const ANY: u32 = u32::MAX;
+
+    #[must_use]
+    #[inline(always)]
+    pub const fn new(cgroup_id: u64, kind: u8, major: u32, minor: u32) -> Self {
+        DeviceKey {
+            cgroup_id,
+            major,
+            minor,
+            kind,
+            _pad: [0; 7],
+        }
+    }
+}
+
+/// Capacity of [`map::DEVICES`].
+pub const MAX_DEVICE_RULES: u32 = 4096;
+
 /// Capacity of [`map::FRAGMENTS`]: datagrams in flight in fragments at once.
 pub const FRAGMENTS_SIZE: u32 = 8192;
 
@@ -827,6 +882,8 @@ mod pod {
     unsafe impl aya::Pod for super::FragNat {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Endpoint {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DeviceKey {}
 }
 
 // The current layout in `map::LAYOUT_HISTORY` must be the one this build declares: changing a

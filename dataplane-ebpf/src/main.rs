@@ -7,6 +7,9 @@
 //! `counters`, the verdict vocabulary `verdict`, and the packet-context trait the tc context
 //! implements `ctx`.
 //!
+//! `bulkhead_device` is the one entry point that is not about packets: sandboxes' device access
+//! on cgroup v2 (`device`).
+//!
 //! Egress elsewhere than on the uplink only counts, and translates ICMP errors the node sends.
 //! On both hooks, ICMP errors about translated flows are translated back (`icmp`), and later
 //! fragments of a datagram follow the translation of its first (`frag`).
@@ -24,6 +27,7 @@ mod bypass;
 mod conntrack;
 mod counters;
 mod ctx;
+mod device;
 mod flow;
 mod frag;
 mod icmp;
@@ -38,8 +42,8 @@ mod verdict;
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_redirect, bpf_redirect_peer},
-    macros::classifier,
-    programs::TcContext,
+    macros::{cgroup_device, classifier},
+    programs::{DeviceContext, TcContext},
 };
 use aya_log_ebpf::debug;
 use dataplane_common::{Reason, direction};
@@ -49,6 +53,12 @@ use crate::{
     ctx::PacketCtx,
     verdict::Verdict,
 };
+
+/// Sandboxes' device access on cgroup v2 (`device`): 1 allows, 0 refuses.
+#[cgroup_device]
+pub fn bulkhead_device(ctx: DeviceContext) -> i32 {
+    device::check(&ctx)
+}
 
 #[classifier]
 pub fn bulkhead_ingress(ctx: TcContext) -> i32 {

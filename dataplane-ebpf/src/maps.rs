@@ -11,10 +11,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use dataplane_common::{
-    AFFINITY_SIZE, Affinity, AffinityKey, Backend, CONNTRACK_SIZE, Counters, Endpoint,
-    FRAGMENTS_SIZE, Flow, FlowKey, FragKey, FragNat, IfaceKey, MAX_BACKENDS, MAX_ENDPOINTS,
-    MAX_IFACES, MAX_NODE_ADDRS, MAX_REASONS, MAX_SERVICES, MAX_SLOTS, NodeConfig, Service,
-    ServiceCounters, ServiceKey, SlotKey, ct_event,
+    AFFINITY_SIZE, Affinity, AffinityKey, Backend, CONNTRACK_SIZE, Counters, DeviceKey, Endpoint,
+    FRAGMENTS_SIZE, Flow, FlowKey, FragKey, FragNat, IfaceKey, MAX_BACKENDS, MAX_DEVICE_RULES,
+    MAX_ENDPOINTS, MAX_IFACES, MAX_NODE_ADDRS, MAX_REASONS, MAX_SERVICES, MAX_SLOTS, NodeConfig,
+    Service, ServiceCounters, ServiceKey, SlotKey, ct_event,
 };
 
 /// See [`dataplane_common::map::IFACE_STATS`].
@@ -93,3 +93,7 @@ pub static FRAGMENTS: LruHashMap<FragKey, FragNat> = LruHashMap::pinned(FRAGMENT
 /// See [`dataplane_common::map::ENDPOINTS`].
 #[map(name = "ENDPOINTS")]
 pub static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
+
+/// See [`dataplane_common::map::DEVICES`].
+#[map(name = "DEVICES")]
+pub static DEVICES: HashMap<DeviceKey, u32> = HashMap::pinned(MAX_DEVICE_RULES, BPF_F_NO_PREALLOC);

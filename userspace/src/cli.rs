@@ -225,6 +225,27 @@ pub struct RunArgs {
     /// Memory soft limit the kernel reclaims down to under pressure, e.g. 64m.
     #[arg(long, value_name = "SIZE")]
     memory_reservation: Option<String>,
+    /// Memory plus swap, e.g. 512m (at least --memory), or -1 for unlimited swap.
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
+    memory_swap: Option<String>,
+    /// CPUs the sandbox may run on, e.g. 0-1,3.
+    #[arg(long, value_name = "LIST")]
+    cpuset_cpus: Option<String>,
+    /// Memory nodes the sandbox may use, e.g. 0.
+    #[arg(long, value_name = "LIST")]
+    cpuset_mems: Option<String>,
+    /// Relative block I/O weight, 10 to 1000.
+    #[arg(long, value_name = "N")]
+    blkio_weight: Option<u16>,
+    /// Read rate limit of a block device, /dev/X:RATE (e.g. 1mb); repeat.
+    #[arg(long, value_name = "/dev/X:RATE")]
+    device_read_bps: Vec<String>,
+    /// Write rate limit of a block device, /dev/X:RATE; repeat.
+    #[arg(long, value_name = "/dev/X:RATE")]
+    device_write_bps: Vec<String>,
+    /// A host device the sandbox may use: /dev/X[:/dev/NAME][:rwm]; repeat.
+    #[arg(long, value_name = "/dev/X[:rwm]")]
+    device: Vec<String>,
     /// seccomp=PROFILE.json (docker's format), seccomp=unconfined, apparmor=NAME,
     /// no-new-privileges (always on); repeat.
     #[arg(long, value_name = "KEY=VALUE")]
@@ -854,10 +875,21 @@ fn run_sandbox(paths: &Paths, args: RunArgs, lock_timeout: Option<Duration>) -> 
 
 fn run_spec(args: RunArgs) -> Result<sandbox::RunSpec, sandbox::SandboxError> {
     use sandbox::spec;
+    let memory = args.memory.as_deref().map(spec::parse_size).transpose()?;
+    let cpus_here = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    // Memory nodes: /sys/devices/system/node/nodeN, one at least.
+    let mems_here = || {
+        std::fs::read_dir("/sys/devices/system/node").map_or(1, |d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("node"))
+                .count()
+                .max(1)
+        })
+    };
     Ok(sandbox::RunSpec {
         name: args.name.as_deref().map(str::parse).transpose()?,
         hostname: args.hostname,
-        memory: args.memory.as_deref().map(spec::parse_size).transpose()?,
+        memory,
         cpus: args.cpus.as_deref().map(spec::parse_cpus).transpose()?,
         pids_limit: args.pids_limit,
         rootfs: args.rootfs,
@@ -924,6 +956,60 @@ fn run_spec(args: RunArgs) -> Result<sandbox::RunSpec, sandbox::SandboxError> {
             .as_deref()
             .map(spec::parse_size)
             .transpose()?,
+        devices: args
+            .device
+            .iter()
+            .map(|d| d.parse())
+            .collect::<Result<_, _>>()?,
+        memory_swap: match args.memory_swap.as_deref() {
+            None => None,
+            Some("-1") => Some(-1),
+            Some(size) => {
+                let bytes = spec::parse_size(size)?;
+                if args.memory.is_none() || memory.is_some_and(|m| bytes < m) {
+                    return Err(sandbox::SandboxError::BadValue {
+                        what: "memory swap",
+                        value: size.to_owned(),
+                        why: "needs --memory, and is memory plus swap: at least --memory".into(),
+                    });
+                }
+                Some(bytes as i64)
+            }
+        },
+        cpuset_cpus: args
+            .cpuset_cpus
+            .as_deref()
+            .map(|s| spec::parse_cpuset("cpuset cpus", s, cpus_here))
+            .transpose()?,
+        cpuset_mems: args
+            .cpuset_mems
+            .as_deref()
+            .map(|s| spec::parse_cpuset("cpuset mems", s, mems_here()))
+            .transpose()?,
+        blkio_weight: args
+            .blkio_weight
+            .map(|w| {
+                if (10..=1000).contains(&w) {
+                    Ok(w)
+                } else {
+                    Err(sandbox::SandboxError::BadValue {
+                        what: "blkio weight",
+                        value: w.to_string(),
+                        why: "must be 10 to 1000".into(),
+                    })
+                }
+            })
+            .transpose()?,
+        read_bps: args
+            .device_read_bps
+            .iter()
+            .map(|d| d.parse())
+            .collect::<Result<_, _>>()?,
+        write_bps: args
+            .device_write_bps
+            .iter()
+            .map(|d| d.parse())
+            .collect::<Result<_, _>>()?,
         seccomp: security_opts(&args.security_opt)?,
         command: args.command,
     })
@@ -1030,5 +1116,12 @@ fn print_usage(
         u.pids,
         limit(u.pids_limit, |n| n.to_string())
     )?;
+    writeln!(
+        out,
+        "io       read {}, written {}",
+        human_bytes(u.io_read_bytes),
+        human_bytes(u.io_write_bytes)
+    )?;
+    writeln!(out, "cpuset   {}", u.cpuset_cpus)?;
     Ok(())
 }

@@ -20,15 +20,16 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        CgroupDevice, LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
         tc::{self, NlOptions, TcAttachOptions},
     },
     util::KernelVersion,
 };
 use dataplane_common::{
-    Affinity, AffinityKey, Backend, Counters, Endpoint, Flow, FlowKey, IfaceKey, MAX_REASONS,
-    NodeConfig, Reason, Service, ServiceCounters, ServiceKey, SlotKey, map, node_flags, program,
+    Affinity, AffinityKey, Backend, Counters, DeviceKey, Endpoint, Flow, FlowKey, IfaceKey,
+    MAX_REASONS, NodeConfig, Reason, Service, ServiceCounters, ServiceKey, SlotKey, map,
+    node_flags, program,
 };
 
 use crate::migrate::{self, Migration};
@@ -100,6 +101,12 @@ pub enum LoaderError {
     BadMode { value: String },
     #[error("cannot carry the pinned maps over to this build's layout")]
     Migration(#[from] migrate::MigrationError),
+    #[error("cannot attach the device program to cgroup {path}")]
+    AttachDevices {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("attaching to {ifname} panicked")]
     AttachThread { ifname: String },
 }
@@ -266,6 +273,7 @@ impl Datapath {
             .map_err(LoaderError::Load)?;
         let ingress = load_program(&mut ebpf, dir, program::INGRESS)?;
         let egress = load_program(&mut ebpf, dir, program::EGRESS)?;
+        load_device_program(&mut ebpf, dir)?;
         let mut datapath = Datapath {
             dir: dir.to_owned(),
             mode,
@@ -502,6 +510,155 @@ fn load_program(
     })
 }
 
+/// Loads and pins the cgroup device program (Linux 4.15); sandboxes on cgroup v2 attach it
+/// from the pin.
+fn load_device_program(ebpf: &mut Ebpf, dir: &Path) -> Result<(), LoaderError> {
+    let name = program::DEVICE;
+    let err = |source| LoaderError::Program {
+        action: "load",
+        name,
+        source,
+    };
+    let prog: &mut CgroupDevice = ebpf
+        .program_mut(name)
+        .ok_or(LoaderError::MissingProgram { name })?
+        .try_into()
+        .map_err(err)?;
+    prog.load().map_err(err)?;
+    let pin = dir.join("progs").join(name);
+    let _ = fs::remove_file(&pin);
+    prog.pin(&pin)
+        .map_err(|source| LoaderError::Pin { path: pin, source })
+}
+
+/// Docker's default device rules, as (kind, major, minor, access): creating any device node,
+/// and using null, zero, full, random, urandom, tty, console, ptmx, the pseudo-terminals and
+/// tun. Everything else (disks above all) is refused.
+pub const DEFAULT_DEVICES: [(u8, u32, u32, u32); 12] = {
+    use dataplane_common::{
+        device_access::{MKNOD, READ, WRITE},
+        device_kind::{BLOCK, CHAR},
+    };
+    const ANY: u32 = DeviceKey::ANY;
+    const RWM: u32 = READ | WRITE | MKNOD;
+    [
+        (CHAR, ANY, ANY, MKNOD),
+        (BLOCK, ANY, ANY, MKNOD),
+        (CHAR, 1, 3, RWM),
+        (CHAR, 1, 5, RWM),
+        (CHAR, 1, 7, RWM),
+        (CHAR, 1, 8, RWM),
+        (CHAR, 1, 9, RWM),
+        (CHAR, 5, 0, RWM),
+        (CHAR, 5, 1, RWM),
+        (CHAR, 5, 2, RWM),
+        (CHAR, 136, ANY, RWM),
+        (CHAR, 10, 200, RWM),
+    ]
+};
+
+/// The device rules of sandboxes on cgroup v2 (`DEVICES`) and the program that applies them.
+pub struct DeviceRules {
+    map: HashMap<MapData, DeviceKey, u32>,
+    dir: PathBuf,
+}
+
+impl DeviceRules {
+    pub fn open(dir: &Path) -> Result<Self, LoaderError> {
+        Ok(DeviceRules {
+            map: typed(dir, map::DEVICES)?,
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// Allows `access` on a device to the cgroup `cgroup_id` (0: every sandbox).
+    pub fn allow(&mut self, key: DeviceKey, access: u32) -> Result<(), LoaderError> {
+        self.map
+            .insert(key, access, 0)
+            .map_err(|source| LoaderError::Map {
+                name: map::DEVICES,
+                source,
+            })
+    }
+
+    /// Forgets the rules of cgroup `cgroup_id`.
+    pub fn forget(&mut self, cgroup_id: u64) {
+        let keys: Vec<DeviceKey> = self
+            .map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.cgroup_id == cgroup_id)
+            .collect();
+        for k in keys {
+            let _ = self.map.remove(&k);
+        }
+    }
+
+    /// Attaches the device program to the cgroup v2 directory `cgroup` with `BPF_PROG_ATTACH`
+    /// rather than a link: the attachment then lasts as long as the cgroup, not as long as
+    /// this process, with nothing to pin or unpin.
+    pub fn attach(&self, cgroup: &Path) -> Result<(), LoaderError> {
+        /// The `BPF_PROG_ATTACH` part of `union bpf_attr`, zero-padded to the size the kernel
+        /// reads for this command (it checks that the unused tail is zero).
+        #[repr(C)]
+        #[expect(
+            clippy::struct_field_names,
+            reason = "the kernel's field names, as bpf(2) documents them"
+        )]
+        struct Attach {
+            target_fd: u32,
+            attach_bpf_fd: u32,
+            attach_type: u32,
+            attach_flags: u32,
+            replace_bpf_fd: u32,
+            _rest: [u32; 3],
+        }
+        const BPF_PROG_ATTACH: libc::c_long = 8;
+        const BPF_CGROUP_DEVICE: u32 = 6;
+        let path = self.dir.join("progs").join(program::DEVICE);
+        let prog = CgroupDevice::from_pin(&path).map_err(|source| LoaderError::Program {
+            action: "open pinned",
+            name: program::DEVICE,
+            source,
+        })?;
+        let prog_fd = prog.fd().map_err(|source| LoaderError::Program {
+            action: "open",
+            name: program::DEVICE,
+            source,
+        })?;
+        let cgroup_dir = fs::File::open(cgroup).map_err(|source| LoaderError::AttachDevices {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let attr = Attach {
+            target_fd: cgroup_dir.as_raw_fd() as u32,
+            attach_bpf_fd: prog_fd.as_fd().as_raw_fd() as u32,
+            attach_type: BPF_CGROUP_DEVICE,
+            attach_flags: 0,
+            replace_bpf_fd: 0,
+            _rest: [0; 3],
+        };
+        // SAFETY: bpf(2) BPF_PROG_ATTACH with a fully initialised attribute of the size passed;
+        // both descriptors are open for the duration of the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_ATTACH,
+                &raw const attr,
+                std::mem::size_of::<Attach>(),
+            )
+        };
+        if r != 0 {
+            return Err(LoaderError::AttachDevices {
+                path: cgroup.to_owned(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+}
+
 fn link_pin(dir: &Path, ifname: &str, hook: &str) -> PathBuf {
     dir.join("links").join(hook).join(ifname.replace('.', ":"))
 }
@@ -555,7 +712,7 @@ pub fn detach(dir: &Path, ifname: &str, mode: TcMode) -> Result<(), LoaderError>
 
 /// Removes the pinned programs and maps from `dir` (links must be detached first).
 pub fn unpin_all(dir: &Path) {
-    for name in [program::INGRESS, program::EGRESS] {
+    for name in [program::INGRESS, program::EGRESS, program::DEVICE] {
         let _ = fs::remove_file(dir.join("progs").join(name));
     }
     for name in map::ALL {
@@ -727,6 +884,12 @@ pub fn configure(dir: &Path, settings: &NodeSettings) -> Result<(), LoaderError>
         }
     }
     config.set(0, cfg, 0).map_err(err)?;
+
+    // Every sandbox's device rules (cgroup v2): docker's default list under cgroup id 0.
+    let mut devices = DeviceRules::open(dir)?;
+    for (kind, major, minor, access) in DEFAULT_DEVICES {
+        devices.allow(DeviceKey::new(0, kind, major, minor), access)?;
+    }
 
     let err = |source| LoaderError::Map {
         name: map::NODE_ADDRS,

@@ -114,6 +114,10 @@ const VM_SANDBOX_TESTS: &[&str] = &[
     "sandboxes::the_hosts_root_is_read_only_inside_and_volumes_are_shared",
     "sandboxes::cpu_shares_and_memory_reservation_reach_the_cgroup",
     "sandboxes::a_time_namespace_shifts_the_sandboxs_clocks",
+    "sandboxes::devices_outside_dockers_list_cannot_be_opened",
+    "sandboxes::cpuset_io_and_swap_limits_reach_the_cgroup_and_stats",
+    "sandboxes::capabilities_user_and_ulimits_are_applied",
+    "sandboxes::dockers_masked_and_read_only_paths_are_hidden",
 ];
 
 fn vm_sandboxes(artifacts: &build::Artifacts) -> anyhow::Result<()> {

@@ -25,6 +25,8 @@ use crate::{build, setup};
 /// modules.dep does not list.
 const MODULES: &[&str] = &[
     "crc32c_generic",
+    // RAM disks: a block device for the sandbox device-control and I/O-limit tests.
+    "brd",
     "veth",
     "bridge",
     "br_netfilter",

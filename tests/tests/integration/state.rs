@@ -252,14 +252,15 @@ fn ok(mut cmd: Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Takes a node with default directories down even when the test fails half way.
-struct DownOnDrop(Vec<String>);
+/// Takes the node with default directories of namespace NAME down, even when the test fails
+/// half way, and removes its state directory (`down` keeps the lock file there: removing it
+/// would let a waiter and a newcomer lock two different files).
+struct DownOnDrop(String);
 
 impl Drop for DownOnDrop {
     fn drop(&mut self) {
-        let mut args: Vec<&str> = self.0.iter().map(String::as_str).collect();
-        args.push("down");
-        let _ = bare(&args).output();
+        let _ = bare(&["--netns", &self.0, "down"]).output();
+        let _ = std::fs::remove_dir_all(Path::new("/run/bulkhead/netns").join(&self.0));
     }
 }
 
@@ -271,7 +272,7 @@ fn two_nodes_with_default_dirs_keep_their_own_state() {
     let (a, b) = (Netns::new("bha"), Netns::new("bhb"));
     let mut guards = Vec::new();
     for (ns, vip) in [(&a, "198.21.3.1:80/tcp"), (&b, "198.21.3.2:80/tcp")] {
-        guards.push(DownOnDrop(vec!["--netns".into(), ns.name().into()]));
+        guards.push(DownOnDrop(ns.name().to_owned()));
         ok(bare(&[
             "--netns",
             ns.name(),
@@ -349,7 +350,7 @@ fn ip_netns_exec_pins_where_the_next_command_finds_them() {
         return;
     }
     let ns = Netns::new("bhx");
-    let _down = DownOnDrop(vec!["--netns".into(), ns.name().into()]);
+    let _down = DownOnDrop(ns.name().to_owned());
     let exec = |args: &[&str]| {
         let mut cmd = tests::command(IP);
         cmd.args(["netns", "exec", ns.name()])
@@ -381,7 +382,6 @@ fn ip_netns_exec_pins_where_the_next_command_finds_them() {
         expected
     );
     ok(exec(&["down"]));
-    let _ = std::fs::remove_dir_all(Path::new("/run/bulkhead/netns").join(ns.name()));
 }
 
 /// The signal dispositions and mask of a process, from /proc/PID/status.

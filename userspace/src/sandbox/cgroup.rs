@@ -4,8 +4,8 @@
 //! A sandbox's cgroup is `bulkhead/<name>` beneath the cgroup `bulkhead` itself runs in (per
 //! controller on v1, where each hierarchy places it differently), or beneath `--cgroup-parent`.
 //! That is the subtree delegated to whoever runs `bulkhead`; no process is ever moved out of it.
-//! Only the controllers the limits and `stats` need are touched: memory, cpu (and cpuacct on
-//! v1) and pids.
+//! Only the controllers the limits, device control and `stats` need are touched: memory, cpu
+//! (and cpuacct on v1), pids, and devices on v1.
 
 use std::{collections::HashMap, fs, path::PathBuf};
 
@@ -18,7 +18,9 @@ use cgroups_rs::fs::{
 use super::SandboxError;
 
 /// The controllers a sandbox uses (v1 names; v2 has no cpuacct).
-const CONTROLLERS: [&str; 4] = ["memory", "cpu", "cpuacct", "pids"];
+const CONTROLLERS: [&str; 7] = [
+    "memory", "cpu", "cpuacct", "pids", "devices", "cpuset", "blkio",
+];
 /// CFS period for `--cpus`, as docker uses.
 const CFS_PERIOD_US: u64 = 100_000;
 
@@ -133,6 +135,15 @@ impl Placement {
         )
     }
 
+    /// The directory of the v1 controller `name` (v2: the one directory), if mounted.
+    pub fn controller_dir(&self, name: &str) -> Option<PathBuf> {
+        self.load()
+            .subsystems()
+            .iter()
+            .find(|s| self.v2 || s.controller_name() == name)
+            .map(|s| s.to_controller().path().to_owned())
+    }
+
     /// The directory of each controller, for messages and tests.
     pub fn dirs(&self) -> Vec<PathBuf> {
         self.load()
@@ -144,7 +155,7 @@ impl Placement {
 }
 
 /// Resource limits from `run`.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Limits {
     pub memory: Option<u64>,
     pub cpus: Option<f64>,
@@ -153,6 +164,16 @@ pub struct Limits {
     pub cpu_shares: Option<u64>,
     /// The memory soft limit: v1's `memory.soft_limit_in_bytes`, v2's `memory.low`.
     pub memory_reservation: Option<u64>,
+    /// Memory plus swap (`--memory-swap`; -1 for unlimited swap).
+    pub memory_swap: Option<i64>,
+    /// CPUs and memory nodes the sandbox may use, as cpuset lists (`0-1,3`).
+    pub cpuset_cpus: Option<String>,
+    pub cpuset_mems: Option<String>,
+    /// Relative block I/O weight, 10 to 1000.
+    pub blkio_weight: Option<u16>,
+    /// Read and write limits in bytes per second per block device.
+    pub read_bps: Vec<super::spec::IoLimit>,
+    pub write_bps: Vec<super::spec::IoLimit>,
 }
 
 /// Creates the cgroup with `limits`; on failure removes what it created.
@@ -200,10 +221,102 @@ fn apply(cg: &Cgroup, limits: &Limits) -> Result<(), SandboxError> {
         mem.set_soft_limit(bytes as i64)
             .map_err(|e| SandboxError::cgroup("set the memory reservation", e))?;
     }
+    apply_placement_and_io(cg, limits)?;
     if let Some(max) = limits.pids {
         let pids: &PidController = controller(cg, "pids")?;
         pids.set_pid_max(MaxValue::Value(max as i64))
             .map_err(|e| SandboxError::cgroup("set the pids limit", e))?;
+    }
+    Ok(())
+}
+
+/// The directory of controller `name` (cgroups-rs's name: `blkio` for v2's io too).
+fn dir_of(cg: &Cgroup, name: &str) -> Result<PathBuf, SandboxError> {
+    cg.subsystems()
+        .iter()
+        .find(|s| s.controller_name() == name)
+        .map(|s| s.to_controller().path().to_owned())
+        .ok_or_else(|| SandboxError::Cgroup {
+            action: format!("find the {name} controller"),
+            source: std::io::Error::other("not available in this cgroup hierarchy"),
+        })
+}
+
+fn write(dir: &std::path::Path, file: &str, value: &str) -> Result<(), SandboxError> {
+    fs::write(dir.join(file), value).map_err(|source| SandboxError::Cgroup {
+        action: format!("write {value:?} to {file}"),
+        source,
+    })
+}
+
+/// cpuset, swap and block I/O: files written directly, their names and formats differing
+/// between v1 and v2 more than cgroups-rs hides.
+fn apply_placement_and_io(cg: &Cgroup, limits: &Limits) -> Result<(), SandboxError> {
+    let v2 = cg.v2();
+    if let Some(cpus) = &limits.cpuset_cpus {
+        write(&dir_of(cg, "cpuset")?, "cpuset.cpus", cpus)?;
+    }
+    if let Some(mems) = &limits.cpuset_mems {
+        write(&dir_of(cg, "cpuset")?, "cpuset.mems", mems)?;
+    }
+    if let Some(swap) = limits.memory_swap {
+        let dir = dir_of(cg, "memory")?;
+        if v2 {
+            // v2 limits swap alone: the total minus the memory limit.
+            let value = match (swap, limits.memory) {
+                (-1, _) => "max".to_owned(),
+                (total, Some(memory)) => (total as u64).saturating_sub(memory).to_string(),
+                (total, None) => total.to_string(),
+            };
+            write(&dir, "memory.swap.max", &value)?;
+        } else {
+            write(&dir, "memory.memsw.limit_in_bytes", &swap.to_string())?;
+        }
+    }
+    if let Some(weight) = limits.blkio_weight {
+        let dir = dir_of(cg, "blkio")?;
+        // CFQ's weight is gone from recent kernels; BFQ's takes its place when BFQ is used.
+        let candidates: &[(&str, String)] = if v2 {
+            &[
+                ("io.weight", format!("default {weight}")),
+                ("io.bfq.weight", weight.to_string()),
+            ]
+        } else {
+            &[
+                ("blkio.weight", weight.to_string()),
+                ("blkio.bfq.weight", weight.to_string()),
+            ]
+        };
+        let file = candidates
+            .iter()
+            .find(|(f, _)| dir.join(f).exists())
+            .ok_or_else(|| SandboxError::Cgroup {
+                action: "set the block I/O weight".into(),
+                source: std::io::Error::other(
+                    "this kernel has no I/O weight (io.weight or BFQ's) for the cgroup",
+                ),
+            })?;
+        write(&dir, file.0, &file.1)?;
+    }
+    let throttles = [("read", &limits.read_bps), ("write", &limits.write_bps)];
+    for (way, list) in throttles {
+        for l in list {
+            let dir = dir_of(cg, "blkio")?;
+            if v2 {
+                let key = if way == "read" { "rbps" } else { "wbps" };
+                write(
+                    &dir,
+                    "io.max",
+                    &format!("{}:{} {key}={}", l.major, l.minor, l.bps),
+                )?;
+            } else {
+                write(
+                    &dir,
+                    &format!("blkio.throttle.{way}_bps_device"),
+                    &format!("{}:{} {}", l.major, l.minor, l.bps),
+                )?;
+            }
+        }
     }
     Ok(())
 }
@@ -284,6 +397,11 @@ pub struct Usage {
     pub throttled_periods: u64,
     pub pids: u64,
     pub pids_limit: Option<u64>,
+    /// Bytes read from and written to block devices.
+    pub io_read_bytes: u64,
+    pub io_write_bytes: u64,
+    /// The CPUs the sandbox may run on.
+    pub cpuset_cpus: String,
 }
 
 /// Reads the sandbox's usage.
@@ -338,6 +456,44 @@ pub fn usage(placement: &Placement) -> Usage {
         && let Some(acct) = cg.controller_of::<CpuAcctController>()
     {
         u.cpu_usec = acct.cpuacct().usage / 1000;
+    }
+    if let Ok(dir) = dir_of(&cg, "blkio") {
+        let (file, read_key, write_key) = if placement.v2 {
+            ("io.stat", "rbytes=", "wbytes=")
+        } else {
+            (
+                "blkio.throttle.io_service_bytes_recursive",
+                "Read ",
+                "Write ",
+            )
+        };
+        for line in read(&dir, file).unwrap_or_default().lines() {
+            let field = |key: &str| -> u64 {
+                if placement.v2 {
+                    line.split_whitespace()
+                        .find_map(|w| w.strip_prefix(key)?.parse().ok())
+                        .unwrap_or(0)
+                } else {
+                    // `MAJ:MIN Read N`
+                    line.split_once(' ')
+                        .and_then(|(_, rest)| rest.strip_prefix(key)?.trim().parse().ok())
+                        .unwrap_or(0)
+                }
+            };
+            u.io_read_bytes += field(read_key);
+            u.io_write_bytes += field(write_key);
+        }
+    }
+    if let Ok(dir) = dir_of(&cg, "cpuset") {
+        let file = if placement.v2 {
+            "cpuset.cpus.effective"
+        } else {
+            "cpuset.cpus"
+        };
+        read(&dir, file)
+            .unwrap_or_default()
+            .trim()
+            .clone_into(&mut u.cpuset_cpus);
     }
     if let Some(pids) = cg.controller_of::<PidController>() {
         u.pids = pids.get_pid_current().unwrap_or(0);

@@ -16,6 +16,7 @@
 //! gone; a `run` that fails part way calls it on what it made.
 
 pub mod cgroup;
+pub mod devices;
 pub mod network;
 pub mod process;
 pub mod seccomp;
@@ -652,8 +653,17 @@ fn build(
             pids: spec.pids_limit,
             cpu_shares: spec.cpu_shares,
             memory_reservation: spec.memory_reservation,
+            memory_swap: spec.memory_swap,
+            cpuset_cpus: spec.cpuset_cpus.clone(),
+            cpuset_mems: spec.cpuset_mems.clone(),
+            blkio_weight: spec.blkio_weight,
+            read_bps: spec.read_bps.clone(),
+            write_bps: spec.write_bps.clone(),
         },
     )?;
+    if !spec.privileged {
+        devices::restrict(paths, &record.cgroup, &spec.devices)?;
+    }
 
     let mut argv = vec!["bulkhead-init".to_owned(), "--".to_owned()];
     argv.extend(spec.command.iter().cloned());
@@ -685,6 +695,11 @@ fn build(
         user: spec.user,
         ulimits: spec.ulimits.clone(),
         time_offsets: spec.time_offsets,
+        devices: spec
+            .devices
+            .iter()
+            .map(|d| (d.host.clone(), d.name.clone()))
+            .collect(),
         seccomp: if spec.privileged {
             Vec::new()
         } else {
@@ -832,6 +847,7 @@ pub fn remove(paths: &Paths, record: &Record) -> Result<()> {
     let cgroup_result = if record.cgroup.path.is_empty() {
         Ok(())
     } else {
+        devices::forget(paths, &record.cgroup);
         cgroup::destroy(&record.cgroup)
     };
     if record.pid > 0 {

@@ -51,6 +51,8 @@ pub struct ChildSpec {
     pub user: Option<User>,
     pub ulimits: Vec<Ulimit>,
     pub time_offsets: Option<TimeOffsets>,
+    /// Host device nodes bound into /dev besides the default ones, as (host path, name).
+    pub devices: Vec<(PathBuf, String)>,
     /// Seccomp filters to install last, compiled by the parent.
     pub seccomp: Vec<seccompiler::BpfProgram>,
 }
@@ -313,7 +315,7 @@ fn setup_and_exec(spec: &ChildSpec) -> Result<Never, String> {
         Some("mode=1777"),
     )
     .map_err(|e| sys("mount /tmp", e))?;
-    build_dev(&at("dev"), &at("tmp/.bulkhead-dev"))?;
+    build_dev(&at("dev"), &at("tmp/.bulkhead-dev"), &spec.devices)?;
     // Scratch space where programs expect it, so a read-only root still runs them.
     for dir in ["run", "var/tmp"] {
         if at(dir).is_dir() || (!spec.read_only_root && std::fs::create_dir_all(at(dir)).is_ok()) {
@@ -652,7 +654,7 @@ fn ensure_dir(path: &Path) -> Result<(), String> {
 /// A minimal /dev at `dev`: a tmpfs with the usual device nodes bound from the host's, a new
 /// devpts instance, /dev/shm, and the conventional links. Assembled at `staging` (the host's
 /// /dev is still visible then) and moved into place.
-fn build_dev(dev: &Path, staging: &Path) -> Result<(), String> {
+fn build_dev(dev: &Path, staging: &Path, extra: &[(PathBuf, String)]) -> Result<(), String> {
     let sys = |what: String, e: nix::Error| format!("{what}: {e}");
     ensure_dir(staging)?;
     mount(
@@ -663,9 +665,11 @@ fn build_dev(dev: &Path, staging: &Path) -> Result<(), String> {
         Some("mode=755,size=65536k"),
     )
     .map_err(|e| sys("mount a tmpfs for /dev".into(), e))?;
-    for name in DEVICES {
-        let host = Path::new("/dev").join(name);
-        let node = staging.join(name);
+    let defaults = DEVICES
+        .iter()
+        .map(|n| (Path::new("/dev").join(n), (*n).to_owned()));
+    for (host, name) in defaults.chain(extra.iter().cloned()) {
+        let node = staging.join(&name);
         File::create(&node).map_err(|e| format!("create {}: {e}", node.display()))?;
         mount(
             Some(&host),

@@ -216,6 +216,17 @@ pub struct RunSpec {
     pub cpu_shares: Option<u64>,
     /// Memory the kernel tries to leave the sandbox under pressure (`--memory-reservation`).
     pub memory_reservation: Option<u64>,
+    /// Host devices the sandbox may use besides docker's default list (`--device`).
+    pub devices: Vec<super::devices::Device>,
+    /// Memory plus swap (`--memory-swap`, -1: unlimited swap).
+    pub memory_swap: Option<i64>,
+    /// `--cpuset-cpus`, `--cpuset-mems`.
+    pub cpuset_cpus: Option<String>,
+    pub cpuset_mems: Option<String>,
+    /// `--blkio-weight`, `--device-read-bps`, `--device-write-bps`.
+    pub blkio_weight: Option<u16>,
+    pub read_bps: Vec<IoLimit>,
+    pub write_bps: Vec<IoLimit>,
     /// The seccomp filter (`--security-opt seccomp=...`); none when privileged.
     pub seccomp: super::seccomp::Policy,
     pub command: Vec<String>,
@@ -227,6 +238,88 @@ fn bad(what: &'static str, value: &str, why: impl Into<String>) -> SandboxError 
         value: value.to_owned(),
         why: why.into(),
     }
+}
+
+/// A rate limit on one block device: docker's `--device-read-bps /dev/sda:1mb`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoLimit {
+    pub major: u32,
+    pub minor: u32,
+    /// Bytes per second.
+    pub bps: u64,
+}
+
+impl FromStr for IoLimit {
+    type Err = SandboxError;
+
+    fn from_str(s: &str) -> Result<Self, SandboxError> {
+        use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+        let (path, rate) = s
+            .rsplit_once(':')
+            .ok_or_else(|| bad("device rate", s, "expected /dev/BLOCKDEVICE:RATE"))?;
+        let meta = std::fs::metadata(path).map_err(|e| bad("device rate", s, e.to_string()))?;
+        if !meta.file_type().is_block_device() {
+            return Err(bad("device rate", s, "not a block device"));
+        }
+        Ok(IoLimit {
+            major: libc::major(meta.rdev()),
+            minor: libc::minor(meta.rdev()),
+            bps: parse_rate(rate).ok_or_else(|| {
+                bad(
+                    "device rate",
+                    s,
+                    "expected a rate such as 1mb, 512kb or 1048576",
+                )
+            })?,
+        })
+    }
+}
+
+/// A byte count with an optional unit k, m or g (powers of 1024), optionally followed by b.
+fn parse_rate(s: &str) -> Option<u64> {
+    let lower = s.trim().to_ascii_lowercase();
+    let lower = lower.strip_suffix('b').unwrap_or(&lower);
+    let (digits, shift) = match lower.chars().last()? {
+        'k' => (&lower[..lower.len() - 1], 10),
+        'm' => (&lower[..lower.len() - 1], 20),
+        'g' => (&lower[..lower.len() - 1], 30),
+        _ => (lower, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .filter(|n| *n > 0)
+}
+
+/// A cpuset list as the kernel takes it (`0-1,3`), every CPU or node below `count`.
+pub fn parse_cpuset(what: &'static str, s: &str, count: usize) -> Result<String, SandboxError> {
+    let number = |t: &str| -> Result<usize, SandboxError> {
+        let n: usize = t
+            .parse()
+            .map_err(|_| bad(what, s, "expected a list such as 0-1,3"))?;
+        if n >= count {
+            return Err(bad(
+                what,
+                s,
+                format!("this machine has {count} (0 to {})", count - 1),
+            ));
+        }
+        Ok(n)
+    };
+    for part in s.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                if number(a)? > number(b)? {
+                    return Err(bad(what, s, "a range must go upwards"));
+                }
+            }
+            None => {
+                number(part)?;
+            }
+        }
+    }
+    Ok(s.to_owned())
 }
 
 /// A host path bound into the sandbox: docker's `-v HOST:PATH[:ro|rw]`.
