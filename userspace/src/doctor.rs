@@ -88,6 +88,7 @@ pub fn run() -> Vec<Check> {
         lsm("selinux", "/sys/fs/selinux", "/sys/fs/selinux/enforce"),
         time_namespace(),
         mount_setattr(),
+        device_control(),
     ]
 }
 
@@ -144,6 +145,34 @@ fn time_namespace() -> Check {
             Status::Info,
             "not in this kernel (Linux 5.6+, CONFIG_TIME_NS); run --timens fails",
             None,
+        )
+    }
+}
+
+/// How sandboxes' device access is controlled: the v1 devices controller, or on cgroup v2 a
+/// cgroup device program (Linux 4.15, which every kernel Bulkhead runs on has).
+fn device_control() -> Check {
+    let (layout, _) = cgroup_layout();
+    if layout == "v2" {
+        check(
+            "device control",
+            Status::Ok,
+            "cgroup v2: a cgroup device program per sandbox",
+            None,
+        )
+    } else if std::path::Path::new("/sys/fs/cgroup/devices/devices.allow").exists() {
+        check(
+            "device control",
+            Status::Ok,
+            "cgroup v1 devices controller",
+            None,
+        )
+    } else {
+        check(
+            "device control",
+            Status::Missing,
+            "no devices controller on cgroup v1",
+            Some("mount the devices controller, or boot with cgroup v2"),
         )
     }
 }

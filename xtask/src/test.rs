@@ -118,6 +118,7 @@ const VM_SANDBOX_TESTS: &[&str] = &[
     "sandboxes::cpuset_io_and_swap_limits_reach_the_cgroup_and_stats",
     "sandboxes::capabilities_user_and_ulimits_are_applied",
     "sandboxes::dockers_masked_and_read_only_paths_are_hidden",
+    "sandboxes::the_default_seccomp_filter_denies_what_dockers_denies",
 ];
 
 fn vm_sandboxes(artifacts: &build::Artifacts) -> anyhow::Result<()> {
@@ -134,14 +135,19 @@ fn vm_sandboxes(artifacts: &build::Artifacts) -> anyhow::Result<()> {
         ])
         .output()
         .context("build the integration tests")?;
-    let executable = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains("\"name\":\"integration\""))
-        .find_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).ok()?;
-            Some(std::path::PathBuf::from(v["executable"].as_str()?))
-        })
-        .context("cargo did not name the integration test binary")?;
+    let executable_of = |name: &str| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(&format!("\"name\":\"{name}\"")))
+            .find_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                Some(std::path::PathBuf::from(v["executable"].as_str()?))
+            })
+    };
+    let executable =
+        executable_of("integration").context("cargo did not name the integration test binary")?;
+    let syscall_helper = executable_of("bulkhead-syscall")
+        .context("cargo did not name the bulkhead-syscall helper")?;
     // Without debug info it is a tenth of the size in the initramfs.
     let stripped = root.join("target/vm/bulkhead-tests");
     std::fs::create_dir_all(stripped.parent().unwrap())?;
@@ -155,7 +161,7 @@ fn vm_sandboxes(artifacts: &build::Artifacts) -> anyhow::Result<()> {
     )?;
     let body = format!(
         "grep -q ' /sys/fs/cgroup cgroup2 ' /proc/mounts || {{ echo 'vm: no cgroup2'; exit 1; }}\n\
-export BULKHEAD_BIN=/bin/bulkhead BULKHEAD_INIT_BIN=/bin/bulkhead-init\n\
+export BULKHEAD_BIN=/bin/bulkhead BULKHEAD_INIT_BIN=/bin/bulkhead-init BULKHEAD_SYSCALL_BIN=/bin/bulkhead-syscall\n\
 /bin/bulkhead-tests --test-threads=1 {}",
         VM_SANDBOX_TESTS.join(" ")
     );
@@ -163,6 +169,7 @@ export BULKHEAD_BIN=/bin/bulkhead BULKHEAD_INIT_BIN=/bin/bulkhead-init\n\
         (artifacts.bulkhead.clone(), "/bin/bulkhead"),
         (artifacts.init.clone(), "/bin/bulkhead-init"),
         (stripped, "/bin/bulkhead-tests"),
+        (syscall_helper, "/bin/bulkhead-syscall"),
     ];
     crate::vm::run(&body, &binaries, std::time::Duration::from_mins(20))
 }

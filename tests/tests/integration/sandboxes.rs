@@ -1075,7 +1075,10 @@ fn syscalls(h: &Host, args: &[&str], calls: &[&str]) -> std::collections::BTreeM
     let mut all = vec!["run"];
     all.extend_from_slice(args);
     all.push("--");
-    all.push(env!("CARGO_BIN_EXE_bulkhead-syscall"));
+    // The test VM ships the helper elsewhere and says where.
+    let helper = std::env::var("BULKHEAD_SYSCALL_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_bulkhead-syscall").to_owned());
+    all.push(&helper);
     all.extend_from_slice(calls);
     let out = ran(&h.node.bulkhead(&all));
     out.lines()
