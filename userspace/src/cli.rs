@@ -875,6 +875,7 @@ fn run_sandbox(paths: &Paths, args: RunArgs, lock_timeout: Option<Duration>) -> 
 
 fn run_spec(args: RunArgs) -> Result<sandbox::RunSpec, sandbox::SandboxError> {
     use sandbox::spec;
+    let (seccomp, apparmor) = security_opts(&args.security_opt)?;
     let memory = args.memory.as_deref().map(spec::parse_size).transpose()?;
     let cpus_here = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     // Memory nodes: /sys/devices/system/node/nodeN, one at least.
@@ -1010,14 +1011,19 @@ fn run_spec(args: RunArgs) -> Result<sandbox::RunSpec, sandbox::SandboxError> {
             .iter()
             .map(|d| d.parse())
             .collect::<Result<_, _>>()?,
-        seccomp: security_opts(&args.security_opt)?,
+        seccomp,
+        apparmor,
         command: args.command,
     })
 }
 
-/// `--security-opt` values, docker's names.
-fn security_opts(opts: &[String]) -> Result<sandbox::seccomp::Policy, sandbox::SandboxError> {
+/// `--security-opt` values, docker's names: the seccomp policy and the AppArmor profile asked
+/// for.
+fn security_opts(
+    opts: &[String],
+) -> Result<(sandbox::seccomp::Policy, Option<String>), sandbox::SandboxError> {
     let mut policy = sandbox::seccomp::Policy::Default;
+    let mut apparmor = None;
     for opt in opts {
         let bad = |why: &str| sandbox::SandboxError::BadValue {
             what: "security option",
@@ -1026,15 +1032,7 @@ fn security_opts(opts: &[String]) -> Result<sandbox::seccomp::Policy, sandbox::S
         };
         match opt.split_once(['=', ':']) {
             Some(("seccomp", value)) => policy = value.parse()?,
-            Some(("apparmor", _)) => {
-                return Err(bad(
-                    if std::path::Path::new("/sys/kernel/security/apparmor").exists() {
-                        "AppArmor profiles are not supported yet"
-                    } else {
-                        "AppArmor is not enabled in this kernel (see bulkhead doctor)"
-                    },
-                ));
-            }
+            Some(("apparmor", name)) if !name.is_empty() => apparmor = Some(name.to_owned()),
             None if opt == "no-new-privileges" => {}
             Some(("no-new-privileges", "true")) => {}
             _ => {
@@ -1044,7 +1042,7 @@ fn security_opts(opts: &[String]) -> Result<sandbox::seccomp::Policy, sandbox::S
             }
         }
     }
-    Ok(policy)
+    Ok((policy, apparmor))
 }
 
 fn print_ps(paths: &Paths, json: bool, out: &mut impl Write) -> anyhow::Result<()> {

@@ -1313,3 +1313,36 @@ fn cpuset_io_and_swap_limits_reach_the_cgroup_and_stats() {
     }
     h.node.bulkhead_ok(&["rm", "-f", "placed"]);
 }
+
+#[test]
+fn an_apparmor_profile_confines_the_sandbox_where_the_kernel_has_apparmor() {
+    let Some(h) =
+        Host::new("an_apparmor_profile_confines_the_sandbox_where_the_kernel_has_apparmor")
+    else {
+        return;
+    };
+    if !bulkhead::sandbox::apparmor::enabled() {
+        // Asking for a profile is refused with the reason, nothing made.
+        let out = h.run(&["--security-opt", "apparmor=bulkhead-default"], "true");
+        assert_eq!(out.status.code(), Some(125));
+        assert!(
+            text(&out.stderr).contains("AppArmor is not enabled in this kernel"),
+            "{}",
+            text(&out.stderr)
+        );
+        eprintln!(
+            "SKIP an_apparmor_profile_confines_the_sandbox_where_the_kernel_has_apparmor: \
+             this kernel has no AppArmor (the refusal was checked)"
+        );
+        return;
+    }
+    let out = ran(&h.run(&[], "cat /proc/self/attr/current"));
+    assert!(out.contains("bulkhead-default (enforce)"), "{out}");
+    let out = h.run(&["--security-opt", "apparmor=no-such-profile"], "true");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("no such profile"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -15,6 +15,7 @@
 //! Everything `run` creates is undone by [`remove`], which tolerates pieces that are already
 //! gone; a `run` that fails part way calls it on what it made.
 
+pub mod apparmor;
 pub mod cgroup;
 pub mod devices;
 pub mod network;
@@ -192,6 +193,9 @@ pub struct Record {
     /// Its seccomp filter (`exec` installs the same).
     #[serde(default)]
     pub seccomp: seccomp::Policy,
+    /// Its AppArmor profile (`exec` enters the same).
+    #[serde(default)]
+    pub apparmor: Option<String>,
 }
 
 fn sandboxes_dir(paths: &Paths) -> PathBuf {
@@ -501,6 +505,8 @@ fn generated_name() -> Name {
 /// What `run` checked and found before making anything.
 struct Prepared<'a> {
     door: NodeDoor<'a>,
+    /// The AppArmor profile the sandbox enters, if any.
+    apparmor: Option<String>,
     subnet: Subnet,
     name: Name,
     hostname: String,
@@ -544,8 +550,14 @@ fn prepare<'a>(paths: &'a Paths, spec: &RunSpec) -> Result<Prepared<'a>> {
     for p in &spec.publish {
         check_publish(paths, &door, p)?;
     }
+    let apparmor = if spec.privileged {
+        None
+    } else {
+        apparmor::profile_for(spec.apparmor.as_deref())?
+    };
     Ok(Prepared {
         door,
+        apparmor,
         subnet,
         name,
         hostname,
@@ -558,6 +570,7 @@ fn prepare<'a>(paths: &'a Paths, spec: &RunSpec) -> Result<Prepared<'a>> {
 fn start(paths: &Paths, spec: &RunSpec, log: Option<PathBuf>) -> Result<Record> {
     let Prepared {
         door,
+        apparmor,
         subnet,
         name,
         hostname,
@@ -605,6 +618,7 @@ fn start(paths: &Paths, spec: &RunSpec, log: Option<PathBuf>) -> Result<Record> 
             & !spec.cap_drop.iter().fold(0, |m, c| m | c.mask()),
         user: spec.user,
         seccomp: spec.seccomp.clone(),
+        apparmor,
         monitor_pid: if spec.detach {
             std::process::id() as i32
         } else {
@@ -700,6 +714,16 @@ fn build(
             .iter()
             .map(|d| (d.host.clone(), d.name.clone()))
             .collect(),
+        apparmor: record
+            .apparmor
+            .as_deref()
+            .map(CString::new)
+            .transpose()
+            .map_err(|_| SandboxError::BadValue {
+                what: "apparmor profile",
+                value: record.apparmor.clone().unwrap_or_default(),
+                why: "contains a NUL byte".into(),
+            })?,
         seccomp: if spec.privileged {
             Vec::new()
         } else {
@@ -1004,6 +1028,10 @@ pub fn exec(paths: &Paths, name: &str, command: &[String]) -> Result<i32> {
     } else {
         seccomp::filters(&record.seccomp, record.caps)?
     };
+    let apparmor_profile = record
+        .apparmor
+        .as_deref()
+        .and_then(|p| CString::new(p).ok());
     let argv = process::c_strings(command)?;
     let envp = environment(&record.hostname, &record.env, None)?;
     cgroup::add(&record.cgroup, std::process::id())?;
@@ -1031,6 +1059,7 @@ pub fn exec(paths: &Paths, name: &str, command: &[String]) -> Result<i32> {
                 record.privileged,
                 record.caps,
                 record.user,
+                apparmor_profile.as_deref(),
                 &filters,
                 &argv,
                 &envp,

@@ -53,6 +53,8 @@ pub struct ChildSpec {
     pub time_offsets: Option<TimeOffsets>,
     /// Host device nodes bound into /dev besides the default ones, as (host path, name).
     pub devices: Vec<(PathBuf, String)>,
+    /// The AppArmor profile to enter on exec.
+    pub apparmor: Option<CString>,
     /// Seccomp filters to install last, compiled by the parent.
     pub seccomp: Vec<seccompiler::BpfProgram>,
 }
@@ -429,6 +431,9 @@ fn setup_and_exec(spec: &ChildSpec) -> Result<Never, String> {
     }
     if let Some(user) = spec.user {
         become_user(user)?;
+    }
+    if let Some(profile) = &spec.apparmor {
+        super::apparmor::change_on_exec(profile)?;
     }
     super::seccomp::install(&spec.seccomp)?;
     // Set up: from here the sandbox outlives whoever started it.
@@ -851,6 +856,7 @@ pub fn exec_in_sandbox(
     privileged: bool,
     caps: u64,
     user: Option<User>,
+    apparmor: Option<&std::ffi::CStr>,
     seccomp: &[seccompiler::BpfProgram],
     argv: &[CString],
     envp: &[CString],
@@ -873,6 +879,11 @@ pub fn exec_in_sandbox(
     }
     if let Some(user) = user
         && let Err(e) = become_user(user)
+    {
+        return e;
+    }
+    if let Some(profile) = apparmor
+        && let Err(e) = super::apparmor::change_on_exec(profile)
     {
         return e;
     }

@@ -229,6 +229,9 @@ pub struct RunSpec {
     pub write_bps: Vec<IoLimit>,
     /// The seccomp filter (`--security-opt seccomp=...`); none when privileged.
     pub seccomp: super::seccomp::Policy,
+    /// The AppArmor profile asked for (`--security-opt apparmor=NAME`); the default one where
+    /// the kernel has AppArmor.
+    pub apparmor: Option<String>,
     pub command: Vec<String>,
 }
 
