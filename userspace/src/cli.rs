@@ -940,17 +940,7 @@ fn run_spec(args: RunArgs) -> Result<sandbox::RunSpec, sandbox::SandboxError> {
         },
         cpu_shares: args
             .cpu_shares
-            .map(|n| {
-                if (2..=262_144).contains(&n) {
-                    Ok(n)
-                } else {
-                    Err(sandbox::SandboxError::BadValue {
-                        what: "cpu shares",
-                        value: n.to_string(),
-                        why: "must be 2 to 262144".into(),
-                    })
-                }
-            })
+            .map(|n| within("cpu shares", n, 2..=262_144))
             .transpose()?,
         memory_reservation: args
             .memory_reservation
@@ -989,17 +979,7 @@ fn run_spec(args: RunArgs) -> Result<sandbox::RunSpec, sandbox::SandboxError> {
             .transpose()?,
         blkio_weight: args
             .blkio_weight
-            .map(|w| {
-                if (10..=1000).contains(&w) {
-                    Ok(w)
-                } else {
-                    Err(sandbox::SandboxError::BadValue {
-                        what: "blkio weight",
-                        value: w.to_string(),
-                        why: "must be 10 to 1000".into(),
-                    })
-                }
-            })
+            .map(|w| within("blkio weight", w, 10..=1000))
             .transpose()?,
         read_bps: args
             .device_read_bps
@@ -1015,6 +995,23 @@ fn run_spec(args: RunArgs) -> Result<sandbox::RunSpec, sandbox::SandboxError> {
         apparmor,
         command: args.command,
     })
+}
+
+/// `value` if it lies in `range`, else the error naming both.
+fn within<T: PartialOrd + std::fmt::Display>(
+    what: &'static str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, sandbox::SandboxError> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(sandbox::SandboxError::BadValue {
+            what,
+            value: value.to_string(),
+            why: format!("must be {} to {}", range.start(), range.end()),
+        })
+    }
 }
 
 /// `--security-opt` values, docker's names: the seccomp policy and the AppArmor profile asked

@@ -496,12 +496,7 @@ fn load_program(
         .try_into()
         .map_err(err)?;
     prog.load().map_err(err)?;
-    let pin = dir.join("progs").join(name);
-    let _ = fs::remove_file(&pin);
-    prog.pin(&pin).map_err(|source| LoaderError::Pin {
-        path: pin.clone(),
-        source,
-    })?;
+    let pin = pin_program(dir, name, |path| prog.pin(path))?;
     // Reopen from the pin so the returned program does not borrow `ebpf`; the maps stay pinned.
     SchedClassifier::from_pin(&pin).map_err(|source| LoaderError::Program {
         action: "reopen",
@@ -525,10 +520,23 @@ fn load_device_program(ebpf: &mut Ebpf, dir: &Path) -> Result<(), LoaderError> {
         .try_into()
         .map_err(err)?;
     prog.load().map_err(err)?;
+    pin_program(dir, name, |path| prog.pin(path)).map(drop)
+}
+
+/// Pins a loaded program (`pin` is its own `pin` method: aya has no trait for it) as
+/// `progs/<name>`, replacing the previous build's pin; returns the path.
+fn pin_program(
+    dir: &Path,
+    name: &str,
+    pin_at: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>,
+) -> Result<PathBuf, LoaderError> {
     let pin = dir.join("progs").join(name);
     let _ = fs::remove_file(&pin);
-    prog.pin(&pin)
-        .map_err(|source| LoaderError::Pin { path: pin, source })
+    pin_at(&pin).map_err(|source| LoaderError::Pin {
+        path: pin.clone(),
+        source,
+    })?;
+    Ok(pin)
 }
 
 /// Docker's default device rules, as (kind, major, minor, access): creating any device node,
