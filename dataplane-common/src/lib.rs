@@ -296,6 +296,22 @@ pub mod scheduler {
     pub const SH: u8 = 5;
     /// Destination hashing: the destination address alone picks the slot.
     pub const DH: u8 = 6;
+    /// Shortest expected delay (IPVS `sed`): the fewest `(connections + 1) / weight`.
+    pub const SED: u8 = 7;
+    /// Never queue (IPVS `nq`): the first idle backend, else as `SED`.
+    pub const NQ: u8 = 8;
+    /// Weighted failover (IPVS `fo`): the backend of highest weight.
+    pub const FO: u8 = 9;
+    /// Weighted overflow (IPVS `ovf`): the backend of highest weight that has fewer open
+    /// connections than its weight; none when every one is full.
+    pub const OVF: u8 = 10;
+
+    /// Whether a scheduler scans its table (each active backend once) on every new flow,
+    /// comparing open connections and weights, instead of indexing into it.
+    #[must_use]
+    pub const fn scans(code: u8) -> bool {
+        matches!(code, LC | SED | NQ | FO | OVF)
+    }
 }
 
 /// Key of [`map::SERVICES`].

@@ -54,7 +54,7 @@ pub fn select(svc: &Service, t: &FlowTuple, now: u64) -> Result<(u32, Backend), 
             return Ok(found);
         }
     }
-    if svc.scheduler == scheduler::LC {
+    if scheduler::scans(svc.scheduler) {
         let found = least_connections(svc)?;
         remember(svc, t, found.0, now);
         return Ok(found);
@@ -96,7 +96,8 @@ fn remember(svc: &Service, t: &FlowTuple, id: u32, now: u64) {
 /// Longest table `lc` scans (its table lists each active backend once).
 pub const LC_SCAN: u32 = 128;
 
-/// State of an `lc` scan, shared with the `bpf_loop` callback.
+/// State of a scan, shared with the `bpf_loop` callback. `found` and `scheduler` share a word
+/// so the struct (in `new_flow`'s frame, the deepest chain) keeps its size.
 #[repr(C)]
 struct LcScan {
     service_id: u32,
@@ -104,11 +105,17 @@ struct LcScan {
     best_id: u32,
     best_weight: u32,
     best_conns: u64,
-    found: u32,
+    found: u16,
+    scheduler: u16,
 }
 
-/// The backend with the fewest open connections per unit of weight (IPVS `wlc` order:
-/// `conns_a * weight_b < conns_b * weight_a`).
+/// The backend the scanning scheduler of `svc` picks, comparing open connections and weights
+/// in table order (the order backends were added, as IPVS walks its destinations), a later
+/// backend winning only when strictly better:
+/// `lc` the fewest connections per unit of weight (IPVS `wlc`: `conns_a * weight_b <
+/// conns_b * weight_a`), `sed` the fewest `(conns + 1) / weight`, `nq` the first idle backend
+/// or else as `sed`, `fo` the highest weight, `ovf` the highest weight among those with fewer
+/// connections than their weight (none: no backend).
 ///
 /// The scan runs under `bpf_loop` (Linux 5.17, commit e6f2dd0f8067): the verifier checks the
 /// callback once, where an unrolled loop of `LC_SCAN` lookups multiplies the states it explores
@@ -122,6 +129,7 @@ fn least_connections(svc: &Service) -> Result<(u32, Backend), Reason> {
         best_weight: 0,
         best_conns: 0,
         found: 0,
+        scheduler: u16::from(svc.scheduler),
     };
     let len = if svc.table_len < LC_SCAN {
         svc.table_len
@@ -161,9 +169,24 @@ extern "C" fn lc_step(index: u32, ctx: *mut c_void) -> i64 {
         return 0;
     };
     let conns = open_connections(id);
-    if scan.found == 0
-        || conns * u64::from(scan.best_weight) < scan.best_conns * u64::from(b.weight)
-    {
+    let weight = u64::from(b.weight);
+    let best_weight = u64::from(scan.best_weight);
+    let better = match scan.scheduler as u8 {
+        scheduler::SED => {
+            scan.found == 0 || (conns + 1) * best_weight < (scan.best_conns + 1) * weight
+        }
+        scheduler::NQ => {
+            // An idle backend already found stays; an idle one is taken at once.
+            !(scan.found != 0 && scan.best_conns == 0)
+                && (scan.found == 0
+                    || conns == 0
+                    || (conns + 1) * best_weight < (scan.best_conns + 1) * weight)
+        }
+        scheduler::FO => scan.found == 0 || weight > best_weight,
+        scheduler::OVF => conns < weight && (scan.found == 0 || weight > best_weight),
+        _ => scan.found == 0 || conns * best_weight < scan.best_conns * weight,
+    };
+    if better {
         scan.best_id = id;
         scan.best_weight = u32::from(b.weight);
         scan.best_conns = conns;

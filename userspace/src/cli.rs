@@ -293,7 +293,7 @@ pub enum ServiceCommand {
         /// A backend `ADDR:PORT[@WEIGHT]`; repeat for each.
         #[arg(long = "backend", short = 'b')]
         backends: Vec<String>,
-        /// hash (default), random, maglev|mh, rr|wrr, lc|wlc, sh, dh.
+        /// hash (default), random, maglev|mh, rr|wrr, lc|wlc, sh, dh, sed, nq, fo, ovf.
         #[arg(long, short = 's', default_value = "hash")]
         scheduler: String,
         /// Session affinity by client address, with this timeout in seconds.

@@ -698,3 +698,69 @@ fn conntrack_timeouts_are_configurable_and_idle_flows_expire() {
         "{bad:?}"
     );
 }
+
+#[test]
+fn ipvs_scan_schedulers_pick_as_ipvs_does() {
+    if skip("ipvs_scan_schedulers_pick_as_ipvs_does") {
+        return;
+    }
+    let c = Cluster::new(3);
+    let all = c.backends(TCP_PORT);
+    // Weights 1:2:3 in the order the backends were added; each new connection stays open, so
+    // it counts for the next choice. The expected sequences are IPVS's (ip_vs_sed.c,
+    // ip_vs_nq.c, ip_vs_fo.c, ip_vs_ovf.c): scan in order, a later backend wins only when
+    // strictly better.
+    for (port, sched, want) in [
+        // (C+1)/W: 1/1, 1/2, 1/3 -> third; then 1, .5, .67 -> second; ...
+        (90, "sed", vec![2, 1, 2, 0, 1, 2]),
+        // the first idle backend, each in turn; then as sed
+        (91, "nq", vec![0, 1, 2, 2, 1, 2]),
+        // always the highest weight
+        (92, "fo", vec![2, 2, 2, 2, 2, 2]),
+        // the highest weight with fewer connections than its weight
+        (93, "ovf", vec![2, 2, 2, 1, 1, 0]),
+    ] {
+        let svc = format!("{VIP}:{port}/tcp");
+        c.node.bulkhead_ok(&[
+            "service",
+            "add",
+            &svc,
+            "-s",
+            sched,
+            "-b",
+            &format!("{}@1", all[0]),
+            "-b",
+            &format!("{}@2", all[1]),
+            "-b",
+            &format!("{}@3", all[2]),
+        ]);
+        let vip = SocketAddrV4::new(VIP, port);
+        let mut held = Vec::new();
+        let mut got = Vec::new();
+        for _ in 0..want.len() {
+            let mut conn = c.client().tcp_connect(vip);
+            let answer = ask(&mut conn);
+            got.push(
+                all.iter()
+                    .position(|b| *b == answer)
+                    .expect("a known backend"),
+            );
+            held.push(conn);
+        }
+        assert_eq!(got, want, "{sched}: backends picked in order");
+        if sched == "ovf" {
+            // Every backend is full: the next connection is refused, not queued.
+            let err = c.client().ns.run(move || {
+                std::net::TcpStream::connect_timeout(&vip.into(), std::time::Duration::from_secs(2))
+                    .map(drop)
+                    .map_err(|e| e.kind())
+            });
+            assert_eq!(
+                err,
+                Err(std::io::ErrorKind::ConnectionRefused),
+                "ovf when full"
+            );
+        }
+        drop(held);
+    }
+}

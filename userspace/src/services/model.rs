@@ -170,10 +170,14 @@ pub enum Scheduler {
     Lc,
     Sh,
     Dh,
+    Sed,
+    Nq,
+    Fo,
+    Ovf,
 }
 
 impl Scheduler {
-    const ALL: [Scheduler; 7] = [
+    const ALL: [Scheduler; 11] = [
         Scheduler::Hash,
         Scheduler::Random,
         Scheduler::Maglev,
@@ -181,7 +185,17 @@ impl Scheduler {
         Scheduler::Lc,
         Scheduler::Sh,
         Scheduler::Dh,
+        Scheduler::Sed,
+        Scheduler::Nq,
+        Scheduler::Fo,
+        Scheduler::Ovf,
     ];
+
+    /// Whether the datapath scans this scheduler's table (each active backend once) on every
+    /// new flow, so the table holds at most [`MAX_LC_BACKENDS`](super::MAX_LC_BACKENDS).
+    pub fn scans(self) -> bool {
+        scheduler::scans(self.code())
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -192,6 +206,10 @@ impl Scheduler {
             Scheduler::Lc => "lc",
             Scheduler::Sh => "sh",
             Scheduler::Dh => "dh",
+            Scheduler::Sed => "sed",
+            Scheduler::Nq => "nq",
+            Scheduler::Fo => "fo",
+            Scheduler::Ovf => "ovf",
         }
     }
 
@@ -204,6 +222,10 @@ impl Scheduler {
             Scheduler::Lc => scheduler::LC,
             Scheduler::Sh => scheduler::SH,
             Scheduler::Dh => scheduler::DH,
+            Scheduler::Sed => scheduler::SED,
+            Scheduler::Nq => scheduler::NQ,
+            Scheduler::Fo => scheduler::FO,
+            Scheduler::Ovf => scheduler::OVF,
         }
     }
 
@@ -226,12 +248,13 @@ impl FromStr for Scheduler {
             "mh" => "maglev",
             other => other,
         };
-        const EXPECTED: &str = "expected hash, random, maglev (mh), rr (wrr), lc (wlc), sh or dh";
+        const EXPECTED: &str = "expected hash, random, maglev (mh), rr (wrr), lc (wlc), sh, dh, \
+                                sed, nq, fo or ovf";
         Self::ALL
             .into_iter()
             .find(|k| k.name() == s)
             .ok_or_else(|| match input {
-                "sed" | "nq" | "fo" | "ovf" | "lblc" | "lblcr" | "twos" => parse_err(
+                "lblc" | "lblcr" | "twos" => parse_err(
                     "scheduler",
                     input,
                     format!("IPVS's {input} scheduler is not supported yet; {EXPECTED}"),

@@ -21,7 +21,7 @@ pub fn selection_table(sched: Scheduler, backends: &[(u32, SocketAddrV4, u16)]) 
     }
     match sched {
         // lc weighs connections itself, so it needs each backend exactly once.
-        Scheduler::Lc => usable.iter().map(|b| b.0).collect(),
+        s if s.scans() => usable.iter().map(|b| b.0).collect(),
         Scheduler::Maglev => {
             let named: Vec<(String, u16)> = usable.iter().map(|b| (b.1.to_string(), b.2)).collect();
             let size = maglev_size(usable.len());

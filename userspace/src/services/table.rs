@@ -616,7 +616,7 @@ impl<S: Store> Drop for ServiceTable<S> {
 
 /// Most backends a service with this scheduler code may have.
 fn max_backends(scheduler_code: u8) -> usize {
-    if scheduler_code == scheduler::LC {
+    if scheduler::scans(scheduler_code) {
         MAX_LC_BACKENDS
     } else {
         MAX_BACKENDS_PER_SERVICE as usize
