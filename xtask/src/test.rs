@@ -17,6 +17,9 @@ pub struct Options {
     /// tc, bulkhead-init as PID 1), about two minutes under TCG.
     #[arg(long)]
     pub no_vm: bool,
+    /// Only the VM rings (after the build): for work on what runs there.
+    #[arg(long, conflicts_with = "no_vm")]
+    pub vm_only: bool,
     /// Passed to the test binaries (e.g. a test name filter).
     #[arg(last = true)]
     pub args: Vec<String>,
@@ -85,7 +88,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         .args(&opts.args)
         .env("BULKHEAD_BIN", &artifacts.bulkhead)
         .env("BULKHEAD_INIT_BIN", &artifacts.init);
-    setup::run_cmd("cargo test", &mut cargo).context("tests failed")?;
+    if !opts.vm_only {
+        setup::run_cmd("cargo test", &mut cargo).context("tests failed")?;
+    }
     if opts.no_vm {
         eprintln!("test: SKIP the VM demo: --no-vm");
         return Ok(());

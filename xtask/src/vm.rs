@@ -25,7 +25,9 @@ use crate::{build, setup};
 /// modules.dep does not list.
 const MODULES: &[&str] = &[
     "crc32c_generic",
-    // RAM disks: a block device for the sandbox device-control and I/O-limit tests.
+    // Block devices for the sandbox device-control and I/O-limit tests: loop devices, and
+    // RAM disks where loop devices fail.
+    "loop",
     "brd",
     "veth",
     "bridge",

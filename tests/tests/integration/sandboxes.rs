@@ -1189,13 +1189,19 @@ impl BlockDevice {
         let dir = TempDir::new("bhb");
         let file = dir.path().join("disk");
         std::fs::write(&file, vec![7u8; 4 << 20]).ok()?;
-        let out = tests::command("losetup")
-            .args(["--find", "--show"])
-            .arg(&file)
-            .output()
-            .ok()?;
+        // `losetup -f` then `losetup DEV FILE`: what util-linux's and busybox's (the VM's)
+        // losetup both take.
+        let out = tests::command("losetup").arg("-f").output().ok()?;
         let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         let name = path.strip_prefix("/dev/")?.to_owned();
+        let attached = tests::command("losetup")
+            .arg(&path)
+            .arg(&file)
+            .status()
+            .ok()?;
+        if !attached.success() {
+            return None;
+        }
         let numbers = std::fs::read_to_string(format!("/sys/class/block/{name}/dev")).ok()?;
         Some(BlockDevice {
             name,
