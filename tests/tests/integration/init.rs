@@ -485,9 +485,11 @@ fn wait_all_lets_the_tree_finish_then_kills_what_is_left() {
     }
     let dir = TempDir::new("bhi");
     let marker = dir.path().join("finished");
-    // A background job that ignores SIGTERM and needs 0.5 s to finish its work.
+    // A background job that ignores SIGTERM and needs 0.5 s to finish its work. It is started
+    // with SIGTERM already ignored (inherited from the shell, which takes its own trap back):
+    // a trap set inside the job could come after --wait-all's SIGTERM, and the job would die.
     let job = format!(
-        "(trap '' TERM; sleep 0.5; touch {}) & exit 0",
+        "trap '' TERM; (sleep 0.5; touch {}) & trap - TERM; exit 0",
         marker.display()
     );
     let out = run(&["-s", "--", "sh", "-c", &job]);
@@ -509,7 +511,7 @@ fn wait_all_lets_the_tree_finish_then_kills_what_is_left() {
         "--",
         "sh",
         "-c",
-        "(trap '' TERM; sleep 30) & exit 7",
+        "trap '' TERM; sleep 30 & trap - TERM; exit 7",
     ]);
     assert_eq!(code(&out), 7);
     let took = started.elapsed();
