@@ -895,11 +895,7 @@ fn run_spec(args: RunArgs) -> Result<sandbox::RunSpec, sandbox::SandboxError> {
         pids_limit: args.pids_limit,
         rootfs: args.rootfs,
         ip: args.ip,
-        publish: args
-            .publish
-            .iter()
-            .map(|p| p.parse())
-            .collect::<Result<_, _>>()?,
+        publish: parse_all(&args.publish)?,
         env: args
             .env
             .iter()
@@ -911,28 +907,12 @@ fn run_spec(args: RunArgs) -> Result<sandbox::RunSpec, sandbox::SandboxError> {
         privileged: args.privileged,
         detach: args.detach,
         cgroup_parent: args.cgroup_parent,
-        volumes: args
-            .volume
-            .iter()
-            .map(|v| v.parse())
-            .collect::<Result<_, _>>()?,
+        volumes: parse_all(&args.volume)?,
         read_only: args.read_only,
-        cap_add: args
-            .cap_add
-            .iter()
-            .map(|c| c.parse())
-            .collect::<Result<_, _>>()?,
-        cap_drop: args
-            .cap_drop
-            .iter()
-            .map(|c| c.parse())
-            .collect::<Result<_, _>>()?,
+        cap_add: parse_all(&args.cap_add)?,
+        cap_drop: parse_all(&args.cap_drop)?,
         user: args.user.as_deref().map(str::parse).transpose()?,
-        ulimits: args
-            .ulimit
-            .iter()
-            .map(|u| u.parse())
-            .collect::<Result<_, _>>()?,
+        ulimits: parse_all(&args.ulimit)?,
         time_offsets: match (args.timens, args.time_offset.as_deref()) {
             (_, Some(offsets)) => Some(offsets.parse()?),
             (true, None) => Some(sandbox::spec::TimeOffsets::default()),
@@ -947,11 +927,7 @@ fn run_spec(args: RunArgs) -> Result<sandbox::RunSpec, sandbox::SandboxError> {
             .as_deref()
             .map(spec::parse_size)
             .transpose()?,
-        devices: args
-            .device
-            .iter()
-            .map(|d| d.parse())
-            .collect::<Result<_, _>>()?,
+        devices: parse_all(&args.device)?,
         memory_swap: match args.memory_swap.as_deref() {
             None => None,
             Some("-1") => Some(-1),
@@ -981,20 +957,17 @@ fn run_spec(args: RunArgs) -> Result<sandbox::RunSpec, sandbox::SandboxError> {
             .blkio_weight
             .map(|w| within("blkio weight", w, 10..=1000))
             .transpose()?,
-        read_bps: args
-            .device_read_bps
-            .iter()
-            .map(|d| d.parse())
-            .collect::<Result<_, _>>()?,
-        write_bps: args
-            .device_write_bps
-            .iter()
-            .map(|d| d.parse())
-            .collect::<Result<_, _>>()?,
+        read_bps: parse_all(&args.device_read_bps)?,
+        write_bps: parse_all(&args.device_write_bps)?,
         seccomp,
         apparmor,
         command: args.command,
     })
+}
+
+/// Every value of a repeatable option, parsed; the first bad one is the error.
+fn parse_all<T: std::str::FromStr>(values: &[String]) -> Result<Vec<T>, T::Err> {
+    values.iter().map(|v| v.parse()).collect()
 }
 
 /// `value` if it lies in `range`, else the error naming both.

@@ -76,6 +76,26 @@ fn udp_service_replies_come_from_the_vip_and_flows_stick() {
     );
 }
 
+/// A TCP service on `port` of the VIP with scheduler `sched` over the three backends, weights
+/// 1, 2 and 3 in that order.
+fn weighted_1_2_3(c: &Cluster, port: u16, sched: &str) -> SocketAddrV4 {
+    let all = c.backends(TCP_PORT);
+    let svc = format!("{VIP}:{port}/tcp");
+    let mut args = vec![
+        "service".to_owned(),
+        "add".into(),
+        svc,
+        "-s".into(),
+        sched.into(),
+    ];
+    for (backend, weight) in all.iter().zip(1..) {
+        args.extend(["-b".to_owned(), format!("{backend}@{weight}")]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.node.bulkhead_ok(&args);
+    SocketAddrV4::new(VIP, port)
+}
+
 #[test]
 fn schedulers_spread_flows_as_they_promise() {
     if skip("schedulers_spread_flows_as_they_promise") {
@@ -91,21 +111,7 @@ fn schedulers_spread_flows_as_they_promise() {
     assert!(seen.len() == 3 && max - min <= cpus, "rr: {seen:?}");
 
     // Weighted rr (IPVS wrr), weights 1:2:3.
-    let svc = format!("{VIP}:82/tcp");
-    c.node.bulkhead_ok(&[
-        "service",
-        "add",
-        &svc,
-        "-s",
-        "wrr",
-        "-b",
-        &format!("{}@1", all[0]),
-        "-b",
-        &format!("{}@2", all[1]),
-        "-b",
-        &format!("{}@3", all[2]),
-    ]);
-    let seen = c.spread(SocketAddrV4::new(VIP, 82), 60);
+    let seen = c.spread(weighted_1_2_3(&c, 82, "wrr"), 60);
     for (i, want) in [(0, 10), (1, 20), (2, 30)] {
         let got = seen.get(&all[i]).copied().unwrap_or(0);
         assert!(
@@ -720,21 +726,7 @@ fn ipvs_scan_schedulers_pick_as_ipvs_does() {
         // the highest weight with fewer connections than its weight
         (93, "ovf", vec![2, 2, 2, 1, 1, 0]),
     ] {
-        let svc = format!("{VIP}:{port}/tcp");
-        c.node.bulkhead_ok(&[
-            "service",
-            "add",
-            &svc,
-            "-s",
-            sched,
-            "-b",
-            &format!("{}@1", all[0]),
-            "-b",
-            &format!("{}@2", all[1]),
-            "-b",
-            &format!("{}@3", all[2]),
-        ]);
-        let vip = SocketAddrV4::new(VIP, port);
+        let vip = weighted_1_2_3(&c, port, sched);
         let mut held = Vec::new();
         let mut got = Vec::new();
         for _ in 0..want.len() {
