@@ -59,7 +59,6 @@ pub enum Mode {
 #[derive(Debug)]
 pub struct NodeLock {
     file: File,
-    path: PathBuf,
     mode: Mode,
 }
 
@@ -123,19 +122,11 @@ impl NodeLock {
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(10));
         }
-        let mut lock = NodeLock { file, path, mode };
+        let mut lock = NodeLock { file, mode };
         if mode == Mode::Exclusive {
             lock.record_holder();
         }
         Ok(lock)
-    }
-
-    pub fn mode(&self) -> Mode {
-        self.mode
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Writes this process's pid and command line into the lock file, for `cat` and for

@@ -98,15 +98,16 @@ impl<'a> NodeDoor<'a> {
     pub fn port_holder(&self, p: &Publish) -> Option<PortHolder> {
         let vaddr = published_vaddr(p);
         if let Ok(table) = ServiceTable::open(&self.paths.bpffs) {
-            for s in table.list() {
-                if s.service.proto != vaddr.proto {
+            // Specs, not `list()`: only addresses are compared, no counter needs reading.
+            for s in table.specs() {
+                if s.vaddr.proto != vaddr.proto {
                     continue;
                 }
-                if s.service == vaddr {
+                if s.vaddr == vaddr {
                     return Some(PortHolder::Published(vaddr));
                 }
                 if s.nodeport == Some(p.host_port) {
-                    return Some(PortHolder::NodePort(s.service));
+                    return Some(PortHolder::NodePort(s.vaddr));
                 }
             }
         }
