@@ -19,7 +19,10 @@ use bulkhead::{
     netns,
     node::{self, Paths},
     sandbox,
-    services::{BackendSpec, BackendState, ServiceSpec, ServiceTable, VirtualAddr},
+    services::{
+        BackendSpec, BackendState, ServiceSpec, ServiceTable, VirtualAddr,
+        desired::{Config, Plan},
+    },
     subnet::Subnet,
 };
 use clap::{Parser, Subcommand};
@@ -143,6 +146,59 @@ pub enum Command {
     /// Pods the datapath hands packets to directly (stack bypass).
     #[command(subcommand)]
     Endpoint(EndpointCommand),
+    /// Run the node agent in the foreground: it owns the node, serves the API, metrics and
+    /// health, and reconciles --config. While it runs, these commands go through it.
+    Agent(Box<AgentArgs>),
+    /// Make the services what a YAML file says (services missing from it are deleted); only
+    /// the differences are applied.
+    Apply {
+        /// The file (`-` for stdin).
+        #[arg(long = "filename", short = 'f', value_name = "FILE")]
+        file: PathBuf,
+        /// Cut the established flows of removed backends instead of letting them finish.
+        #[arg(long)]
+        force: bool,
+    },
+    /// What `apply -f FILE` would change; exits 1 when something would (as `kubectl diff`).
+    Diff {
+        #[arg(long = "filename", short = 'f', value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+/// `bulkhead agent`'s options.
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    /// Desired state (the `apply` schema), applied at start and on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The API's Unix socket (default: agent.sock in the state directory).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// A group allowed to use the API socket besides root (mode 0660).
+    #[arg(long, value_name = "GROUP")]
+    api_group: Option<String>,
+    /// Serve Prometheus metrics on /metrics here, e.g. 127.0.0.1:10249.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_address: Option<std::net::SocketAddr>,
+    /// Serve /healthz and /readyz here, e.g. 0.0.0.0:10256 (kube-proxy's port).
+    #[arg(long, value_name = "ADDR:PORT")]
+    health_address: Option<std::net::SocketAddr>,
+    /// How often to check the maps against the desired state, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
+    sync_period: Duration,
+    /// Log lines as text or as JSON objects.
+    #[arg(long, value_name = "text|json", default_value = "text")]
+    log_format: LogFormat,
+    /// Least severe level logged (error, warn, info, debug, trace); BULKHEAD_LOG overrides.
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 /// `bulkhead run`'s options, docker's names where docker has one.
@@ -355,7 +411,10 @@ pub enum ConntrackCommand {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    match &cli.command {
+        Command::Agent(a) => init_tracing(&a.log_level, a.log_format == LogFormat::Json),
+        _ => init_tracing("warn", false),
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -365,13 +424,17 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(level: &str, json: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("BULKHEAD_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
+    let filter = EnvFilter::try_from_env("BULKHEAD_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
@@ -388,6 +451,7 @@ impl Command {
     fn lock_mode(&self) -> Option<Mode> {
         match self {
             Command::Doctor { .. }
+            | Command::Agent(_)
             | Command::Events { .. }
             | Command::Run(_)
             | Command::Ps { .. }
@@ -397,7 +461,8 @@ impl Command {
             Command::Stats { name: None, .. }
             | Command::Service(ServiceCommand::List { .. } | ServiceCommand::Save)
             | Command::Conntrack(ConntrackCommand::List { .. } | ConntrackCommand::Stats { .. })
-            | Command::Endpoint(EndpointCommand::List { .. }) => Some(Mode::Shared),
+            | Command::Endpoint(EndpointCommand::List { .. })
+            | Command::Diff { .. } => Some(Mode::Shared),
             Command::Up { .. }
             | Command::Down
             | Command::Attach { .. }
@@ -407,7 +472,8 @@ impl Command {
             | Command::Service(_)
             | Command::Backend(_)
             | Command::Conntrack(ConntrackCommand::Flush { .. })
-            | Command::Endpoint(_) => Some(Mode::Exclusive),
+            | Command::Endpoint(_)
+            | Command::Apply { .. } => Some(Mode::Exclusive),
         }
     }
 }
@@ -421,22 +487,240 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     netns::escape_private_sysfs().context("find a bpffs whose pins outlive this command")?;
     let paths = Paths::resolve(cli.bpffs, cli.state_dir, cli.netns.is_some())
         .context("find the node's directories")?;
-    let _lock = match cli.command.lock_mode() {
-        Some(mode) => Some(
-            paths
-                .lock(mode, cli.lock_timeout)
-                .context("take the node lock")?,
+    let mode = cli.command.lock_mode();
+    match cli.command {
+        Command::Agent(args) => run_agent(paths, *args),
+        Command::Run(args) => Ok(run_sandbox(&paths, *args, cli.lock_timeout)),
+        Command::Exec { name, command } => match sandbox::exec(&paths, &name, &command) {
+            Ok(code) => Ok(ExitCode::from(code.clamp(0, 255) as u8)),
+            Err(e @ sandbox::SandboxError::CommandNotFound { .. }) => {
+                eprintln!("bulkhead: exec in sandbox {name}: {e}");
+                Ok(ExitCode::from(127))
+            }
+            Err(e) => Err(anyhow::Error::new(e).context(format!("exec in sandbox {name}"))),
+        },
+        Command::Events { duration } => {
+            loader::follow_events(&paths.bpffs, duration.map(std::time::Duration::from_secs))
+                .context("follow datapath events")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        command => {
+            if mode.is_some()
+                && let Some(agent) =
+                    bulkhead::agent::client::find(&paths).context("find the node's agent")?
+            {
+                return forward(&agent, &command);
+            }
+            let _lock = match mode {
+                Some(mode) => Some(
+                    paths
+                        .lock(mode, cli.lock_timeout)
+                        .context("take the node lock")?,
+                ),
+                None => None,
+            };
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let mut ctx = Ctx {
+                paths: &paths,
+                table: None,
+                stdin: None,
+            };
+            let code = execute(&mut ctx, command, &mut out)?;
+            out.flush().context("write to stdout")?;
+            Ok(ExitCode::from(code))
+        }
+    }
+}
+
+/// Sends the command line to the node's agent, which runs it as this process would have, and
+/// prints what it printed. Files and stdin are read here and sent along.
+fn forward(agent: &bulkhead::agent::client::Client, command: &Command) -> anyhow::Result<ExitCode> {
+    let mut args: Vec<String> = std::env::args().collect();
+    let mut stdin = String::new();
+    match command {
+        Command::Down => anyhow::bail!(
+            "the node's agent (pid {}) owns it: stop the agent (SIGTERM leaves the datapath \
+             serving), then run `bulkhead down`",
+            agent.pid
         ),
-        None => None,
+        Command::Apply { file, .. } | Command::Diff { file } => {
+            stdin = read_file_or_stdin(file)?;
+            // The agent reads the file's text from the request, not from its own cwd.
+            args = replace_file_arg(&args, file);
+        }
+        Command::Service(ServiceCommand::Restore) => {
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut stdin)
+                .context("read stdin")?;
+        }
+        _ => {}
+    }
+    let done = agent
+        .cli(&args, &stdin)
+        .with_context(|| format!("send the command to the node's agent (pid {})", agent.pid))?;
+    std::io::stdout()
+        .write_all(done.stdout.as_bytes())
+        .context("write to stdout")?;
+    eprint!("{}", done.stderr);
+    Ok(ExitCode::from(done.code))
+}
+
+/// `args` with the value of `-f`/`--filename` replaced by `-`.
+fn replace_file_arg(args: &[String], file: &std::path::Path) -> Vec<String> {
+    let file = file.to_string_lossy();
+    let mut out = Vec::with_capacity(args.len());
+    let mut next_is_file = false;
+    for a in args {
+        if next_is_file {
+            out.push("-".to_owned());
+            next_is_file = false;
+        } else if a == "-f" || a == "--filename" {
+            out.push(a.clone());
+            next_is_file = true;
+        } else if let Some(v) = a
+            .strip_prefix("--filename=")
+            .or_else(|| a.strip_prefix("-f"))
+            && v == file
+        {
+            out.push("--filename=-".to_owned());
+        } else {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
+fn read_file_or_stdin(file: &std::path::Path) -> anyhow::Result<String> {
+    if file.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("read stdin")?;
+        Ok(text)
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))
+    }
+}
+
+/// Runs CLI commands inside the agent, against its open table.
+pub struct InAgent;
+
+impl bulkhead::agent::Executor for InAgent {
+    fn execute(
+        &self,
+        paths: &Paths,
+        table: &mut ServiceTable,
+        args: &[String],
+        stdin: &str,
+    ) -> bulkhead::agent::Executed {
+        let mut done = bulkhead::agent::Executed::default();
+        let cli = match Cli::try_parse_from(args) {
+            Ok(cli) => cli,
+            Err(e) => {
+                done.stderr = e.render().to_string();
+                done.code = 2;
+                return done;
+            }
+        };
+        done.reload = !matches!(
+            cli.command,
+            Command::Service(_)
+                | Command::Backend(_)
+                | Command::Conntrack(_)
+                | Command::Endpoint(_)
+                | Command::Stats { .. }
+                | Command::Apply { .. }
+                | Command::Diff { .. }
+        );
+        let mut out = Vec::new();
+        let mut ctx = Ctx {
+            paths,
+            table: Some(table),
+            stdin: Some(stdin),
+        };
+        match execute(&mut ctx, cli.command, &mut out) {
+            Ok(code) => done.code = code,
+            Err(e) => {
+                done.stderr = format!("bulkhead: {e:#}\n");
+                done.code = 1;
+            }
+        }
+        done.stdout = String::from_utf8_lossy(&out).into_owned();
+        done
+    }
+}
+
+fn run_agent(paths: Paths, args: AgentArgs) -> anyhow::Result<ExitCode> {
+    let options = bulkhead::agent::Options {
+        config: args.config,
+        api_socket: args.api_socket,
+        api_group: args.api_group,
+        metrics_address: args.metrics_address,
+        health_address: args.health_address,
+        sync_period: args.sync_period.max(Duration::from_millis(100)),
     };
+    bulkhead::agent::run(paths, options, std::sync::Arc::new(InAgent)).context("agent")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Where a command runs: the node, the agent's open table when it runs there, and stdin's
+/// text when it came with the request.
+struct Ctx<'a> {
+    paths: &'a Paths,
+    table: Option<&'a mut ServiceTable>,
+    stdin: Option<&'a str>,
+}
+
+enum TableRef<'a> {
+    Agent(&'a mut ServiceTable),
+    Own(Box<ServiceTable>),
+}
+
+impl std::ops::Deref for TableRef<'_> {
+    type Target = ServiceTable;
+    fn deref(&self) -> &ServiceTable {
+        match self {
+            TableRef::Agent(t) => t,
+            TableRef::Own(t) => t,
+        }
+    }
+}
+
+impl std::ops::DerefMut for TableRef<'_> {
+    fn deref_mut(&mut self) -> &mut ServiceTable {
+        match self {
+            TableRef::Agent(t) => t,
+            TableRef::Own(t) => t,
+        }
+    }
+}
+
+impl Ctx<'_> {
+    fn table(&mut self) -> anyhow::Result<TableRef<'_>> {
+        match &mut self.table {
+            Some(t) => Ok(TableRef::Agent(t)),
+            None => Ok(TableRef::Own(Box::new(
+                ServiceTable::open(&self.paths.bpffs)
+                    .context("open the service table (is the node up? `bulkhead up`)")?,
+            ))),
+        }
+    }
+
+    fn read_input(&self, file: &std::path::Path) -> anyhow::Result<String> {
+        match self.stdin {
+            Some(text) => Ok(text.to_owned()),
+            None => read_file_or_stdin(file),
+        }
+    }
+}
+
+/// Runs a command that works on the node's state; returns its exit code.
+fn execute(ctx: &mut Ctx<'_>, command: Command, out: &mut impl Write) -> anyhow::Result<u8> {
+    let paths = ctx.paths;
     if !matches!(
-        cli.command,
+        command,
         Command::Up { .. } | Command::Down | Command::Doctor { .. }
     ) {
-        node::check_owner(&paths).context("check the node record")?;
+        node::check_owner(paths).context("check the node record")?;
     }
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    match cli.command {
+    match command {
         Command::Doctor { json } => {
             let checks = doctor::run();
             if json {
@@ -450,13 +734,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
-            out.flush().context("write to stdout")?;
             let failed = checks.iter().any(|c| c.status == doctor::Status::Missing);
-            return Ok(if failed {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            });
+            return Ok(u8::from(failed));
         }
         Command::Up {
             bridge,
@@ -473,7 +752,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 timeouts: conntrack_timeouts.unwrap_or_default(),
                 bypass,
             };
-            let report = node::up(&paths, &bridge, &opts)
+            let report = node::up(paths, &bridge, &opts)
                 .with_context(|| format!("bring up bridge {bridge}"))?;
             for (map, entries) in &report.migrated {
                 writeln!(
@@ -492,11 +771,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Down => {
             // Sandboxes go first: their veths hang on the bridge that goes next.
-            for record in sandbox::list(&paths) {
-                sandbox::remove(&paths, &record)
+            for record in sandbox::list(paths) {
+                sandbox::remove(paths, &record)
                     .with_context(|| format!("remove sandbox {}", record.name))?;
             }
-            let record = node::down(&paths).context("take the node down")?;
+            let record = node::down(paths).context("take the node down")?;
             writeln!(
                 out,
                 "bulkhead down: detached from {}",
@@ -504,48 +783,26 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )?;
         }
         Command::Attach { ifname } => {
-            node::attach(&paths, &ifname)
+            node::attach(paths, &ifname)
                 .with_context(|| format!("attach the datapath to {ifname}"))?;
         }
         Command::Detach { ifname } => {
-            node::detach(&paths, &ifname)
+            node::detach(paths, &ifname)
                 .with_context(|| format!("detach the datapath from {ifname}"))?;
         }
-        Command::Events { duration } => {
-            out.flush()?;
-            loader::follow_events(&paths.bpffs, duration.map(std::time::Duration::from_secs))
-                .context("follow datapath events")?;
-        }
-        Command::Stats { name: None, json } => print_stats(&paths, json, &mut out)?,
+        Command::Stats { name: None, json } => print_stats(paths, json, out)?,
         Command::Stats {
             name: Some(name),
             json,
         } => {
-            let usage = sandbox::stats(&paths, &name)
-                .with_context(|| format!("stats of sandbox {name}"))?;
-            print_usage(&name, &usage, json, &mut out)?;
+            let usage =
+                sandbox::stats(paths, &name).with_context(|| format!("stats of sandbox {name}"))?;
+            print_usage(&name, &usage, json, out)?;
         }
-        Command::Run(args) => {
-            out.flush()?;
-            drop(out);
-            return Ok(run_sandbox(&paths, *args, cli.lock_timeout));
-        }
-        Command::Ps { json } => print_ps(&paths, json, &mut out)?,
-        Command::Exec { name, command } => {
-            out.flush()?;
-            drop(out);
-            return match sandbox::exec(&paths, &name, &command) {
-                Ok(code) => Ok(ExitCode::from(code.clamp(0, 255) as u8)),
-                Err(e @ sandbox::SandboxError::CommandNotFound { .. }) => {
-                    eprintln!("bulkhead: exec in sandbox {name}: {e}");
-                    Ok(ExitCode::from(127))
-                }
-                Err(e) => Err(anyhow::Error::new(e).context(format!("exec in sandbox {name}"))),
-            };
-        }
+        Command::Ps { json } => print_ps(paths, json, out)?,
         Command::Stop { names, time } => {
             for name in names {
-                let killed = sandbox::stop(&paths, &name, std::time::Duration::from_secs(time))
+                let killed = sandbox::stop(paths, &name, std::time::Duration::from_secs(time))
                     .with_context(|| format!("stop sandbox {name}"))?;
                 writeln!(
                     out,
@@ -560,31 +817,48 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Rm { names, force } => {
             for name in names {
-                sandbox::rm(&paths, &name, force)
+                sandbox::rm(paths, &name, force)
                     .with_context(|| format!("remove sandbox {name}"))?;
                 writeln!(out, "{name}")?;
             }
         }
         Command::Logs { name } => {
             out.write_all(
-                &sandbox::logs(&paths, &name).with_context(|| format!("logs of sandbox {name}"))?,
+                &sandbox::logs(paths, &name).with_context(|| format!("logs of sandbox {name}"))?,
             )?;
         }
-        Command::Service(cmd) => service(&paths, cmd, &mut out)?,
-        Command::Backend(cmd) => backend(&paths, cmd)?,
-        Command::Conntrack(cmd) => conntrack(&paths, cmd, &mut out)?,
-        Command::Endpoint(cmd) => endpoint(&paths, cmd, &mut out)?,
+        Command::Service(cmd) => service(ctx, cmd, out)?,
+        Command::Backend(cmd) => backend(ctx, cmd)?,
+        Command::Conntrack(cmd) => conntrack(ctx, cmd, out)?,
+        Command::Endpoint(cmd) => endpoint(paths, cmd, out)?,
+        Command::Apply { file, force } => {
+            let text = ctx.read_input(&file)?;
+            let config =
+                Config::parse(&text).with_context(|| format!("read {}", file.display()))?;
+            let mut table = ctx.table()?;
+            let plan = Plan::new(&table.specs(), &config.specs());
+            write!(out, "{plan}")?;
+            plan.apply(&mut table, force).context("apply")?;
+            let (a, c, d) = plan.counts();
+            writeln!(out, "bulkhead apply: {a} added, {c} changed, {d} deleted")?;
+        }
+        Command::Diff { file } => {
+            let text = ctx.read_input(&file)?;
+            let config =
+                Config::parse(&text).with_context(|| format!("read {}", file.display()))?;
+            let plan = Plan::new(&ctx.table()?.specs(), &config.specs());
+            write!(out, "{plan}")?;
+            return Ok(u8::from(!plan.is_empty()));
+        }
+        Command::Agent(_) | Command::Run(_) | Command::Exec { .. } | Command::Events { .. } => {
+            unreachable!("run() handles these itself")
+        }
     }
-    out.flush().context("write to stdout")?;
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
-fn table(paths: &Paths) -> anyhow::Result<ServiceTable> {
-    ServiceTable::open(&paths.bpffs)
-        .context("open the service table (is the node up? `bulkhead up`)")
-}
-
-fn service(paths: &Paths, cmd: ServiceCommand, out: &mut impl Write) -> anyhow::Result<()> {
+fn service(ctx: &mut Ctx<'_>, cmd: ServiceCommand, out: &mut impl Write) -> anyhow::Result<()> {
+    let paths = ctx.paths;
     match cmd {
         ServiceCommand::Add {
             service,
@@ -603,18 +877,18 @@ fn service(paths: &Paths, cmd: ServiceCommand, out: &mut impl Write) -> anyhow::
                     .map(|b| sandbox::resolve_backend(paths, b).parse())
                     .collect::<Result<_, _>>()?,
             };
-            table(paths)?
+            ctx.table()?
                 .add(&spec)
                 .with_context(|| format!("add service {}", spec.vaddr))?;
         }
         ServiceCommand::Del { service } => {
             let vaddr: VirtualAddr = service.parse()?;
-            table(paths)?
+            ctx.table()?
                 .delete(&vaddr)
                 .with_context(|| format!("delete service {vaddr}"))?;
         }
         ServiceCommand::List { json } => {
-            let services = table(paths)?.list();
+            let services = ctx.table()?.list();
             if json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&services)?)?;
                 return Ok(());
@@ -658,20 +932,19 @@ fn service(paths: &Paths, cmd: ServiceCommand, out: &mut impl Write) -> anyhow::
                 }
             }
         }
-        ServiceCommand::Save => write!(out, "{}", table(paths)?.save())?,
+        ServiceCommand::Save => write!(out, "{}", ctx.table()?.save())?,
         ServiceCommand::Restore => {
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-                .context("read stdin")?;
-            let n = table(paths)?.restore(&text).context("restore services")?;
+            let text = ctx.read_input(std::path::Path::new("-"))?;
+            let n = ctx.table()?.restore(&text).context("restore services")?;
             writeln!(out, "restored {n} services")?;
         }
     }
     Ok(())
 }
 
-fn backend(paths: &Paths, cmd: BackendCommand) -> anyhow::Result<()> {
-    let mut table = table(paths)?;
+fn backend(ctx: &mut Ctx<'_>, cmd: BackendCommand) -> anyhow::Result<()> {
+    let paths = ctx.paths;
+    let mut table = ctx.table()?;
     match cmd {
         BackendCommand::Add { service, backend } => {
             let (vaddr, spec): (VirtualAddr, BackendSpec) = (
@@ -708,8 +981,8 @@ fn backend(paths: &Paths, cmd: BackendCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn conntrack(paths: &Paths, cmd: ConntrackCommand, out: &mut impl Write) -> anyhow::Result<()> {
-    let mut table = table(paths)?;
+fn conntrack(ctx: &mut Ctx<'_>, cmd: ConntrackCommand, out: &mut impl Write) -> anyhow::Result<()> {
+    let mut table = ctx.table()?;
     match cmd {
         ConntrackCommand::List { json } => {
             let flows = table.flows();

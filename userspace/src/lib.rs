@@ -4,6 +4,7 @@
 //! return. Modules are named after the concept they own; only [`loader`] touches the eBPF
 //! object.
 
+pub mod agent;
 pub mod bpffs;
 pub mod doctor;
 pub mod link;
@@ -15,3 +16,15 @@ pub mod node;
 pub mod sandbox;
 pub mod services;
 pub mod subnet;
+
+/// An error and its sources on one line, `: `-separated, as `anyhow`'s `{:#}` prints them.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

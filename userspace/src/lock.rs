@@ -9,6 +9,10 @@
 //! file description: the kernel releases them when the holder exits, however it exits, so a
 //! crashed writer never leaves the node locked.
 //!
+//! While `bulkhead agent` runs it holds the lock for its whole life and serialises changes
+//! itself: a command in another process borrows the agent's hold ([`NodeLock::lent`], over
+//! the agent's API), and code running inside the agent uses [`NodeLock::inherited`].
+//!
 //! This module knows nothing about what the lock protects.
 
 use std::{
@@ -38,6 +42,8 @@ pub enum LockError {
         #[source]
         source: io::Error,
     },
+    #[error("the node's agent holds the lock and did not lend it")]
+    Agent(#[source] crate::agent::client::ClientError),
     #[error("the node lock {path} is still held by {holder} after {waited:?} (--lock-timeout)")]
     Timeout {
         path: PathBuf,
@@ -47,6 +53,13 @@ pub enum LockError {
 }
 
 /// Whether the holder changes the node or only reads it.
+impl LockError {
+    /// The agent that holds the lock could not lend it.
+    pub fn agent(e: crate::agent::client::ClientError) -> Self {
+        LockError::Agent(e)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// Readers: any number at once, never during a change.
@@ -56,10 +69,21 @@ pub enum Mode {
 }
 
 /// A held node lock; dropping it releases the lock.
-#[derive(Debug)]
 pub struct NodeLock {
-    file: File,
+    file: Option<File>,
     mode: Mode,
+    /// Keeps a lent hold alive (the agent releases it when this is dropped).
+    lent: Option<Box<dyn Send>>,
+}
+
+impl std::fmt::Debug for NodeLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeLock")
+            .field("file", &self.file)
+            .field("mode", &self.mode)
+            .field("lent", &self.lent.is_some())
+            .finish()
+    }
 }
 
 impl NodeLock {
@@ -122,7 +146,11 @@ impl NodeLock {
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(10));
         }
-        let mut lock = NodeLock { file, mode };
+        let mut lock = NodeLock {
+            file: Some(file),
+            mode,
+            lent: None,
+        };
         if mode == Mode::Exclusive {
             lock.record_holder();
         }
@@ -131,10 +159,38 @@ impl NodeLock {
 
     /// Writes this process's pid and command line into the lock file, for `cat` and for
     /// waiters on kernels where /proc/locks is not readable.
+    /// The lock as held by the agent on this process's behalf: `hold` keeps it until dropped.
+    pub fn lent(hold: Box<dyn Send>) -> Self {
+        NodeLock {
+            file: None,
+            mode: Mode::Exclusive,
+            lent: Some(hold),
+        }
+    }
+
+    /// The lock this process already holds (the agent, running a command itself).
+    pub fn inherited() -> Self {
+        NodeLock {
+            file: None,
+            mode: Mode::Exclusive,
+            lent: None,
+        }
+    }
+
+    /// The holders of the lock at `state_dir`, as "pid N (command line)", if anyone holds it.
+    pub fn holder(state_dir: &Path) -> Option<String> {
+        let file = File::open(state_dir.join(FILE)).ok()?;
+        let meta = file.metadata().ok()?;
+        let text = fs::read_to_string("/proc/locks").ok()?;
+        let pids = lock_holders(&text, meta.dev(), meta.ino());
+        (!pids.is_empty()).then(|| holders(&file)).flatten()
+    }
+
     fn record_holder(&mut self) {
-        let _ = self.file.set_len(0);
+        let Some(file) = &self.file else { return };
+        let _ = file.set_len(0);
         let _ = writeln!(
-            &self.file,
+            &mut &*file,
             "{} {}",
             std::process::id(),
             command_line("self")
@@ -144,8 +200,8 @@ impl NodeLock {
 
 impl Drop for NodeLock {
     fn drop(&mut self) {
-        if self.mode == Mode::Exclusive {
-            let _ = self.file.set_len(0);
+        if let (Some(file), Mode::Exclusive) = (&self.file, self.mode) {
+            let _ = file.set_len(0);
         }
         // Closing the descriptor releases the lock; nothing else to do.
     }

@@ -128,7 +128,16 @@ impl Paths {
     }
 
     /// Takes this node's lock (see [`crate::lock`]).
+    /// While an agent runs it holds the lock: code inside the agent inherits it, and other
+    /// processes borrow the agent's hold over its API.
     pub fn lock(&self, mode: Mode, timeout: Option<Duration>) -> Result<NodeLock, LockError> {
+        if crate::agent::in_agent() {
+            return Ok(NodeLock::inherited());
+        }
+        let agent = crate::agent::client::find(self).map_err(LockError::agent)?;
+        if let Some(agent) = agent {
+            return agent.hold().map(NodeLock::lent).map_err(LockError::agent);
+        }
         NodeLock::acquire(&self.state_dir, mode, timeout)
     }
 }

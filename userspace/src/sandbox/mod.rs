@@ -476,17 +476,7 @@ fn monitor(
     Ok(())
 }
 
-/// `e` and its sources, one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+pub use crate::error_chain;
 
 fn generated_name() -> Name {
     let mut bytes = [0u8; 4];

@@ -12,6 +12,7 @@
 //! here (and in `loader::Endpoints` for pods) and nowhere else: map fields are network order,
 //! see `dataplane-common`.
 
+pub mod desired;
 pub mod flows;
 pub mod ipvsadm;
 pub mod model;

@@ -251,6 +251,12 @@ impl<S: Store> ServiceTable<S> {
                 service: spec.vaddr,
             });
         }
+        self.validate_with(spec, None)
+    }
+
+    /// Checks `spec` against the limits and the other services (`replacing` is the one it
+    /// replaces, whose `NodePort` it may keep).
+    fn validate_with(&self, spec: &ServiceSpec, replacing: Option<&VirtualAddr>) -> Result<()> {
         let max = max_backends(spec.scheduler.code());
         if spec.backends.len() > max {
             return Err(ServiceTableError::TooManyBackends {
@@ -263,10 +269,11 @@ impl<S: Store> ServiceTable<S> {
             if port == 0 {
                 return Err(parse_err("node port", "0", "port 0 is not a valid port"));
             }
-            let clash = self
-                .entries
-                .values()
-                .find(|e| e.nodeport() == Some(port) && e.key.proto == spec.vaddr.key().proto);
+            let clash = self.entries.values().find(|e| {
+                e.nodeport() == Some(port)
+                    && e.key.proto == spec.vaddr.key().proto
+                    && Some(&e.vaddr()) != replacing
+            });
             if let Some(e) = clash {
                 return Err(ServiceTableError::NodePortInUse {
                     port,
@@ -552,6 +559,113 @@ impl<S: Store> ServiceTable<S> {
         Ok(())
     }
 
+    /// Makes the service at `spec.vaddr` match `spec` (scheduler, affinity, `NodePort` and
+    /// backend set, weight 0 meaning drained) with one generation flip, so a packet sees the
+    /// old service or the new one, never a mix. Removed backends are treated as by
+    /// [`delete_backend`](Self::delete_backend): established TCP flows continue unless `force`.
+    /// Nothing changes when it fails. Returns whether anything differed.
+    pub fn update(&mut self, spec: &ServiceSpec, force: bool) -> Result<bool> {
+        let old = self.entry(&spec.vaddr)?;
+        if same_spec(&old.spec(), spec) {
+            return Ok(false);
+        }
+        self.validate_with(spec, Some(&spec.vaddr))?;
+        let mut entry = old.clone();
+        entry.value.scheduler = spec.scheduler.code();
+        entry.value.affinity_secs = spec.affinity_secs;
+        entry.nodeport = spec.nodeport.map(|port| ServiceKey {
+            addr: 0,
+            port: port.to_be(),
+            ..spec.vaddr.key()
+        });
+        let mut undo = Vec::new();
+        let mut removed = Vec::new();
+        entry.backends.retain(|(id, b)| {
+            let keep = spec.backends.iter().any(|s| s.addr == backend_addr(b));
+            if !keep {
+                removed.push(*id);
+            }
+            keep
+        });
+        let mut restore = Vec::new();
+        let result = (|| {
+            for b in &spec.backends {
+                if let Some(i) = entry.find(b.addr) {
+                    let (id, cur) = &mut entry.backends[i];
+                    let weight = if cur.state == backend_state::DRAINING {
+                        0
+                    } else {
+                        cur.weight
+                    };
+                    if weight != b.weight {
+                        restore.push((*id, *cur));
+                        cur.weight = b.weight;
+                        cur.state = backend_state::ACTIVE;
+                        self.store.put_backend(*id, *cur)?;
+                    }
+                } else {
+                    let id = self.insert_backend(b, entry.value.id, &mut undo)?;
+                    entry.backends.push((id, new_backend(b, entry.value.id)));
+                }
+            }
+            if spec.scheduler == Scheduler::Rr && old.value.scheduler != scheduler::RR {
+                self.store.reset(PerId::RrCursor, entry.value.id)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for (id, b) in restore {
+                let _ = self.store.put_backend(id, b);
+            }
+            self.rollback(undo);
+            return Err(e);
+        }
+        if let Err(e) = self.republish(spec.vaddr, entry) {
+            for (id, b) in restore {
+                let _ = self.store.put_backend(id, b);
+            }
+            self.rollback(undo);
+            self.entries.insert(spec.vaddr, old);
+            return Err(e);
+        }
+        if let Some(np) = old
+            .nodeport
+            .filter(|np| Some(*np) != self.entries[&spec.vaddr].nodeport)
+        {
+            let _ = self.store.remove_service(&np);
+        }
+        for id in removed {
+            if force {
+                self.store.remove_flows(&|_, f| f.backend_id == id);
+            } else {
+                self.store
+                    .remove_flows(&|k, f| f.backend_id == id && k.proto == proto::UDP);
+            }
+            self.forget_backend(id);
+        }
+        Ok(true)
+    }
+
+    /// The spec of one service, if there is one at `vaddr`.
+    pub fn spec_of(&self, vaddr: &VirtualAddr) -> Option<ServiceSpec> {
+        self.entries.get(vaddr).map(Entry::spec)
+    }
+
+    /// Removes what a change cut short by a crash left behind: backends, counters and
+    /// connection counts of services that were never published. Returns how many backends.
+    pub fn sweep(&mut self) -> usize {
+        let live: BTreeSet<u32> = self
+            .entries
+            .values()
+            .flat_map(|e| e.backends.iter().map(|(id, _)| *id))
+            .collect();
+        let orphans: Vec<u32> = self.backend_ids.difference(&live).copied().collect();
+        for id in &orphans {
+            self.forget_backend(*id);
+        }
+        orphans.len()
+    }
+
     /// Removes tracked flows (both directions) that match; returns how many flows.
     pub fn flush_flows(&mut self, matches: impl Fn(&FlowKey, &Flow) -> bool) -> usize {
         self.store.remove_flows(&matches)
@@ -612,6 +726,21 @@ impl<S: Store> Drop for ServiceTable<S> {
     fn drop(&mut self) {
         self.commit();
     }
+}
+
+/// Whether two specs describe the same service, backends compared as a set.
+pub(crate) fn same_spec(a: &ServiceSpec, b: &ServiceSpec) -> bool {
+    let sorted = |s: &ServiceSpec| {
+        let mut v: Vec<(SocketAddrV4, u16)> =
+            s.backends.iter().map(|b| (b.addr, b.weight)).collect();
+        v.sort_unstable();
+        v
+    };
+    a.vaddr == b.vaddr
+        && a.scheduler == b.scheduler
+        && a.affinity_secs == b.affinity_secs
+        && a.nodeport == b.nodeport
+        && sorted(a) == sorted(b)
 }
 
 /// Most backends a service with this scheduler code may have.
