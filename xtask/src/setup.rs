@@ -12,7 +12,8 @@ use std::{
 use anyhow::{Context as _, bail};
 
 /// Debian packages the tests and the demo need.
-pub const TEST_PACKAGES: &[&str] = &["iproute2", "bpftool", "busybox-static"];
+/// prometheus: the agent test has a real Prometheus scrape it (run from the test, not as a service).
+pub const TEST_PACKAGES: &[&str] = &["iproute2", "bpftool", "busybox-static", "prometheus"];
 
 pub fn run() -> anyhow::Result<()> {
     nightly()?;

@@ -2,6 +2,7 @@
 //! the real kernel, sends real packets and asserts on what arrives and what was counted.
 //! Tests that cannot run here print `SKIP <test>: <reason>` and return.
 
+mod agent;
 mod cluster;
 mod correctness;
 mod counters;

@@ -30,7 +30,7 @@ fn finish(children: Vec<(String, Child)>) {
 
 /// Every live selection slot of every service points at a backend of that same service, as
 /// the datapath reads them.
-fn slots_belong_to_their_services(bpffs: &Path) {
+pub(crate) fn slots_belong_to_their_services(bpffs: &Path) {
     let maps = ServiceMaps::open(bpffs).expect("open the pinned maps");
     for item in &maps.services {
         let (key, service) = item.unwrap();
