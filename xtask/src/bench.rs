@@ -49,6 +49,26 @@ pub enum What {
         #[arg(long, default_value_t = 40)]
         runs: usize,
     },
+    /// The node agent: one service added with N present (API, CLI through the agent, CLI
+    /// alone as the baseline), applying N and BIG services, memory at BIG, and a churn of
+    /// changes under connection load.
+    Agent {
+        /// Services installed while single changes are measured.
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+        /// The large desired state applied (and the memory measured at).
+        #[arg(long, default_value_t = 100_000)]
+        big: usize,
+        /// API adds timed.
+        #[arg(long, default_value_t = 300)]
+        adds: usize,
+        /// Seconds of churn under load.
+        #[arg(long, default_value_t = 60.0)]
+        churn_seconds: f64,
+        /// Changes per second during the churn.
+        #[arg(long, default_value_t = 100.0)]
+        churn_rate: f64,
+    },
     /// bulkhead-init against tini, tini-static, dumb-init and catatonit.
     Init {
         /// Runs of `INIT -- /bin/true` per program (interleaved with the baseline).
@@ -61,6 +81,31 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     match &opts.what {
         What::Init { runs } => init(*runs),
         What::Sandbox { runs } => sandbox(*runs),
+        What::Agent {
+            services,
+            big,
+            adds,
+            churn_seconds,
+            churn_rate,
+        } => {
+            setup::run()?;
+            let artifacts = build::run(&build::Options { release: true })?;
+            let bench = build::tests_bin(&artifacts, "bulkhead-bench-agent")?;
+            let mut run = Command::new(bench);
+            for (flag, value) in [
+                ("--services", services.to_string()),
+                ("--big", big.to_string()),
+                ("--adds", adds.to_string()),
+                ("--churn-seconds", churn_seconds.to_string()),
+                ("--churn-rate", churn_rate.to_string()),
+            ] {
+                run.arg(flag).arg(value);
+            }
+            run.arg("--out")
+                .arg(out_dir()?)
+                .env("BULKHEAD_BIN", &artifacts.bulkhead);
+            setup::run_cmd("bench agent", &mut run)
+        }
         What::Datapath {
             vm,
             services,

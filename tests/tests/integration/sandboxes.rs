@@ -779,7 +779,7 @@ fn cgroup_parent_places_the_cgroup_and_down_removes_every_sandbox() {
         .unwrap()
         .trim_end_matches('/')
         .to_owned();
-    let parent = format!("{base}/{}", tests::unique_name("bhparent"));
+    let parent = format!("{base}/{}", tests::unique_name("bcg"));
     h.detach("placed", &["--cgroup-parent", &parent], "sleep 600");
     h.detach("other", &[], "sleep 600");
     let placed = h.record("placed");
