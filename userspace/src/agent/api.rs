@@ -36,6 +36,9 @@ use crate::{
 
 type S = State<Arc<Shared>>;
 
+/// The largest request body taken (a whole desired state).
+pub const MAX_BODY: usize = 256 << 20;
+
 /// An error as the API answers it.
 pub struct ApiError(StatusCode, String);
 
@@ -170,6 +173,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such path".into()) })
+        // A desired state of 100,000 services is about 10 MB of YAML.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(shared)
 }
 

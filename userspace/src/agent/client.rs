@@ -113,12 +113,17 @@ impl Client {
     /// One request, its whole answer.
     pub fn request(&self, method: &str, path: &str, body: &[u8]) -> Result<Answer, ClientError> {
         let mut stream = self.connect()?;
-        Self::send(&mut stream, method, path, body, true)?;
+        let sent = Self::send(&mut stream, method, path, body, true);
         let mut raw = Vec::new();
         stream
             .read_to_end(&mut raw)
             .map_err(|e| ClientError::Protocol(format!("reading the answer: {e}")))?;
-        parse(&raw)
+        // The agent may refuse a request before reading all of it (a body over its limit):
+        // its answer says why better than the broken pipe does.
+        match (parse(&raw), sent) {
+            (Ok(answer), _) => Ok(answer),
+            (Err(_), Err(e)) | (Err(e), Ok(())) => Err(e),
+        }
     }
 
     /// Runs a CLI command in the agent: its output and exit code, as if run here.
