@@ -229,6 +229,29 @@ impl Drop for Agent {
     }
 }
 
+/// A backend's server for the whole run: two threads accepting, each answering one line with
+/// the pod's address and closing (no thread per connection: the churn makes hundreds of
+/// thousands).
+fn serve(pod: &tests::Pod) {
+    let me = SocketAddrV4::new(pod.addr, 8080);
+    let listener = pod
+        .ns
+        .run(move || std::net::TcpListener::bind(me).expect("bind the backend"));
+    for _ in 0..2 {
+        let listener = listener.try_clone().expect("clone the listener");
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(3)));
+                let mut line = String::new();
+                let mut reader = BufReader::new(&conn);
+                if reader.read_line(&mut line).is_ok() {
+                    let _ = (&conn).write_all(format!("{me}\n").as_bytes());
+                }
+            }
+        });
+    }
+}
+
 /// Closed-loop connections to `vip` from `client` on `threads` threads until `stop`.
 fn load(
     client: PathBuf,
@@ -288,10 +311,9 @@ fn main() -> ExitCode {
     for host in 2..=5 {
         node.add_pod(host);
     }
-    let _servers: Vec<_> = node.pods[1..]
-        .iter()
-        .map(|p| p.serve_tcp_once(8080))
-        .collect();
+    for pod in &node.pods[1..] {
+        serve(pod);
+    }
     let mut md = String::new();
     let mut json = Vec::new();
 
