@@ -1113,3 +1113,53 @@ fn killed_mid_apply_the_agent_converges_and_no_connection_fails() {
     agent.stop();
     eprintln!("killed at {midway} services; {ok} connections, none failed");
 }
+
+#[test]
+fn the_agent_sweeps_a_removed_backends_udp_flows_after_the_change() {
+    if skip("the_agent_sweeps_a_removed_backends_udp_flows_after_the_change") {
+        return;
+    }
+    let mut node = Node::new();
+    node.add_pod(2);
+    node.add_pod(3);
+    node.add_pod(4);
+    let _servers: Vec<_> = node.pods[1..].iter().map(|p| p.serve_udp(53)).collect();
+    let agent = Agent::start(&node, &[]);
+    agent.json(
+        "POST",
+        "/v1/services",
+        r#"{"address": "198.19.0.53:53/udp", "scheduler": "rr", "backends": ["198.18.0.3:53", "198.18.0.4:53"]}"#,
+    );
+    let vip = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 53), 53);
+    let sock = node.pods[0].udp_client();
+    let (first, _) = tests::udp_ask(&sock, vip);
+    let flows_to = |backend: &str| {
+        agent
+            .json("GET", "/v1/conntrack", "")
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["backend"] == backend)
+            .count()
+    };
+    assert_eq!(flows_to(&first), 1);
+    let a = agent.call(
+        "DELETE",
+        &format!("/v1/services/udp/198.19.0.53:53/backends/{first}"),
+        "",
+    );
+    assert_eq!(a.status, 204);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while flows_to(&first) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the removed backend's UDP flow stayed:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The same socket's next datagram goes to the backend that is left.
+    let (next, _) = tests::udp_ask(&sock, vip);
+    assert_ne!(next, first);
+    agent.stop();
+}

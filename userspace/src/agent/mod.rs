@@ -38,6 +38,7 @@ use crate::{
     services::{
         ServiceSpec, ServiceTable, VirtualAddr,
         desired::{Config, Plan},
+        table::{FlowSweep, sweep_flows},
     },
     subnet::Subnet,
 };
@@ -152,12 +153,18 @@ pub struct Node {
     known: BTreeMap<VirtualAddr, ServiceSpec>,
     revision: u64,
     events: broadcast::Sender<Event>,
+    /// Conntrack removals the table owes, for the sweeper thread.
+    sweeper: std::sync::mpsc::Sender<Vec<FlowSweep>>,
 }
 
 impl Node {
     /// Publishes the changes of the services in `touched` (all when `None`) to the watch
     /// stream and takes them into the desired state.
     pub fn changed(&mut self, touched: Option<&[VirtualAddr]>) {
+        let owed = self.table.take_flow_sweeps();
+        if !owed.is_empty() {
+            let _ = self.sweeper.send(owed);
+        }
         let keys: Vec<VirtualAddr> = if let Some(t) = touched {
             t.to_vec()
         } else {
@@ -196,11 +203,21 @@ impl Node {
         }
     }
 
+    /// Takes `table` as the node's, its flow removals deferred to the sweeper.
+    fn adopt(&mut self, mut table: ServiceTable) {
+        let owed = self.table.take_flow_sweeps();
+        if !owed.is_empty() {
+            let _ = self.sweeper.send(owed);
+        }
+        table.defer_flow_sweeps();
+        self.table = table;
+    }
+
     /// Re-reads the table from the maps (after a change made outside it).
     pub fn reload(&mut self) {
         match ServiceTable::open(&self.paths.bpffs) {
             Ok(t) => {
-                self.table = t;
+                self.adopt(t);
                 self.changed(None);
             }
             Err(e) => error!(error = %e, "re-reading the service table failed"),
@@ -338,7 +355,7 @@ pub fn run(paths: Paths, options: Options, exec: Arc<dyn Executor>) -> Result<()
         .map_err(AgentError::Config)?;
     ensure_up(&paths, config.as_ref())?;
     let mut table = ServiceTable::open(&paths.bpffs).map_err(AgentError::Table)?;
-    let swept = table.sweep();
+    let swept = table.remove_orphans();
     if swept > 0 {
         warn!(
             backends = swept,
@@ -347,7 +364,9 @@ pub fn run(paths: Paths, options: Options, exec: Arc<dyn Executor>) -> Result<()
     }
     let known: BTreeMap<VirtualAddr, ServiceSpec> =
         table.specs().into_iter().map(|s| (s.vaddr, s)).collect();
+    table.defer_flow_sweeps();
     let (events, _) = broadcast::channel(4096);
+    let sweeper = spawn_sweeper(paths.bpffs.clone());
     let node = Node {
         paths: paths.clone(),
         table,
@@ -355,6 +374,7 @@ pub fn run(paths: Paths, options: Options, exec: Arc<dyn Executor>) -> Result<()
         known,
         revision: 0,
         events: events.clone(),
+        sweeper,
     };
     let shared = Arc::new(Shared {
         node: Arc::new(Mutex::new(node)),
@@ -373,6 +393,26 @@ pub fn run(paths: Paths, options: Options, exec: Arc<dyn Executor>) -> Result<()
     let result = runtime.block_on(serve(shared, config));
     drop(lock);
     result
+}
+
+/// The thread that removes the tracked flows changes leave behind, off the changes' path:
+/// listing a conntrack table costs a scan of all its buckets, once per batch here instead of
+/// once per change.
+fn spawn_sweeper(bpffs: PathBuf) -> std::sync::mpsc::Sender<Vec<FlowSweep>> {
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<FlowSweep>>();
+    let _ = std::thread::Builder::new()
+        .name("flow-sweeper".into())
+        .spawn(move || {
+            while let Ok(mut batch) = rx.recv() {
+                while let Ok(more) = rx.try_recv() {
+                    batch.extend(more);
+                }
+                if let Err(e) = sweep_flows(&bpffs, &batch) {
+                    warn!(error = %crate::error_chain(&e), "removing the flows of removed backends failed");
+                }
+            }
+        });
+    tx
 }
 
 fn take_lock(paths: &Paths) -> Result<NodeLock, AgentError> {
@@ -541,7 +581,7 @@ async fn resync(shared: &Arc<Shared>) {
     let result = shared
         .with_node(|n| {
             let fresh = ServiceTable::open(&n.paths.bpffs).map_err(|e| e.to_string())?;
-            n.table = fresh;
+            n.adopt(fresh);
             let desired = n.desired();
             n.apply(&desired, false).map_err(|e| e.to_string())
         })

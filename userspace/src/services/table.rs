@@ -116,6 +116,38 @@ pub struct ServiceTable<S: Store = MapStore> {
     backend_ids: BTreeSet<u32>,
     /// Old selection tables to remove once the grace period has passed.
     retired: Vec<SlotKey>,
+    /// Flow removals a change owes, kept for the caller to run later when deferred
+    /// ([`defer_flow_sweeps`](Self::defer_flow_sweeps)), else run at once.
+    sweeps: Option<Vec<FlowSweep>>,
+}
+
+/// Tracked flows a change leaves behind: a removed service's, or a removed backend's (all of
+/// them when forced, else its UDP flows, which have no end to wait for).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowSweep {
+    Service(u32),
+    Backend { id: u32, all: bool },
+}
+
+impl FlowSweep {
+    fn matches(&self, key: &FlowKey, flow: &Flow) -> bool {
+        match *self {
+            FlowSweep::Service(id) => flow.service_id == id,
+            FlowSweep::Backend { id, all } => {
+                flow.backend_id == id && (all || key.proto == proto::UDP)
+            }
+        }
+    }
+}
+
+/// Runs owed flow removals against the maps pinned in `dir`, in one pass over each conntrack
+/// table whatever their number (listing a large hash map costs the same, empty or not).
+pub fn sweep_flows(dir: &Path, sweeps: &[FlowSweep]) -> Result<usize> {
+    if sweeps.is_empty() {
+        return Ok(0);
+    }
+    let mut store = MapStore::new(ServiceMaps::open(dir)?);
+    Ok(store.remove_flows(&|k, f| sweeps.iter().any(|s| s.matches(k, f))))
 }
 
 impl ServiceTable<MapStore> {
@@ -214,6 +246,7 @@ impl<S: Store> ServiceTable<S> {
             service_ids,
             backend_ids,
             retired: Vec::new(),
+            sweeps: None,
         })
     }
 
@@ -462,7 +495,7 @@ impl<S: Store> ServiceTable<S> {
                 slot,
             }));
         let id = entry.value.id;
-        self.store.remove_flows(&|_, f| f.service_id == id);
+        self.owe_sweep(FlowSweep::Service(id));
         for (id, _) in &entry.backends {
             self.forget_backend(*id);
         }
@@ -546,15 +579,10 @@ impl<S: Store> ServiceTable<S> {
         })?;
         let (id, _) = entry.backends.remove(i);
         self.republish(*vaddr, entry)?;
-        if force {
-            self.store.remove_flows(&|_, f| f.backend_id == id);
-        } else {
-            // UDP has no end of flow to wait for: a client that keeps its socket (a DNS
-            // resolver) would send to the removed backend until the entry times out, which is
-            // kube-proxy's longest-standing bug. Its next datagram picks a live backend instead.
-            self.store
-                .remove_flows(&|k, f| f.backend_id == id && k.proto == proto::UDP);
-        }
+        // UDP has no end of flow to wait for: a client that keeps its socket (a DNS resolver)
+        // would send to the removed backend until the entry times out, which is kube-proxy's
+        // longest-standing bug. Its next datagram picks a live backend instead.
+        self.owe_sweep(FlowSweep::Backend { id, all: force });
         self.forget_backend(id);
         Ok(())
     }
@@ -635,15 +663,32 @@ impl<S: Store> ServiceTable<S> {
             let _ = self.store.remove_service(&np);
         }
         for id in removed {
-            if force {
-                self.store.remove_flows(&|_, f| f.backend_id == id);
-            } else {
-                self.store
-                    .remove_flows(&|k, f| f.backend_id == id && k.proto == proto::UDP);
-            }
+            self.owe_sweep(FlowSweep::Backend { id, all: force });
             self.forget_backend(id);
         }
         Ok(true)
+    }
+
+    /// From now on, flow removals a change owes are kept for [`take_flow_sweeps`] instead of
+    /// run at once: a long-lived owner (the agent) runs them off the change's path, batched.
+    ///
+    /// [`take_flow_sweeps`]: Self::take_flow_sweeps
+    pub fn defer_flow_sweeps(&mut self) {
+        self.sweeps.get_or_insert_with(Vec::new);
+    }
+
+    /// The flow removals owed since the last call (see [`sweep_flows`]).
+    pub fn take_flow_sweeps(&mut self) -> Vec<FlowSweep> {
+        self.sweeps.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    fn owe_sweep(&mut self, s: FlowSweep) {
+        match &mut self.sweeps {
+            Some(owed) => owed.push(s),
+            None => {
+                self.store.remove_flows(&|k, f| s.matches(k, f));
+            }
+        }
     }
 
     /// The spec of one service, if there is one at `vaddr`.
@@ -653,7 +698,7 @@ impl<S: Store> ServiceTable<S> {
 
     /// Removes what a change cut short by a crash left behind: backends, counters and
     /// connection counts of services that were never published. Returns how many backends.
-    pub fn sweep(&mut self) -> usize {
+    pub fn remove_orphans(&mut self) -> usize {
         let live: BTreeSet<u32> = self
             .entries
             .values()
@@ -1013,6 +1058,43 @@ mod tests {
         t.delete_backend(&vip, "198.18.0.4:80".parse().unwrap(), true)
             .unwrap();
         assert!(t.store.flows.is_empty(), "--force drops established flows");
+    }
+
+    #[test]
+    fn deferred_sweeps_leave_the_flows_for_later_and_say_which() {
+        let mut t = ServiceTable::load(FakeStore::default()).unwrap();
+        t.defer_flow_sweeps();
+        let vip: VirtualAddr = "198.19.0.1:80/udp".parse().unwrap();
+        t.add(&spec(
+            "198.19.0.1:80/udp",
+            &["198.18.0.2:80", "198.18.0.3:80"],
+            Scheduler::Hash,
+        ))
+        .unwrap();
+        let sid = t.service_id(&vip).unwrap();
+        let gone = t.entries[&vip].backends[0].0;
+        t.store.flows = vec![flow(sid, gone, proto::UDP, flow_dir::ORIGINAL)];
+        t.delete_backend(&vip, "198.18.0.2:80".parse().unwrap(), false)
+            .unwrap();
+        t.delete(&vip).unwrap();
+        assert_eq!(
+            t.store.flows.len(),
+            1,
+            "nothing removed on the change's path"
+        );
+        let owed = t.take_flow_sweeps();
+        assert_eq!(
+            owed,
+            vec![
+                FlowSweep::Backend {
+                    id: gone,
+                    all: false
+                },
+                FlowSweep::Service(sid)
+            ]
+        );
+        assert!(owed[0].matches(&t.store.flows[0].0, &t.store.flows[0].1));
+        assert!(t.take_flow_sweeps().is_empty());
     }
 
     #[test]
