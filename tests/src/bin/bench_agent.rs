@@ -330,12 +330,18 @@ fn main() -> ExitCode {
     eprintln!("bench agent: {} API adds with {n} present ...", args.adds);
     let mut api = Vec::new();
     for i in 0..args.adds {
-        let vip = format!("198.23.1.{}:80", i % 250 + 1);
+        let vip = format!("198.23.{}.{}:80", 1 + i / 250, i % 250 + 1);
         let body = format!(r#"{{"address": "{vip}/tcp", "backends": ["198.18.0.3:8080"]}}"#);
         let (t, ()) = timed(|| agent.call("POST", "/v1/services", &body, 201));
         api.push(t);
-        agent.call("DELETE", &format!("/v1/services/tcp/{vip}"), "", 204);
     }
+    let mut api_del = Vec::new();
+    for i in 0..args.adds {
+        let vip = format!("198.23.{}.{}:80", 1 + i / 250, i % 250 + 1);
+        let (t, ()) = timed(|| agent.call("DELETE", &format!("/v1/services/tcp/{vip}"), "", 204));
+        api_del.push(t);
+    }
+    api_del.sort();
     api.sort();
     let _ = writeln!(
         md,
@@ -349,6 +355,7 @@ fn main() -> ExitCode {
         ),
         ("CLI through the agent", &through),
         ("agent API (POST /v1/services)", &api),
+        ("agent API, delete (DELETE /v1/services/...)", &api_del),
     ] {
         let (p50, p99) = (percentile(v, 0.5), percentile(v, 0.99));
         let _ = writeln!(
