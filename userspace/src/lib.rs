@@ -6,11 +6,13 @@
 
 pub mod agent;
 pub mod bpffs;
+pub mod cni;
 pub mod doctor;
 pub mod link;
 pub mod loader;
 pub mod lock;
 pub mod migrate;
+pub mod netlink;
 pub mod netns;
 pub mod node;
 pub mod sandbox;

@@ -124,6 +124,31 @@ impl Ip {
         out
     }
 
+    /// Runs `ip ARGS` inside the network namespace `netns` and returns its standard output.
+    pub fn run_in(&self, netns: &Path, args: &[&str]) -> Result<String, LinkError> {
+        use std::os::{fd::AsRawFd, unix::process::CommandExt};
+        let ns = std::fs::File::open(netns).map_err(|source| LinkError::Spawn {
+            bin: netns.to_owned(),
+            args: "open the network namespace".into(),
+            source,
+        })?;
+        let mut cmd = Command::new(&self.bin);
+        let fd = ns.as_raw_fd();
+        // SAFETY: setns(2) is async-signal-safe; the descriptor stays open (owned by `ns`)
+        // until the command has been spawned.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = self.run_cmd(cmd, args);
+        drop(ns);
+        out
+    }
+
     /// As [`Ip::batch_in`], in this process's network namespace.
     pub fn batch(&self, commands: &[Vec<&str>]) -> Result<String, LinkError> {
         self.run_batch(Command::new(&self.bin), commands)
@@ -345,6 +370,34 @@ impl Ip {
             .filter_map(|a| Some((a.local.parse().ok()?, a.prefixlen)))
             .collect())
     }
+}
+
+/// IPv4 addresses (with prefix length) of `ifname` inside the network namespace `netns`.
+pub fn netns_ipv4_addrs(
+    netns: &Path,
+    ifname: &str,
+) -> Result<Vec<(std::net::Ipv4Addr, u8)>, LinkError> {
+    #[derive(serde::Deserialize)]
+    struct Iface {
+        #[serde(default)]
+        addr_info: Vec<AddrInfo>,
+    }
+    #[derive(serde::Deserialize)]
+    struct AddrInfo {
+        local: String,
+        prefixlen: u8,
+    }
+    let args = ["-j", "-4", "addr", "show", "dev", ifname];
+    let out = Ip::find()?.run_in(netns, &args)?;
+    let ifaces: Vec<Iface> = serde_json::from_str(&out).map_err(|source| LinkError::Parse {
+        args: args.join(" "),
+        source,
+    })?;
+    Ok(ifaces
+        .into_iter()
+        .flat_map(|i| i.addr_info)
+        .filter_map(|a| Some((a.local.parse().ok()?, a.prefixlen)))
+        .collect())
 }
 
 fn is_busybox(path: &Path) -> bool {

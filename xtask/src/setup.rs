@@ -12,8 +12,18 @@ use std::{
 use anyhow::{Context as _, bail};
 
 /// Debian packages the tests and the demo need.
-/// prometheus: the agent test has a real Prometheus scrape it (run from the test, not as a service).
-pub const TEST_PACKAGES: &[&str] = &["iproute2", "bpftool", "busybox-static", "prometheus"];
+/// prometheus: the agent test has a real Prometheus scrape it (run from the test, not as a
+/// service); podman, runc and containernetworking-plugins: the CNI plugin's tests run real
+/// containers (podman's CNI backend, configured in the test's own directories).
+pub const TEST_PACKAGES: &[&str] = &[
+    "iproute2",
+    "bpftool",
+    "busybox-static",
+    "prometheus",
+    "podman",
+    "runc",
+    "containernetworking-plugins",
+];
 
 pub fn run() -> anyhow::Result<()> {
     nightly()?;

@@ -4,6 +4,7 @@
 
 mod agent;
 mod cluster;
+mod cni;
 mod correctness;
 mod counters;
 mod doctor;

@@ -206,10 +206,6 @@ fn sandbox_dir(paths: &Paths, name: &Name) -> PathBuf {
     sandboxes_dir(paths).join(name.as_str())
 }
 
-fn leases_dir(paths: &Paths) -> PathBuf {
-    paths.state_dir.join("leases")
-}
-
 impl Record {
     pub fn load(paths: &Paths, name: &str) -> Result<Self> {
         let unknown = || SandboxError::Unknown {
@@ -740,9 +736,7 @@ fn build(
     child.release()
 }
 
-/// Takes an address for `name`: `wanted`, or the lowest free one of the subnet. A lease is a
-/// file created exclusively, so two `run`s never get the same address; pods registered with the
-/// datapath by other means (`bulkhead endpoint add`) are skipped too.
+/// Takes an address for `name` (see [`network::lease`]).
 fn lease(
     paths: &Paths,
     name: &Name,
@@ -750,50 +744,11 @@ fn lease(
     subnet: Subnet,
     registered: &[Ipv4Addr],
 ) -> Result<Ipv4Addr> {
-    let dir = leases_dir(paths);
-    fs::create_dir_all(&dir).map_err(|e| SandboxError::io("create the lease dir", e))?;
-    let take = |addr: Ipv4Addr| -> Result<bool> {
-        if registered.contains(&addr) {
-            return Ok(false);
-        }
-        match fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(dir.join(addr.to_string()))
-        {
-            Ok(mut f) => {
-                let _ = f.write_all(name.as_str().as_bytes());
-                Ok(true)
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(SandboxError::io("write an address lease", e)),
-        }
-    };
-    if let Some(addr) = wanted {
-        if take(addr)? {
-            return Ok(addr);
-        }
-        let holder = fs::read_to_string(dir.join(addr.to_string())).map_or_else(
-            |_| "a pod registered with the datapath".into(),
-            |n| format!("sandbox {n}"),
-        );
-        return Err(SandboxError::AddressTaken { addr, holder });
-    }
-    for addr in subnet.pod_addresses() {
-        if take(addr)? {
-            return Ok(addr);
-        }
-    }
-    Err(SandboxError::SubnetFull {
-        subnet: format!("{}/{}", subnet.network(), subnet.prefix),
-    })
+    network::lease(paths, name.as_str(), wanted, subnet, registered)
 }
 
 fn release_lease(paths: &Paths, record: &Record) {
-    let path = leases_dir(paths).join(record.addr.to_string());
-    if fs::read_to_string(&path).is_ok_and(|n| n == record.name.as_str()) {
-        let _ = fs::remove_file(path);
-    }
+    network::release(paths, record.addr, record.name.as_str());
 }
 
 /// Bind mounts of the sandbox's namespaces in its state dir: they outlive the processes, so the
