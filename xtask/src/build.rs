@@ -75,6 +75,10 @@ pub fn run(opts: &Options) -> anyhow::Result<Artifacts> {
     eprintln!("build: eBPF object  {}", artifacts.ebpf.display());
     eprintln!("build: bulkhead     {}", artifacts.bulkhead.display());
     eprintln!("build: bulkhead-init {}", artifacts.init.display());
+    eprintln!(
+        "build: bulkhead-cni  {}",
+        artifacts.bulkhead.with_file_name("bulkhead-cni").display()
+    );
     Ok(artifacts)
 }
 
