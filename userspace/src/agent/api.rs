@@ -218,7 +218,7 @@ async fn get_service(
 async fn add_service(State(s): S, body: Bytes) -> Result<(StatusCode, Json<ServiceConfig>)> {
     let config: ServiceConfig = json_body(&body)?;
     let spec = config.spec();
-    s.with_node(move |n| {
+    s.with_node_now(move |n| {
         n.table.add(&spec)?;
         n.table.commit();
         n.changed(Some(&[spec.vaddr]));
@@ -250,7 +250,7 @@ async fn put_service(
         )));
     }
     let spec = config.spec();
-    s.with_node(move |n| {
+    s.with_node_now(move |n| {
         n.table.update(&spec, q.force)?;
         n.table.commit();
         n.changed(Some(&[v]));
@@ -265,7 +265,7 @@ async fn delete_service(
     UrlPath((proto, address)): UrlPath<(String, String)>,
 ) -> Result<StatusCode> {
     let v = vaddr(&proto, &address)?;
-    s.with_node(move |n| {
+    s.with_node_now(move |n| {
         n.table.delete(&v)?;
         n.table.commit();
         n.changed(Some(&[v]));
@@ -298,7 +298,7 @@ async fn add_backend(
         weight: b.weight,
         ..b.address.parse::<BackendSpec>()?
     };
-    s.with_node(move |n| {
+    s.with_node_now(move |n| {
         n.table.add_backend(&v, &spec)?;
         n.table.commit();
         n.changed(Some(&[v]));
@@ -319,7 +319,7 @@ async fn delete_backend(
 ) -> Result<StatusCode> {
     let v = vaddr(&proto, &address)?;
     let addr = backend_addr(&backend)?;
-    s.with_node(move |n| {
+    s.with_node_now(move |n| {
         n.table.delete_backend(&v, addr, q.force)?;
         n.table.commit();
         n.changed(Some(&[v]));
@@ -335,7 +335,7 @@ async fn drain_backend(
 ) -> Result<StatusCode> {
     let v = vaddr(&proto, &address)?;
     let addr = backend_addr(&backend)?;
-    s.with_node(move |n| {
+    s.with_node_now(move |n| {
         n.table.drain_backend(&v, addr)?;
         n.table.commit();
         n.changed(Some(&[v]));

@@ -286,6 +286,14 @@ impl Shared {
             .expect("node work does not panic")
     }
 
+    /// Runs a single-service change (tens of microseconds of map writes, plus the grace
+    /// period when a selection table is replaced) on this worker under the mutex, without the
+    /// hop to a blocking thread and back that dominated the API's tail latency.
+    pub async fn with_node_now<T>(self: &Arc<Self>, f: impl FnOnce(&mut Node) -> T) -> T {
+        let mut guard = self.node.lock().await;
+        tokio::task::block_in_place(|| f(&mut guard))
+    }
+
     /// Records a reconcile's outcome.
     pub fn reconciled(&self, started: Instant, result: Result<(), String>) {
         self.metrics.observe(started.elapsed(), result.is_ok());
