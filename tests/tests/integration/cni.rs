@@ -304,6 +304,22 @@ fn parallel_adds_and_dels_get_distinct_addresses_and_leave_nothing() {
 struct Podman {
     dir: TempDir,
     node_ns: PathBuf,
+    /// The containers' cgroup parent: beneath this process's cgroup in every hierarchy (runc
+    /// refuses podman's `cgroups = "disabled"`; its default would be `/libpod_parent`).
+    cgroup_parent: String,
+    /// Directories of that path that did not exist before, in every hierarchy, to remove.
+    made: Vec<PathBuf>,
+}
+
+/// The cgroup hierarchies mounted under /sys/fs/cgroup (v1 controllers and the unified one).
+fn hierarchies() -> Vec<PathBuf> {
+    std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect()
 }
 
 impl Podman {
@@ -346,14 +362,42 @@ impl Podman {
             ),
         )
         .unwrap();
+        // The deepest of this process's cgroup paths: on this hybrid host the memory
+        // controller's, with the other controllers at their roots (beneath which it lies).
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let deepest = own
+            .lines()
+            .filter_map(|l| l.splitn(3, ':').nth(2))
+            .max_by_key(|p| p.len())
+            .unwrap_or("/")
+            .trim_end_matches('/')
+            .to_owned();
+        let cgroup_parent = format!("{deepest}/{}", tests::unique_name("bpm"));
+        let mut made = Vec::new();
+        for h in hierarchies() {
+            let mut path = h.clone();
+            for part in cgroup_parent.split('/').filter(|p| !p.is_empty()) {
+                path.push(part);
+                if !path.exists() {
+                    made.push(path.clone());
+                }
+            }
+        }
         Some(Podman {
             dir,
             node_ns: node.ns.path(),
+            cgroup_parent,
+            made,
         })
     }
 
     fn run(&self, args: &[&str]) -> Output {
         let d = self.dir.path();
+        let parent = format!("--cgroup-parent={}", self.cgroup_parent);
+        let mut args = args.to_vec();
+        if args.first() == Some(&"run") {
+            args.insert(1, &parent);
+        }
         command("/usr/bin/nsenter")
             .arg(format!("--net={}", self.node_ns.display()))
             .arg("/usr/bin/podman")
@@ -362,7 +406,7 @@ impl Podman {
             .arg(format!("--tmpdir={}", d.join("tmp").display()))
             .arg("--storage-driver=vfs")
             .arg("--runtime=runc")
-            .args(args)
+            .args(&args)
             .env("CONTAINERS_CONF", d.join("containers.conf"))
             .env_remove("CONTAINER_HOST")
             .output()
@@ -407,6 +451,32 @@ impl Podman {
 impl Drop for Podman {
     fn drop(&mut self) {
         let _ = self.run(&["rm", "-a", "-f", "-t", "0"]);
+        // The containers' cgroups (runc removes its own; conmon's may stay), then the
+        // directories of the parent path that podman had to make, deepest first.
+        for h in hierarchies() {
+            let top = h.join(self.cgroup_parent.trim_start_matches('/'));
+            let mut dirs: Vec<PathBuf> = Vec::new();
+            let mut stack = vec![top];
+            while let Some(d) = stack.pop() {
+                if let Ok(entries) = std::fs::read_dir(&d) {
+                    stack.extend(
+                        entries
+                            .flatten()
+                            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                            .map(|e| e.path()),
+                    );
+                    dirs.push(d);
+                }
+            }
+            for d in dirs.iter().rev() {
+                let _ = std::fs::remove_dir(d);
+            }
+        }
+        self.made
+            .sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for d in &self.made {
+            let _ = std::fs::remove_dir(d);
+        }
     }
 }
 
