@@ -55,73 +55,9 @@ impl Ip {
             .ok_or(LinkError::NoIp)
     }
 
-    /// A pod's veth pair in one `ip` process: `host` on `bridge` and up, its peer created
-    /// directly as `eth0` with `mac` inside the network namespace of process `pid` (moving
-    /// it there afterwards costs ~25 ms more).
-    pub fn add_pod_veth(
-        &self,
-        host: &str,
-        bridge: &str,
-        mac: &str,
-        pid: u32,
-    ) -> Result<(), LinkError> {
-        let pid = pid.to_string();
-        self.batch(&[
-            vec![
-                "link", "add", host, "type", "veth", "peer", "name", "eth0", "address", mac,
-                "netns", &pid,
-            ],
-            vec!["link", "set", host, "master", bridge, "up"],
-        ])
-        .map(drop)
-    }
-
-    /// Addresses and routes a pod's `eth0` inside `netns` in one `ip` process: `cidr` on it,
-    /// it and `lo` up, the default route via `gateway`.
-    pub fn address_pod(&self, netns: &Path, cidr: &str, gateway: &str) -> Result<(), LinkError> {
-        self.batch_in(
-            netns,
-            &[
-                vec!["addr", "add", cidr, "dev", "eth0"],
-                vec!["link", "set", "eth0", "up"],
-                vec!["link", "set", "lo", "up"],
-                vec!["route", "add", "default", "via", gateway],
-            ],
-        )
-        .map(drop)
-    }
-
     /// Runs `ip ARGS` and returns its standard output.
     pub fn run(&self, args: &[&str]) -> Result<String, LinkError> {
         self.run_cmd(Command::new(&self.bin), args)
-    }
-
-    /// Runs several `ip` commands (one per entry, each a list of arguments) inside the network
-    /// namespace `netns` (a `/proc/PID/ns/net` or a bind mount of one), as `ip netns exec`
-    /// would for a named one: one process for all of them (`ip -batch`), stopping at the
-    /// first that fails.
-    pub fn batch_in(&self, netns: &Path, commands: &[Vec<&str>]) -> Result<String, LinkError> {
-        use std::os::{fd::AsRawFd, unix::process::CommandExt};
-        let ns = std::fs::File::open(netns).map_err(|source| LinkError::Spawn {
-            bin: netns.to_owned(),
-            args: "open the network namespace".into(),
-            source,
-        })?;
-        let mut cmd = Command::new(&self.bin);
-        let fd = ns.as_raw_fd();
-        // SAFETY: setns(2) is async-signal-safe; the descriptor stays open (owned by `ns`)
-        // until the command has been spawned.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let out = self.run_batch(cmd, commands);
-        drop(ns);
-        out
     }
 
     /// Runs `ip ARGS` inside the network namespace `netns` and returns its standard output.
@@ -149,11 +85,6 @@ impl Ip {
         out
     }
 
-    /// As [`Ip::batch_in`], in this process's network namespace.
-    pub fn batch(&self, commands: &[Vec<&str>]) -> Result<String, LinkError> {
-        self.run_batch(Command::new(&self.bin), commands)
-    }
-
     fn run_cmd(&self, mut cmd: Command, args: &[&str]) -> Result<String, LinkError> {
         let joined = args.join(" ");
         let out = cmd.args(args).output().map_err(|source| LinkError::Spawn {
@@ -170,34 +101,6 @@ impl Ip {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    fn run_batch(&self, mut cmd: Command, commands: &[Vec<&str>]) -> Result<String, LinkError> {
-        use std::io::Write as _;
-        let script: String = commands.iter().map(|c| c.join(" ") + "\n").collect();
-        let joined = format!("-batch - <<< {script:?}");
-        let spawn_err = |source| LinkError::Spawn {
-            bin: self.bin.clone(),
-            args: joined.clone(),
-            source,
-        };
-        let mut child = cmd
-            .args(["-batch", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .map_err(spawn_err)?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(script.as_bytes()).map_err(spawn_err)?;
-        }
-        let out = child.wait_with_output().map_err(spawn_err)?;
-        if !out.status.success() {
-            return Err(LinkError::Failed {
-                args: joined,
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
 
     /// True when an interface of that name exists in this namespace.
     pub fn exists(ifname: &str) -> bool {
