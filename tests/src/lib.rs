@@ -456,6 +456,19 @@ pub fn ask(stream: &mut TcpStream) -> String {
     line.trim().to_owned()
 }
 
+/// One request on a fresh connection to `to` from this thread's network namespace: whether
+/// a line came back, `timeout` allowed for the connect and for the answer.
+pub fn answers(to: SocketAddrV4, timeout: Duration) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&to.into(), timeout) else {
+        return false;
+    };
+    let mut line = String::new();
+    s.set_read_timeout(Some(timeout)).is_ok()
+        && s.write_all(b"?\n").is_ok()
+        && BufReader::new(s).read_line(&mut line).is_ok()
+        && !line.is_empty()
+}
+
 /// Sends one datagram to `dst` and returns (answer, where the answer came from).
 pub fn udp_ask(sock: &UdpSocket, dst: SocketAddrV4) -> (String, SocketAddr) {
     sock.send_to(b"?", dst).expect("send a datagram");

@@ -673,7 +673,7 @@ impl Drop for Undo<'_> {
     }
 }
 
-fn remove(paths: &Paths, env: &Env, rec: &Record) {
+fn remove(paths: &Paths, rec: &Record) {
     let ports = publishes(&rec.ports).unwrap_or_default();
     network::unpublish(paths, &ports);
     network::unregister(paths, rec.addr);
@@ -685,7 +685,6 @@ fn remove(paths: &Paths, env: &Env, rec: &Record) {
             &format!("cni:{}/{}", rec.container_id, rec.ifname),
         );
     }
-    let _ = env;
     let _ = std::fs::remove_file(record_path(paths, &rec.container_id, &rec.ifname));
 }
 
@@ -703,7 +702,7 @@ fn del(env: &Env, paths: &Paths) -> Result<(), CniError> {
         .lock(Mode::Exclusive, Some(LOCK_WAIT))
         .map_err(|e| CniError::step(code::TRY_AGAIN, "take the node lock", &e))?;
     if let Some(rec) = load_record(paths, &env.container_id, &env.ifname) {
-        remove(paths, env, &rec);
+        remove(paths, &rec);
     }
     Ok(())
 }
@@ -764,13 +763,12 @@ fn gc(conf: &NetConf, paths: &Paths) -> Result<(), CniError> {
     let _lock = paths
         .lock(Mode::Exclusive, Some(LOCK_WAIT))
         .map_err(|e| CniError::step(code::TRY_AGAIN, "take the node lock", &e))?;
-    let env = Env::default();
     for rec in all_records(paths) {
         let keep = valid
             .iter()
             .any(|a| a.container_id == rec.container_id && a.ifname == rec.ifname);
         if !keep {
-            remove(paths, &env, &rec);
+            remove(paths, &rec);
         }
     }
     Ok(())

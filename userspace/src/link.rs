@@ -101,7 +101,6 @@ impl Ip {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-
     /// True when an interface of that name exists in this namespace.
     pub fn exists(ifname: &str) -> bool {
         nix::net::if_::if_nametoindex(ifname).is_ok()

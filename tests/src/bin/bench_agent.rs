@@ -272,17 +272,8 @@ fn load(
                 let ns = fs::File::open(client).unwrap();
                 nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
                 while !stop.load(Ordering::Relaxed) {
-                    let answered =
-                        std::net::TcpStream::connect_timeout(&vip.into(), Duration::from_secs(3))
-                            .ok()
-                            .and_then(|mut s| {
-                                s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-                                s.write_all(b"?\n").ok()?;
-                                let mut line = String::new();
-                                BufReader::new(s).read_line(&mut line).ok()?;
-                                Some(!line.is_empty())
-                            });
-                    if answered == Some(true) {
+                    let answered = tests::answers(vip, Duration::from_secs(3));
+                    if answered {
                         ok.fetch_add(1, Ordering::Relaxed);
                     } else {
                         failed.fetch_add(1, Ordering::Relaxed);

@@ -1052,17 +1052,8 @@ fn killed_mid_apply_the_agent_converges_and_no_connection_fails() {
             nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
             let vip = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 10), 80);
             while !stop.load(Ordering::Relaxed) {
-                let answered =
-                    std::net::TcpStream::connect_timeout(&vip.into(), Duration::from_secs(2))
-                        .ok()
-                        .and_then(|mut s| {
-                            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-                            s.write_all(b"?\n").ok()?;
-                            let mut line = String::new();
-                            BufReader::new(s).read_line(&mut line).ok()?;
-                            Some(!line.is_empty())
-                        });
-                if answered == Some(true) {
+                let answered = tests::answers(vip, Duration::from_secs(2));
+                if answered {
                     ok.fetch_add(1, Ordering::Relaxed);
                 } else {
                     failed.fetch_add(1, Ordering::Relaxed);
