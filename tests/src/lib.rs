@@ -22,6 +22,7 @@ use std::{
 
 use nix::sched::{CloneFlags, setns};
 
+pub mod engines;
 pub mod packet;
 
 /// iproute2, by full path: busybox images shadow `ip` with an applet.

@@ -128,14 +128,24 @@ pub struct RuntimeConfig {
     pub port_mappings: Vec<PortMapping>,
 }
 
+/// One `runtimeConfig.portMappings` entry. The conventions name its fields in camelCase, but
+/// containerd 1.6 (go-cni) sends Go's field names (`HostPort`, `HostIP`): Go plugins read both
+/// because Go's JSON decoder ignores case, so this one takes both spellings too.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct PortMapping {
+    #[serde(alias = "HostPort")]
     pub host_port: u16,
+    #[serde(alias = "ContainerPort")]
     pub container_port: u16,
-    #[serde(default = "tcp")]
+    #[serde(default = "tcp", alias = "Protocol")]
     pub protocol: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "hostIP",
+        alias = "HostIP"
+    )]
     pub host_ip: Option<String>,
 }
 
@@ -821,6 +831,21 @@ mod tests {
             v["msg"].as_str().unwrap().contains("CNI_CONTAINERID"),
             "{v}"
         );
+    }
+
+    #[test]
+    fn port_mappings_are_read_as_podman_and_containerd_send_them() {
+        let podman: PortMapping = serde_json::from_str(
+            r#"{"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""}"#,
+        )
+        .unwrap();
+        let containerd: PortMapping = serde_json::from_str(
+            r#"{"HostPort": 8080, "ContainerPort": 80, "Protocol": "tcp", "HostIP": ""}"#,
+        )
+        .unwrap();
+        assert_eq!(podman, containerd);
+        assert_eq!(podman.host_port, 8080);
+        assert_eq!(podman.host_ip.as_deref(), Some(""));
     }
 
     #[test]

@@ -14,7 +14,10 @@ use anyhow::{Context as _, bail};
 /// Debian packages the tests and the demo need.
 /// prometheus: the agent test has a real Prometheus scrape it (run from the test, not as a
 /// service); podman, runc and containernetworking-plugins: the CNI plugin's tests run real
-/// containers (podman's CNI backend, configured in the test's own directories).
+/// containers (podman's CNI backend, configured in the test's own directories); containerd:
+/// the same through its CRI plugin (the package ships only a systemd unit, so installing it
+/// starts no daemon); protobuf-compiler: the tests' CRI client (k8s-cri) compiles CRI's proto
+/// files with protoc when it is built.
 pub const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
@@ -23,6 +26,8 @@ pub const TEST_PACKAGES: &[&str] = &[
     "podman",
     "runc",
     "containernetworking-plugins",
+    "containerd",
+    "protobuf-compiler",
 ];
 
 pub fn run() -> anyhow::Result<()> {

@@ -1,6 +1,7 @@
 //! `bulkhead-cni` against the real kernel: driven directly as an engine drives it (every verb,
-//! errors, port mappings, parallel calls), then by a real podman with its CNI backend, with
-//! bulkhead-init as the container's init.
+//! errors, port mappings, parallel calls), then by real engines: podman with its CNI backend
+//! (and bulkhead-init as its containers' init) and containerd's CRI driven as the kubelet
+//! drives it.
 
 use std::{
     io::{Read as _, Write as _},
@@ -11,7 +12,11 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use tests::{Netns, Node, Pod, TempDir, UPLINK_NODE, busybox_rootfs, command, skip};
+use tests::{
+    Netns, Node, Pod, UPLINK_NODE, busybox_rootfs, command,
+    engines::{Containerd, Podman},
+    skip,
+};
 
 fn cni_bin() -> Option<PathBuf> {
     std::env::var_os("BULKHEAD_CNI_BIN")
@@ -298,186 +303,13 @@ fn parallel_adds_and_dels_get_distinct_addresses_and_leave_nothing() {
     assert!(listing(&node.state_dir().join("cni")).is_empty());
 }
 
-/// A podman set up as the issue's users run it, everything in the test's directories: the
-/// CNI backend with bulkhead-cni as plugin "bulkhead", cgroupfs, runc, private storage, run
-/// inside the node's namespace (its containers' namespaces hang off the node's bridge).
-struct Podman {
-    dir: TempDir,
-    node_ns: PathBuf,
-    /// The containers' cgroup parent: beneath this process's cgroup in every hierarchy (runc
-    /// refuses podman's `cgroups = "disabled"`; its default would be `/libpod_parent`).
-    cgroup_parent: String,
-    /// Directories of that path that did not exist before, in every hierarchy, to remove.
-    made: Vec<PathBuf>,
-}
-
-/// The cgroup hierarchies mounted under /sys/fs/cgroup (v1 controllers and the unified one).
-fn hierarchies() -> Vec<PathBuf> {
-    std::fs::read_dir("/sys/fs/cgroup")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.path())
-        .collect()
-}
-
-impl Podman {
-    fn new(node: &Node) -> Option<Podman> {
-        let podman = Path::new("/usr/bin/podman");
-        if !podman.exists() || !Path::new("/usr/sbin/runc").exists() {
-            return None;
-        }
-        let dir = TempDir::new("bhpm");
-        let d = dir.path();
-        let bin = d.join("bin");
-        std::fs::create_dir_all(&bin).unwrap();
-        std::os::unix::fs::symlink(cni_bin()?, bin.join("bulkhead")).unwrap();
-        for plugin in std::fs::read_dir("/usr/lib/cni")
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let _ = std::os::unix::fs::symlink(plugin.path(), bin.join(plugin.file_name()));
-        }
-        let net = d.join("net");
-        std::fs::create_dir_all(&net).unwrap();
-        let mut plugin = conf(node, json!({"capabilities": {"portMappings": true}}));
-        plugin.as_object_mut().unwrap().remove("cniVersion");
-        plugin.as_object_mut().unwrap().remove("name");
-        std::fs::write(
-            net.join("bhnet.conflist"),
-            json!({"cniVersion": "1.0.0", "name": "bhnet", "plugins": [plugin]}).to_string(),
-        )
-        .unwrap();
-        std::fs::write(
-            d.join("containers.conf"),
-            format!(
-                "[network]\nnetwork_backend = \"cni\"\nnetwork_config_dir = \"{}\"\ncni_plugin_dirs = [\"{}\"]\n\
-                 [engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\nevents_logfile_path = \"{}\"\n\
-                 runtime = \"runc\"\n",
-                net.display(),
-                bin.display(),
-                d.join("events.log").display()
-            ),
-        )
-        .unwrap();
-        // The deepest of this process's cgroup paths: on this hybrid host the memory
-        // controller's, with the other controllers at their roots (beneath which it lies).
-        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-        let deepest = own
-            .lines()
-            .filter_map(|l| l.splitn(3, ':').nth(2))
-            .max_by_key(|p| p.len())
-            .unwrap_or("/")
-            .trim_end_matches('/')
-            .to_owned();
-        let cgroup_parent = format!("{deepest}/{}", tests::unique_name("bpm"));
-        let mut made = Vec::new();
-        for h in hierarchies() {
-            let mut path = h.clone();
-            for part in cgroup_parent.split('/').filter(|p| !p.is_empty()) {
-                path.push(part);
-                if !path.exists() {
-                    made.push(path.clone());
-                }
-            }
-        }
-        Some(Podman {
-            dir,
-            node_ns: node.ns.path(),
-            cgroup_parent,
-            made,
-        })
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let d = self.dir.path();
-        let parent = format!("--cgroup-parent={}", self.cgroup_parent);
-        let mut args = args.to_vec();
-        if args.first() == Some(&"run") {
-            args.insert(1, &parent);
-        }
-        command("/usr/bin/nsenter")
-            .arg(format!("--net={}", self.node_ns.display()))
-            .arg("/usr/bin/podman")
-            .arg(format!("--root={}", d.join("root").display()))
-            .arg(format!("--runroot={}", d.join("runroot").display()))
-            .arg(format!("--tmpdir={}", d.join("tmp").display()))
-            .arg("--storage-driver=vfs")
-            .arg("--runtime=runc")
-            .args(&args)
-            .env("CONTAINERS_CONF", d.join("containers.conf"))
-            .env_remove("CONTAINER_HOST")
-            .output()
-            .expect("run podman")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "podman {args:?}: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-
-    /// `podman run -d` of a busybox httpd answering with the container's name (its page in a
-    /// directory of its own: `--rootfs` is shared, /tmp included).
-    fn web(&self, name: &str, root: &str, extra: &[&str]) -> Ipv4Addr {
-        let mut args = vec!["run", "-d", "--name", name, "--network", "bhnet"];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(&[
-            "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768",
-            "--rootfs", root,
-            "sh", "-c", "mkdir -p /tmp/$HOSTNAME && echo $HOSTNAME > /tmp/$HOSTNAME/index.html && exec httpd -f -p 8080 -h /tmp/$HOSTNAME",
-        ]);
-        // `--hostname` is the name, so the page says which container answered.
-        args.splice(2..2, ["--hostname", name]);
-        self.ok(&args);
-        self.ok(&[
-            "inspect",
-            "-f",
-            "{{.NetworkSettings.Networks.bhnet.IPAddress}}",
-            name,
-        ])
-        .parse()
-        .unwrap_or_else(|e| panic!("{name} has no address on bhnet: {e}"))
-    }
-}
-
-impl Drop for Podman {
-    fn drop(&mut self) {
-        let _ = self.run(&["rm", "-a", "-f", "-t", "0"]);
-        // The containers' cgroups (runc removes its own; conmon's may stay), then the
-        // directories of the parent path that podman had to make, deepest first.
-        for h in hierarchies() {
-            let top = h.join(self.cgroup_parent.trim_start_matches('/'));
-            let mut dirs: Vec<PathBuf> = Vec::new();
-            let mut stack = vec![top];
-            while let Some(d) = stack.pop() {
-                if let Ok(entries) = std::fs::read_dir(&d) {
-                    stack.extend(
-                        entries
-                            .flatten()
-                            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                            .map(|e| e.path()),
-                    );
-                    dirs.push(d);
-                }
-            }
-            for d in dirs.iter().rev() {
-                let _ = std::fs::remove_dir(d);
-            }
-        }
-        self.made
-            .sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-        for d in &self.made {
-            let _ = std::fs::remove_dir(d);
-        }
-    }
+/// A podman with the CNI backend whose one network, "bhnet", is bulkhead-cni on `node`.
+fn podman(node: &Node) -> Option<Podman> {
+    let mut plugin = conf(node, json!({"capabilities": {"portMappings": true}}));
+    plugin.as_object_mut().unwrap().remove("cniVersion");
+    plugin.as_object_mut().unwrap().remove("name");
+    let list = json!({"cniVersion": "1.0.0", "name": "bhnet", "plugins": [plugin]});
+    Podman::new(node.ns.path(), &[list], Some(&cni_bin()?))
 }
 
 /// GET / from inside `ns`: the body.
@@ -506,16 +338,16 @@ fn podman_containers_on_bulkhead_cni_reach_each_other_a_vip_and_a_host_port() {
     let mut node = Node::new();
     let external = node.add_uplink();
     node.add_pod(200);
-    let Some(podman) = Podman::new(&node) else {
+    let Some(podman) = podman(&node) else {
         eprintln!(
             "SKIP {test}: no podman, runc or bulkhead-cni (cargo xtask setup installs podman and runc)"
         );
         return;
     };
     let root = rootfs.path().to_str().unwrap();
-    let a1 = podman.web("web1", root, &["-p", "8082:8080"]);
-    let a2 = podman.web("web2", root, &[]);
-    let a3 = podman.web("web3", root, &[]);
+    let a1 = podman.web("bhnet", "web1", root, &["-p", "8082:8080"]);
+    let a2 = podman.web("bhnet", "web2", root, &[]);
+    let a3 = podman.web("bhnet", "web3", root, &[]);
     // Two containers reach each other.
     let got = podman.ok(&[
         "exec",
@@ -556,6 +388,12 @@ fn podman_containers_on_bulkhead_cni_reach_each_other_a_vip_and_a_host_port() {
     node.bulkhead_ok(&["service", "del", vip]);
     // `podman rm` leaves no veth, lease, endpoint, record or map entry.
     podman.ok(&["rm", "-f", "-t", "0", "web1", "web2", "web3"]);
+    assert_only_the_test_pod_is_left(&node, 8082);
+}
+
+/// What the engine's containers had is all gone: no plugin veth, lease, record, endpoint
+/// other than the test's own pod, nor the host port.
+fn assert_only_the_test_pod_is_left(node: &Node, host_port: u16) {
     let links = node.ns.ip(&["-br", "link"]);
     assert!(!links.lines().any(|l| l.starts_with("bc")), "{links}");
     assert!(listing(&node.state_dir().join("leases")).is_empty());
@@ -570,7 +408,72 @@ fn podman_containers_on_bulkhead_cni_reach_each_other_a_vip_and_a_host_port() {
         ["ADDRESS", "198.18.0.200"],
         "only the test's own pod is left"
     );
-    assert!(!node.bulkhead_ok(&["service", "save"]).contains("8082"));
+    let save = node.bulkhead_ok(&["service", "save"]);
+    assert!(!save.contains(&format!(":{host_port}")), "{save}");
+}
+
+#[test]
+fn containerd_cri_pods_on_bulkhead_cni_answer_on_their_address_and_a_host_port() {
+    let test = "containerd_cri_pods_on_bulkhead_cni_answer_on_their_address_and_a_host_port";
+    if skip(test) {
+        return;
+    }
+    let Some(rootfs) = busybox_rootfs() else {
+        eprintln!("SKIP {test}: no busybox");
+        return;
+    };
+    let Some(cni) = cni_bin() else {
+        eprintln!("SKIP {test}: no bulkhead-cni next to bulkhead (cargo xtask build makes it)");
+        return;
+    };
+    let mut node = Node::new();
+    let external = node.add_uplink();
+    node.add_pod(200);
+    let mut plugin = conf(&node, json!({"capabilities": {"portMappings": true}}));
+    plugin.as_object_mut().unwrap().remove("cniVersion");
+    plugin.as_object_mut().unwrap().remove("name");
+    let list = json!({"cniVersion": "1.0.0", "name": "bhnet", "plugins": [plugin]});
+    let mut cri = match Containerd::new(&node.ns.path(), &list, Some(&cni), rootfs.path()) {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!("SKIP {test}: {why}");
+            return;
+        }
+    };
+    // A pod with a host port and a busybox httpd in it, as the kubelet makes one.
+    let pod = cri
+        .run_pod("web", &[(8083, 8080)])
+        .unwrap_or_else(|e| panic!("{e}\n{}", cri.log()));
+    cri.start(
+        &pod,
+        "web",
+        "mkdir -p /www && echo cri-web > /www/index.html && exec httpd -f -p 8080 -h /www",
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", cri.log()));
+    let ip = cri.pod_ip(&pod).unwrap();
+    assert!(
+        node.state_dir().join("cni").read_dir().unwrap().count() == 1,
+        "the plugin recorded the pod's attachment"
+    );
+    // The pod's address answers from another pod on the node.
+    let addr = SocketAddrV4::new(ip, 8080);
+    let client = &node.pods[0].ns;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !client.run(move || TcpStream::connect_timeout(&addr.into(), Duration::from_millis(300)).is_ok()) {
+        assert!(Instant::now() < deadline, "{addr} never answered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(http_get(client, addr), "cri-web");
+    // The host port answers from a namespace outside the node.
+    assert_eq!(
+        http_get(&external.ns, SocketAddrV4::new(UPLINK_NODE, 8083)),
+        "cri-web"
+    );
+    // StopPodSandbox and RemovePodSandbox (two DELs, the second without a namespace) leave
+    // nothing.
+    cri.remove_pod(&pod).unwrap_or_else(|e| panic!("{e}\n{}", cri.log()));
+    assert_eq!(cri.pods().unwrap(), Vec::<String>::new());
+    assert_only_the_test_pod_is_left(&node, 8083);
 }
 
 #[test]
@@ -588,7 +491,7 @@ fn bulkhead_init_is_a_real_engines_container_init() {
         return;
     };
     let node = Node::new();
-    let Some(podman) = Podman::new(&node) else {
+    let Some(podman) = podman(&node) else {
         eprintln!("SKIP {test}: no podman or runc (cargo xtask setup installs them)");
         return;
     };
