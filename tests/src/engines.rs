@@ -113,7 +113,8 @@ fn cni_bin_dir(dir: &Path, bulkhead_cni: Option<&Path>) {
 }
 
 /// A CNI network of the containernetworking bridge plugin with host-local addresses, its
-/// leases in `dir`: the engines' usual network, the baseline bulkhead-cni is measured against.
+/// leases in `dir`: the engines' usual network (without their iptables plugins), the baseline
+/// bulkhead-cni is measured against.
 pub fn bridge_conflist(name: &str, bridge: &str, subnet: &str, dir: &Path) -> Value {
     json!({
         "cniVersion": "1.0.0",
@@ -123,7 +124,7 @@ pub fn bridge_conflist(name: &str, bridge: &str, subnet: &str, dir: &Path) -> Va
             "hairpinMode": true,
             "ipam": {"type": "host-local", "dataDir": dir.join("ipam"),
                      "ranges": [[{"subnet": subnet}]], "routes": [{"dst": "0.0.0.0/0"}]}
-        }, {"type": "portmap", "capabilities": {"portMappings": true}}]
+        }]
     })
 }
 

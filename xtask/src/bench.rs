@@ -392,7 +392,7 @@ fn sandbox(runs: usize) -> anyhow::Result<()> {
     let rootfs = work.join("bundle/rootfs");
     fs::create_dir_all(rootfs.join("bin"))?;
     fs::copy("/usr/bin/busybox", rootfs.join("bin/busybox"))?;
-    for applet in ["sh", "true"] {
+    for applet in ["sh", "true", "sleep"] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
     }
     // The OCI bundle: runc's default spec running /bin/true, its cgroup beneath this process's
@@ -509,6 +509,19 @@ fn sandbox(runs: usize) -> anyhow::Result<()> {
         }
     }
     drop(node);
+    // The engines, each on the containernetworking bridge plugin and on bulkhead-cni.
+    let engines_bin = build::tests_bin(&artifacts, "bulkhead-bench-engines")?;
+    let out = Command::new(engines_bin)
+        .args(["--runs", &runs.to_string(), "--rootfs", &rootfs_s])
+        .env("BULKHEAD_BIN", &artifacts.bulkhead)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("run bulkhead-bench-engines")?;
+    let engines: Vec<serde_json::Value> = if out.status.success() {
+        serde_json::from_slice(&out.stdout).context("bulkhead-bench-engines' output")?
+    } else {
+        bail!("bulkhead-bench-engines failed ({})", out.status)
+    };
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let p90 = |v: &[Duration]| {
         let mut v = v.to_vec();
@@ -524,7 +537,11 @@ fn sandbox(runs: usize) -> anyhow::Result<()> {
         "Creating a sandbox around `/bin/true`, running it and removing it, end to end; median and p90 of {runs} \
 interleaved runs per program. Baseline: `unshare --fork --pid --mount-proc --net --uts --ipc /bin/true`, {:.0} us. \
 bulkhead also creates and removes a cgroup, a veth pair on the bridge with an address, the datapath attachment and \
-the endpoint entry; crun and runc run the same busybox bundle (runc's default spec, no network setup).\n\n",
+the endpoint entry; crun and runc run the same busybox bundle (runc's default spec, no network setup). \
+The engine rows: podman 4.3 (CNI backend, runc, vfs storage) running `/bin/true` with `--rm` and `--rootfs`, and \
+containerd 1.6 making and removing a pod sandbox through CRI (RunPodSandbox, StopPodSandbox, RemovePodSandbox), \
+each on a network of the containernetworking bridge plugin with host-local addresses and on bulkhead-cni, \
+interleaved.\n\n",
         us(base)
     );
     md.push_str(
@@ -552,6 +569,54 @@ the endpoint entry; crun and runc run the same busybox bundle (runc's default sp
             ));
         }
     }
+    let mut engine_us = std::collections::BTreeMap::new();
+    for e in &engines {
+        let name = e["name"].as_str().unwrap_or("?");
+        match (e["median_us"].as_f64(), e["p90_us"].as_f64()) {
+            (Some(m), Some(p90)) => {
+                engine_us.insert(name.to_owned(), m);
+                md.push_str(&format!(
+                    "| {name} | {:.2} | {:.2} | {:.2} | |\n",
+                    m / 1000.0,
+                    m / us(base),
+                    p90 / 1000.0
+                ));
+                json.push(format!(
+                    "{{\"name\":\"{name}\",\"median_us\":{m:.0},\"baseline_us\":{:.0}}}",
+                    us(base)
+                ));
+            }
+            _ => md.push_str(&format!(
+                "| {name} | - | - | - | did not run: {} |\n",
+                e["error"].as_str().unwrap_or("")
+            )),
+        }
+    }
+    // The issue's goals, as ratios of rows of this run.
+    let median_of = |name: &str| {
+        contenders
+            .iter()
+            .position(|(n, _)| *n == name)
+            .filter(|&i| !times[i].is_empty())
+            .map(|i| us(median(times[i].clone())))
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => format!("{:.2}", a / b),
+        _ => "-".into(),
+    };
+    let engine = |name: &str| engine_us.get(name).copied();
+    md.push_str(&format!(
+        "\nbulkhead / runc: {} (goal: at most 1.5). bulkhead-cni / bridge plugin, end to end: podman {}, \
+containerd {} (goal: below 1). bulkhead run / podman on the bridge plugin: {}; / containerd's pod on it: {}.\n",
+        ratio(median_of("bulkhead"), median_of("runc")),
+        ratio(engine("podman, bulkhead-cni"), engine("podman, CNI bridge")),
+        ratio(
+            engine("containerd CRI pod, bulkhead-cni"),
+            engine("containerd CRI pod, CNI bridge")
+        ),
+        ratio(median_of("bulkhead"), engine("podman, CNI bridge")),
+        ratio(median_of("bulkhead"), engine("containerd CRI pod, CNI bridge")),
+    ));
     let dir = out_dir()?;
     fs::write(dir.join("sandbox.md"), &md)?;
     fs::write(
