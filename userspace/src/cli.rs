@@ -775,6 +775,7 @@ fn execute(ctx: &mut Ctx<'_>, command: Command, out: &mut impl Write) -> anyhow:
                 sandbox::remove(paths, &record)
                     .with_context(|| format!("remove sandbox {}", record.name))?;
             }
+            sandbox::network::settle_drained(paths);
             let record = node::down(paths).context("take the node down")?;
             writeln!(
                 out,

@@ -418,6 +418,35 @@ pub fn attach(paths: &Paths, ifname: &str) -> Result<(), NodeError> {
     record.save(paths)
 }
 
+/// Attaches the datapath to a pod's veth: through netlink `cls_bpf` (see
+/// [`Datapath::attach_as`]); a later `up` moves it to TCX if the pod lives that long.
+pub fn attach_pod(paths: &Paths, ifname: &str) -> Result<(), NodeError> {
+    let mut record = NodeRecord::load(paths)?;
+    if !Ip::exists(ifname) {
+        return Err(NodeError::NoInterface {
+            ifname: ifname.to_owned(),
+        });
+    }
+    Datapath::open(&paths.bpffs)
+        .map_err(step("open the pinned datapath"))?
+        .attach_as(ifname, TcMode::Netlink)
+        .map_err(step(format!("attach the datapath to {ifname}")))?;
+    if !record.attached.iter().any(|a| a == ifname) {
+        record.attached.push(ifname.to_owned());
+    }
+    record.save(paths)
+}
+
+/// Forgets the datapath's attachment to an interface that is gone or going away with its
+/// namespace, without waiting for the kernel to release it (see [`loader::forget_links`]);
+/// `cls_bpf` filters go with the interface.
+pub fn forget_attachment(paths: &Paths, ifname: &str) -> Result<(), NodeError> {
+    let mut record = NodeRecord::load(paths)?;
+    loader::forget_links(&paths.bpffs, ifname);
+    record.attached.retain(|a| a != ifname);
+    record.save(paths)
+}
+
 /// Detaches the datapath from one interface.
 pub fn detach(paths: &Paths, ifname: &str) -> Result<(), NodeError> {
     let mut record = NodeRecord::load(paths)?;

@@ -760,6 +760,59 @@ fn a_foreground_run_forwards_signals_and_returns_the_status() {
 }
 
 #[test]
+fn an_ended_runs_address_drains_with_its_veth_and_is_taken_again() {
+    let Some(h) = Host::new("an_ended_runs_address_drains_with_its_veth_and_is_taken_again")
+    else {
+        return;
+    };
+    let leases = h.node.state_dir().join("leases");
+    let held = || -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = std::fs::read_dir(&leases)
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read_to_string(e.path()).unwrap_or_default(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    // A foreground run gives its address back without waiting for the kernel to take its
+    // veth: the lease is gone, or marks the address as draining with the veth it waits for.
+    let mut seen = Vec::new();
+    for _ in 0..8 {
+        let out = h.run(&[], "ip -4 -o addr show eth0 | grep -o 'inet [0-9.]*'");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        seen.push(text(&out.stdout).trim().trim_start_matches("inet ").to_owned());
+        for (addr, holder) in held() {
+            let veth = holder.strip_prefix("drain:").unwrap_or_else(|| {
+                panic!("lease {addr} is held by {holder:?} with no sandbox left")
+            });
+            assert!(veth.starts_with("bh"), "{addr}: {holder}");
+        }
+    }
+    // A draining address is taken again once its veth is gone (never while the old pair is
+    // still on the bridge): eight runs one after the other do not need eight addresses.
+    let distinct: std::collections::BTreeSet<&String> = seen.iter().collect();
+    assert!(distinct.len() < seen.len(), "no address was taken again: {seen:?}");
+    // An address asked for by name waits for its veth to drain rather than failing.
+    let first = seen[0].clone();
+    for _ in 0..3 {
+        let out = h.run(&["--ip", &first], "true");
+        assert!(out.status.success(), "--ip {first}: {}", text(&out.stderr));
+    }
+    // `down` settles the draining leases: no lease and no veth outlive the node.
+    h.node.bulkhead_ok(&["down"]);
+    assert_eq!(held(), Vec::<(String, String)>::new());
+    let links = h.node.ns.ip(&["-o", "link"]);
+    assert!(!links.contains(": bh"), "{links}");
+    h.node.bulkhead_ok(&["up", "--bridge", &h.node.bridge, "--subnet", "198.18.0.1/24"]);
+}
+
+#[test]
 fn cgroup_parent_places_the_cgroup_and_down_removes_every_sandbox() {
     let Some(h) = Host::new("cgroup_parent_places_the_cgroup_and_down_removes_every_sandbox")
     else {

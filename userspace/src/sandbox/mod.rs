@@ -9,7 +9,8 @@
 //! <state>/sandboxes/<name>/record.json   what was made (the source of truth for rm)
 //! <state>/sandboxes/<name>/ns/{net,uts,ipc}   namespace bind mounts
 //! <state>/sandboxes/<name>/log, exit     a detached sandbox's output and exit status
-//! <state>/leases/<addr>                  address leases (created exclusively: no collisions)
+//! <state>/leases/<addr>                  address leases (created exclusively: no collisions;
+//!                                         `drain:HOST_IF` while a removed sandbox's veth goes)
 //! ```
 //!
 //! Everything `run` creates is undone by [`remove`], which tolerates pieces that are already
@@ -341,7 +342,7 @@ pub fn run(
     let code = wait_forwarding(Pid::from_raw(record.pid), &forwarded);
     let _ = forwarded.thread_unblock();
     let _lock = paths.lock(Mode::Exclusive, None)?;
-    remove(paths, &record)?;
+    remove_as(paths, &record, Teardown::Drain)?;
     Ok((record.name, Some(Exit(code))))
 }
 
@@ -719,11 +720,27 @@ fn build(
     let mut child = process::spawn(&child_spec)?;
     record.pid = child.pid.as_raw();
     record.start_time = proc_stat(record.pid).map_or(0, |(_, t)| t);
-    cgroup::add(&record.cgroup, record.pid as u32)?;
-    if spec.userns {
-        child.map_users(USERNS_FIRST, USERNS_COUNT)?;
-    }
-    let plugged = door.plug(record.pid, record.addr, subnet)?;
+    // The cgroup move (v1: an RCU grace period for cgroup_threadgroup_rwsem) and the veth
+    // are independent, and the child's mounts need only the first: all at once.
+    let (pid, addr) = (record.pid, record.addr);
+    let (plugged, placed) = std::thread::scope(|scope| {
+        let net = scope.spawn(move || door.plug(pid, addr, subnet));
+        let placed = (|| {
+            cgroup::add(&record.cgroup, pid as u32)?;
+            if spec.userns {
+                child.map_users(USERNS_FIRST, USERNS_COUNT)?;
+            }
+            child.open_gate()
+        })();
+        let plugged = net.join().unwrap_or_else(|_| {
+            Err(SandboxError::Setup {
+                message: "the thread plugging the veth panicked".into(),
+            })
+        });
+        (plugged, placed)
+    });
+    placed?;
+    let plugged = plugged?;
     record.host_if = plugged.host_if;
     record.mac = crate::link::format_mac(&plugged.mac);
     bind_namespaces(paths, record)?;
@@ -805,9 +822,25 @@ fn check_publish(paths: &Paths, door: &NodeDoor<'_>, p: &Publish) -> Result<()> 
     Err(network::in_use(p, holder))
 }
 
+/// How [`remove_as`] treats the veth pair.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Teardown {
+    /// Wait until the kernel has deleted it (deleting it by hand after a while): nothing is
+    /// left when `rm` returns.
+    Wait,
+    /// Leave it to the namespace's teardown in the background; the address stays leased until
+    /// it is gone (see [`network::release_draining`]). A foreground `run` ending.
+    Drain,
+}
+
 /// Removes everything `run` made for `record`, whatever is already gone. Kills what still
 /// runs in its cgroup.
 pub fn remove(paths: &Paths, record: &Record) -> Result<()> {
+    remove_as(paths, record, Teardown::Wait)
+}
+
+/// As [`remove`], with the veth pair's teardown as `how` says.
+pub fn remove_as(paths: &Paths, record: &Record, how: Teardown) -> Result<()> {
     network::unpublish(paths, &record.publish);
     if record.addr != Ipv4Addr::UNSPECIFIED {
         network::unregister(paths, record.addr);
@@ -823,11 +856,18 @@ pub fn remove(paths: &Paths, record: &Record) -> Result<()> {
         // Reap it if it is ours (a foreground run); harmless otherwise.
         let _ = waitpid(Pid::from_raw(record.pid), Some(WaitPidFlag::WNOHANG));
     }
-    if !record.host_if.is_empty() {
-        network::unplug(paths, &record.host_if);
-    }
-    if record.addr != Ipv4Addr::UNSPECIFIED {
-        release_lease(paths, record);
+    let drain = how == Teardown::Drain
+        && !record.host_if.is_empty()
+        && record.addr != Ipv4Addr::UNSPECIFIED;
+    if drain {
+        network::release_draining(paths, record.addr, record.name.as_str(), &record.host_if);
+    } else {
+        if !record.host_if.is_empty() {
+            network::unplug(paths, &record.host_if);
+        }
+        if record.addr != Ipv4Addr::UNSPECIFIED {
+            release_lease(paths, record);
+        }
     }
     cgroup_result?;
     // A detached sandbox's monitor writes the exit status into the state dir when the init

@@ -111,7 +111,7 @@ impl<'a> NodeDoor<'a> {
             Rtnl::open_in(&ns)
                 .and_then(|mut inside| inside.configure_pod(ifname, addr, prefix, gateway))
                 .map_err(failed("address the pod's interface"))?;
-            node::attach(self.paths, host_if)?;
+            node::attach_pod(self.paths, host_if)?;
             node::register_endpoint(self.paths, &self.record, addr, host_if, mac)?;
             Ok(Plugged {
                 host_if: host_if.to_owned(),
@@ -221,8 +221,8 @@ pub fn unplug(paths: &Paths, host_if: &str) {
     {
         let _ = ip.delete(host_if);
     }
-    // The programs went with the interface: unpinning the links is now free.
-    let _ = node::detach(paths, host_if);
+    // The programs went (or go) with the interface: drop the pins, the kernel frees the links.
+    let _ = node::forget_attachment(paths, host_if);
 }
 
 /// Takes the veth `host_if` out of the node at once (the pod's namespace may live on, as an
@@ -274,19 +274,23 @@ pub fn lease(
                 let _ = f.write_all(holder.as_bytes());
                 Ok(true)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Ok(reclaim_drained(&dir.join(addr.to_string()), holder, false))
+            }
             Err(e) => Err(SandboxError::io("write an address lease", e)),
         }
     };
     if let Some(addr) = wanted {
-        if take(addr)? {
+        // An address asked for by name waits for a draining veth rather than failing.
+        if take(addr)? || reclaim_drained(&dir.join(addr.to_string()), holder, true) {
             return Ok(addr);
         }
         let holder = std::fs::read_to_string(dir.join(addr.to_string())).map_or_else(
             |_| "a pod registered with the datapath".into(),
-            |n| match n.strip_prefix("cni:") {
-                Some(id) => format!("container {id}"),
-                None => format!("sandbox {n}"),
+            |n| match (n.strip_prefix("cni:"), n.strip_prefix(DRAINING)) {
+                (Some(id), _) => format!("container {id}"),
+                (_, Some(veth)) => format!("a removed sandbox whose veth {veth} lingers"),
+                _ => format!("sandbox {n}"),
             },
         );
         return Err(SandboxError::AddressTaken { addr, holder });
@@ -299,6 +303,87 @@ pub fn lease(
     Err(SandboxError::SubnetFull {
         subnet: format!("{}/{}", subnet.network(), subnet.prefix),
     })
+}
+
+/// Prefix of a lease whose holder is gone while its veth may still be on its way out with the
+/// holder's network namespace: `drain:HOST_IF`.
+const DRAINING: &str = "drain:";
+/// How long a draining veth may take to go with its namespace before a lease of its address
+/// deletes it by hand (something else still holds the namespace).
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
+/// Gives back `addr` without waiting for the veth `host_if` to go: the kernel deletes the pair
+/// with the sandbox's namespace, in the background. Until it has, the lease stays, marked
+/// draining, so the address and its MAC are not handed out while the old pair is still on the
+/// bridge; the next [`lease`] reaching it takes it over once the veth is gone. Call it under
+/// the node lock, after the namespaces are unbound.
+pub fn release_draining(paths: &Paths, addr: Ipv4Addr, holder: &str, host_if: &str) {
+    let path = leases_dir(paths).join(addr.to_string());
+    if !std::fs::read_to_string(&path).is_ok_and(|n| n == holder) {
+        return;
+    }
+    let _ = node::forget_attachment(paths, host_if);
+    if !Ip::exists(host_if) {
+        let _ = std::fs::remove_file(path);
+        return;
+    }
+    let tmp = leases_dir(paths).join(format!(".{addr}.tmp"));
+    if std::fs::write(&tmp, format!("{DRAINING}{host_if}")).is_err()
+        || std::fs::rename(&tmp, &path).is_err()
+    {
+        unplug(paths, host_if);
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Takes over the draining lease at `path` for `holder` once its veth is gone; `wait`: up to
+/// [`DRAIN_GRACE`] for it, else only when it is gone already (or outlived the grace, then it is
+/// deleted by hand). False when the address is not free.
+fn reclaim_drained(path: &std::path::Path, holder: &str, wait: bool) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return false;
+    };
+    let Some(host_if) = text.strip_prefix(DRAINING) else {
+        return false;
+    };
+    let age = || {
+        std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .unwrap_or_default()
+    };
+    while wait && Ip::exists(host_if) && age() < DRAIN_GRACE {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if Ip::exists(host_if) {
+        if age() < DRAIN_GRACE {
+            return false;
+        }
+        if let Ok(mut rtnl) = crate::netlink::Rtnl::open() {
+            let _ = rtnl.delete(host_if);
+        }
+    }
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    std::fs::write(&tmp, holder).is_ok() && std::fs::rename(&tmp, path).is_ok()
+}
+
+/// Settles every draining lease: waits for its veth to go (deleting it by hand after a while)
+/// and gives the address back. `down` calls it, so nothing of an ended sandbox outlives the
+/// node.
+pub fn settle_drained(paths: &Paths) {
+    for entry in std::fs::read_dir(leases_dir(paths)).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if let Ok(text) = std::fs::read_to_string(&path)
+            && let Some(host_if) = text.strip_prefix(DRAINING)
+        {
+            unplug(paths, host_if);
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }
 
 /// Gives back `addr` if `holder` holds it.

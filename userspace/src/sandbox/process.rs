@@ -59,10 +59,13 @@ pub struct ChildSpec {
     pub seccomp: Vec<seccompiler::BpfProgram>,
 }
 
-/// A cloned child waiting for [`Child::release`].
+/// A cloned child waiting for [`Child::open_gate`] (then sets up its mounts) and
+/// [`Child::release`] (then execs).
 pub struct Child {
     pub pid: Pid,
     go: Option<File>,
+    /// Whether the first gate is open.
+    opened: bool,
     errors: File,
 }
 
@@ -147,6 +150,7 @@ pub fn spawn(spec: &ChildSpec) -> Result<Child, SandboxError> {
             Ok(Child {
                 pid: Pid::from_raw(pid as i32),
                 go: Some(File::from(go_w)),
+                opened: false,
                 errors: File::from(err_r),
             })
         }
@@ -167,19 +171,34 @@ impl Child {
         write("gid_map", format!("0 {first} {count}\n"))
     }
 
-    /// Lets the child set itself up and exec; returns once it has exec'd, or its error.
-    pub fn release(&mut self) -> Result<(), SandboxError> {
-        if let Some(mut go) = self.go.take() {
-            go.write_all(b"g")
-                .map_err(|e| SandboxError::io("release the sandbox's first process", e))?;
+    /// Lets the child set up its mounts (it is in its cgroup, its user mappings written); it
+    /// waits for [`Child::release`] before it execs.
+    pub fn open_gate(&mut self) -> Result<(), SandboxError> {
+        match self.go.as_mut() {
+            Some(go) if !self.opened => {
+                self.opened = true;
+                go.write_all(b"g")
+                    .map_err(|e| SandboxError::io("let the sandbox's first process set up", e))
+            }
+            _ => Ok(()),
         }
+    }
+
+    /// Lets the child exec (opening the first gate too if still closed); returns once it has
+    /// exec'd, or its error.
+    pub fn release(&mut self) -> Result<(), SandboxError> {
+        // A child whose setup failed past the first gate is gone (EPIPE here): its message,
+        // on the error pipe, is the one to report.
+        let sent = match self.go.take() {
+            Some(mut go) => go.write_all(if self.opened { b"g" } else { b"gg" }),
+            None => Ok(()),
+        };
         let mut message = String::new();
         let _ = self.errors.read_to_string(&mut message);
-        if message.is_empty() {
-            Ok(())
-        } else {
-            Err(SandboxError::Setup { message })
+        if !message.is_empty() {
+            return Err(SandboxError::Setup { message });
         }
+        sent.map_err(|e| SandboxError::io("release the sandbox's first process", e))
     }
 }
 
@@ -199,7 +218,7 @@ fn child_main(spec: &ChildSpec, go: OwnedFd, errors: OwnedFd) -> ! {
         // SAFETY: exit without running this copy's destructors or atexit handlers.
         unsafe { libc::_exit(127) };
     }
-    let err = match setup_and_exec(spec) {
+    let err = match setup_and_exec(spec, &mut go) {
         Ok(never) => match never {},
         Err(e) => e,
     };
@@ -261,7 +280,7 @@ pub fn default_signals() {
 enum Never {}
 
 /// Mounts, hostname, privileges, exec. Returns only an error message.
-fn setup_and_exec(spec: &ChildSpec) -> Result<Never, String> {
+fn setup_and_exec(spec: &ChildSpec, go: &mut File) -> Result<Never, String> {
     let sys = |what: &str, e: nix::Error| format!("{what}: {e}");
     if spec.userns {
         // Become root of the new user namespace (the parent has written the mappings).
@@ -405,6 +424,12 @@ fn setup_and_exec(spec: &ChildSpec) -> Result<Never, String> {
             libc::dup2(log.as_raw_fd(), 1);
             libc::dup2(log.as_raw_fd(), 2);
         }
+    }
+    // The second gate: the network is ready (the first, before the mounts: in its cgroup).
+    let mut byte = [0u8; 1];
+    if !matches!(go.read(&mut byte), Ok(1)) {
+        // SAFETY: the parent gave up; exit without running this copy's destructors.
+        unsafe { libc::_exit(127) };
     }
     for limit in &spec.ulimits {
         let value = libc::rlimit {
