@@ -222,6 +222,64 @@ impl Agent {
     }
 }
 
+/// An API client that keeps its connection open between requests (HTTP/1.1's default), as
+/// controllers and HTTP client libraries do; `Agent::call` opens one per request, as the CLI.
+struct KeepAlive {
+    stream: std::os::unix::net::UnixStream,
+}
+
+impl KeepAlive {
+    fn connect(agent: &Agent) -> KeepAlive {
+        KeepAlive {
+            stream: std::os::unix::net::UnixStream::connect(&agent.client.socket)
+                .expect("connect to the agent"),
+        }
+    }
+
+    fn call(&mut self, method: &str, path: &str, body: &str, want: u16) {
+        use std::io::{Read as _, Write as _};
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: bulkhead\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.stream
+            .write_all(request.as_bytes())
+            .expect("send the request");
+        // The head, then as many body bytes as it announces.
+        let mut raw = Vec::new();
+        let mut byte = [0u8; 4096];
+        let head_end = loop {
+            if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = self.stream.read(&mut byte).expect("read the answer");
+            assert!(n > 0, "the agent closed the connection");
+            raw.extend_from_slice(&byte[..n]);
+        };
+        let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        while raw.len() < head_end + length {
+            let n = self.stream.read(&mut byte).expect("read the answer");
+            assert!(n > 0, "the agent closed the connection");
+            raw.extend_from_slice(&byte[..n]);
+        }
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        assert_eq!(status, want, "{method} {path}: {head}");
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -326,6 +384,21 @@ fn main() -> ExitCode {
         let (t, ()) = timed(|| agent.call("POST", "/v1/services", &body, 201));
         api.push(t);
     }
+    // The same through one kept-alive connection.
+    let mut kept = KeepAlive::connect(&agent);
+    let mut api_kept = Vec::new();
+    for i in 0..args.adds {
+        let vip = format!("198.24.{}.{}:80", 1 + i / 250, i % 250 + 1);
+        let body = format!(r#"{{"address": "{vip}/tcp", "backends": ["198.18.0.3:8080"]}}"#);
+        let (t, ()) = timed(|| kept.call("POST", "/v1/services", &body, 201));
+        api_kept.push(t);
+    }
+    for i in 0..args.adds {
+        let vip = format!("198.24.{}.{}:80", 1 + i / 250, i % 250 + 1);
+        kept.call("DELETE", &format!("/v1/services/tcp/{vip}"), "", 204);
+    }
+    drop(kept);
+    api_kept.sort();
     let mut api_del = Vec::new();
     for i in 0..args.adds {
         let vip = format!("198.23.{}.{}:80", 1 + i / 250, i % 250 + 1);
@@ -345,7 +418,8 @@ fn main() -> ExitCode {
             &cli,
         ),
         ("CLI through the agent", &through),
-        ("agent API (POST /v1/services)", &api),
+        ("agent API (POST /v1/services), a connection per request", &api),
+        ("agent API (POST /v1/services), one kept-alive connection", &api_kept),
         ("agent API, delete (DELETE /v1/services/...)", &api_del),
     ] {
         let (p50, p99) = (percentile(v, 0.5), percentile(v, 0.99));
