@@ -145,7 +145,6 @@ fn parallel_writers_leave_exactly_the_intended_table() {
         8,
         "ps lists every sandbox: {ps}"
     );
-    let links = node.bpffs().path().join("links/ingress");
     let mut addrs = BTreeSet::new();
     for k in 1..=8 {
         let sandbox: serde_json::Value = serde_json::from_str(
@@ -169,10 +168,15 @@ fn parallel_writers_leave_exactly_the_intended_table() {
                 .contains("master"),
             "sb{k}'s veth {host_if} is not on the bridge"
         );
-        if record["mode"] == "Tcx" {
+        // A pod's veth carries the datapath on both hooks (cls_bpf: see `node::attach_pod`).
+        for hook in ["ingress", "egress"] {
+            let filters = tests::run_ok(
+                "tc",
+                &["-n", node.ns.name(), "filter", "show", "dev", host_if, hook],
+            );
             assert!(
-                links.join(host_if).exists(),
-                "no TCX link pinned for {host_if}"
+                filters.contains("bulkhead_") && filters.contains("direct-action"),
+                "sb{k}'s veth {host_if} has no datapath program at {hook}:\n{filters}"
             );
         }
         assert!(addrs.insert(sandbox["addr"].as_str().unwrap().to_owned()));
