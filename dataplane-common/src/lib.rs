@@ -356,7 +356,10 @@ pub struct Service {
     pub flags: u8,
     /// Number of backends in the current table (for `lc`, which scans them).
     pub backend_count: u16,
-    pub _pad: u32,
+    /// Session affinity by client network (ipvsadm's `-M`): the client address is masked with
+    /// this before the affinity lookup, network order. Zero (what the padding held before the
+    /// field existed) means the whole address.
+    pub affinity_mask: u32,
 }
 const _: () = assert!(core::mem::size_of::<Service>() == 24);
 

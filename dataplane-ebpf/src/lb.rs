@@ -73,13 +73,23 @@ pub fn select(svc: &Service, t: &FlowTuple, now: u64) -> Result<(u32, Backend), 
     Ok((id, backend))
 }
 
+/// The client as affinity sees it: its address, or its network under the service's mask.
+#[inline(always)]
+fn affinity_client(svc: &Service, t: &FlowTuple) -> u32 {
+    if svc.affinity_mask == 0 {
+        t.saddr.0
+    } else {
+        t.saddr.0 & svc.affinity_mask
+    }
+}
+
 /// Records the client's backend for session affinity.
 #[inline(always)]
 fn remember(svc: &Service, t: &FlowTuple, id: u32, now: u64) {
     if svc.affinity_secs != 0 {
         let key = AffinityKey {
             service_id: svc.id,
-            client: t.saddr.0,
+            client: affinity_client(svc, t),
         };
         let _ = AFFINITY.insert(
             &key,
@@ -249,7 +259,7 @@ pub fn backend(id: u32) -> Result<Backend, Reason> {
 fn sticky_backend(svc: &Service, t: &FlowTuple, now: u64) -> Option<(u32, Backend)> {
     let key = AffinityKey {
         service_id: svc.id,
-        client: t.saddr.0,
+        client: affinity_client(svc, t),
     };
     let entry = AFFINITY.get_ptr_mut(&key)?;
     // SAFETY: `entry` is a pointer from a successful map lookup in this run, whose memory stays

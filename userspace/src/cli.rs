@@ -355,6 +355,10 @@ pub enum ServiceCommand {
         /// Session affinity by client address, with this timeout in seconds.
         #[arg(long, value_name = "SECONDS", default_value_t = 0)]
         affinity: u32,
+        /// Affinity by client network (ipvsadm's `-M`): clients whose addresses agree under
+        /// this mask share a backend.
+        #[arg(long, value_name = "NETMASK", default_value = "255.255.255.255")]
+        affinity_netmask: std::net::Ipv4Addr,
         /// Also answer on this port of every node address (`NodePort`); needs `up --uplink` for
         /// clients outside the node.
         #[arg(long, value_name = "PORT")]
@@ -866,12 +870,14 @@ fn service(ctx: &mut Ctx<'_>, cmd: ServiceCommand, out: &mut impl Write) -> anyh
             backends,
             scheduler,
             affinity,
+            affinity_netmask,
             nodeport,
         } => {
             let spec = ServiceSpec {
                 vaddr: service.parse()?,
                 scheduler: scheduler.parse()?,
                 affinity_secs: affinity,
+                affinity_netmask,
                 nodeport,
                 backends: backends
                     .iter()
@@ -900,9 +906,14 @@ fn service(ctx: &mut Ctx<'_>, cmd: ServiceCommand, out: &mut impl Write) -> anyh
                 "SERVICE / BACKEND", "SCHED", "FLOWS", "PACKETS", "BYTES"
             )?;
             for s in &services {
-                let sched = match s.affinity_secs {
-                    0 => s.scheduler.name().to_owned(),
-                    t => format!("{} +{t}s", s.scheduler.name()),
+                let sched = match (s.affinity_secs, s.affinity_netmask.octets()) {
+                    (0, _) => s.scheduler.name().to_owned(),
+                    (t, [255, 255, 255, 255]) => format!("{} +{t}s", s.scheduler.name()),
+                    (t, m) => format!(
+                        "{} +{t}s/{}",
+                        s.scheduler.name(),
+                        u32::from_be_bytes(m).count_ones()
+                    ),
                 };
                 writeln!(
                     out,

@@ -32,6 +32,7 @@ fn spec(vaddr: &str, backends: &[&str]) -> ServiceSpec {
         vaddr: vaddr.parse().unwrap(),
         scheduler: bulkhead::services::Scheduler::default(),
         affinity_secs: 0,
+        affinity_netmask: std::net::Ipv4Addr::BROADCAST,
         nodeport: None,
         backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
     }

@@ -181,6 +181,58 @@ fn affinity_pins_a_client_to_one_backend() {
 }
 
 #[test]
+fn affinity_by_client_network_shares_a_backend_within_the_netmask() {
+    if skip("affinity_by_client_network_shares_a_backend_within_the_netmask") {
+        return;
+    }
+    let mut c = Cluster::new(3);
+    // Round robin: a client with no affinity entry gets the next backend.
+    let by_host = c.add_service(82, "tcp", &["-s", "rr", "--affinity", "60"]);
+    let by_net = c.add_service(
+        83,
+        "tcp",
+        &["-s", "rr", "--affinity", "60", "--affinity-netmask", "255.255.255.0"],
+    );
+    // A second client in the same /24 (added after the services: pods past the first are
+    // the cluster's backends).
+    c.node.add_pod(60);
+    let second = c.node.pods.last().unwrap();
+    let first = c.client();
+    // Keyed by the whole address, the second client is a new one.
+    let a = first.tcp_request(by_host);
+    assert_ne!(second.tcp_request(by_host), a);
+    // Keyed by the /24, it is the first client's network: same backend, every time.
+    let a = first.tcp_request(by_net);
+    for _ in 0..5 {
+        assert_eq!(second.tcp_request(by_net), a);
+        assert_eq!(first.tcp_request(by_net), a);
+    }
+    // save writes it as ipvsadm -S does, and restore reads it back unchanged.
+    let save = c.node.bulkhead_ok(&["service", "save"]);
+    assert!(
+        save.contains(&format!("-A -t {VIP}:83 -s rr -p 60 -M 255.255.255.0\n")),
+        "{save}"
+    );
+    assert!(save.contains(&format!("-A -t {VIP}:82 -s rr -p 60\n")), "{save}");
+    c.node.bulkhead_ok(&["service", "del", &format!("{VIP}:82/tcp")]);
+    c.node.bulkhead_ok(&["service", "del", &format!("{VIP}:83/tcp")]);
+    let out = c
+        .node
+        .command(&["service", "restore"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            child.stdin.take().unwrap().write_all(save.as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(c.node.bulkhead_ok(&["service", "save"]), save);
+}
+
+#[test]
 fn draining_keeps_established_connections_and_steers_new_ones_away() {
     if skip("draining_keeps_established_connections_and_steers_new_ones_away") {
         return;

@@ -179,6 +179,7 @@ pub fn publish(paths: &Paths, p: &Publish, backend: SocketAddrV4) -> Result<()> 
         vaddr: published_vaddr(p),
         scheduler: Scheduler::default(),
         affinity_secs: 0,
+        affinity_netmask: Ipv4Addr::BROADCAST,
         nodeport: None,
         backends: vec![BackendSpec {
             addr: backend,

@@ -6,6 +6,7 @@
 //!   - address: 198.19.0.10:80/tcp
 //!     scheduler: rr            # any scheduler the CLI takes (default hash)
 //!     affinity: 300            # optional, seconds
+//!     affinity_netmask: 255.255.255.0   # optional: affinity by client network (ipvsadm -M)
 //!     nodeport: 30080          # optional
 //!     backends: ["198.18.0.2:8080", "198.18.0.3:8080@2"]
 //! ```
@@ -19,6 +20,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fmt,
+    net::Ipv4Addr,
     path::PathBuf,
 };
 
@@ -27,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     MAX_LC_BACKENDS, ServiceTable, ServiceTableError,
-    model::{BackendSpec, Scheduler, ServiceSpec, VirtualAddr},
+    model::{BackendSpec, Scheduler, ServiceSpec, VirtualAddr, is_host_mask},
     store::Store,
     table::same_spec,
 };
@@ -66,6 +68,9 @@ pub struct ServiceConfig {
     /// Session affinity timeout in seconds.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub affinity: u32,
+    /// Affinity by client network: clients equal under this mask share a backend.
+    #[serde(default = "host_mask", skip_serializing_if = "is_host_mask")]
+    pub affinity_netmask: Ipv4Addr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodeport: Option<u16>,
     #[serde(
@@ -74,6 +79,10 @@ pub struct ServiceConfig {
         serialize_with = "displayed_backends"
     )]
     pub backends: Vec<BackendSpec>,
+}
+
+fn host_mask() -> Ipv4Addr {
+    Ipv4Addr::BROADCAST
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -123,6 +132,7 @@ impl ServiceConfig {
             vaddr: self.address,
             scheduler: self.scheduler,
             affinity_secs: self.affinity,
+            affinity_netmask: self.affinity_netmask,
             nodeport: self.nodeport,
             backends: self.backends.clone(),
         }
@@ -133,6 +143,7 @@ impl ServiceConfig {
             address: spec.vaddr,
             scheduler: spec.scheduler,
             affinity: spec.affinity_secs,
+            affinity_netmask: spec.affinity_netmask,
             nodeport: spec.nodeport,
             backends: spec.backends.clone(),
         }
@@ -352,6 +363,9 @@ impl fmt::Display for Plan {
             if s.affinity_secs != 0 {
                 h.push_str(&format!(" affinity {}s", s.affinity_secs));
             }
+            if s.affinity_netmask != Ipv4Addr::BROADCAST {
+                h.push_str(&format!(" netmask {}", s.affinity_netmask));
+            }
             if let Some(p) = s.nodeport {
                 h.push_str(&format!(" nodeport {p}"));
             }
@@ -405,6 +419,7 @@ mod tests {
   - address: 198.19.0.10:80/tcp
     scheduler: rr
     affinity: 300
+    affinity_netmask: 255.255.255.0
     backends: [\"198.18.0.2:8080\", \"198.18.0.3:8080@2\"]
   - address: 198.19.0.11:53/udp
     backends: [\"198.18.0.4:53\"]
@@ -417,8 +432,16 @@ mod tests {
         assert_eq!(specs.len(), 2);
         assert_eq!(specs[0].scheduler, Scheduler::Rr);
         assert_eq!(specs[0].affinity_secs, 300);
+        assert_eq!(specs[0].affinity_netmask, Ipv4Addr::new(255, 255, 255, 0));
         assert_eq!(specs[0].backends[1].weight, 2);
         assert_eq!(specs[1].scheduler, Scheduler::Hash);
+        assert_eq!(specs[1].affinity_netmask, Ipv4Addr::BROADCAST);
+        assert!(
+            Config::parse("services:\n  - address: 198.19.0.10:80\n    affinity_netmask: 255.255.255\n")
+                .unwrap_err()
+                .to_string()
+                .contains("line 3")
+        );
     }
 
     #[test]

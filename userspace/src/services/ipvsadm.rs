@@ -1,7 +1,7 @@
 //! ipvsadm's `--save` text: what `service save` prints and `service restore` reads, so tables
 //! move between Bulkhead and IPVS (`ipvsadm -S -n`, `ipvsadm -R`) as text.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, net::Ipv4Addr};
 
 use super::{
     Result, ServiceTableError,
@@ -23,6 +23,10 @@ pub fn format(specs: &[ServiceSpec]) -> String {
         ));
         if spec.affinity_secs != 0 {
             out.push_str(&format!(" -p {}", spec.affinity_secs));
+            // As ipvsadm -S: the netmask only with persistence, and only when not /32.
+            if spec.affinity_netmask != Ipv4Addr::BROADCAST {
+                out.push_str(&format!(" -M {}", spec.affinity_netmask));
+            }
         }
         if let Some(port) = spec.nodeport {
             // Not an ipvsadm flag: IPVS has no NodePort; Bulkhead's restore reads it.
@@ -78,6 +82,16 @@ pub fn parse(text: &str) -> Result<(bool, Vec<(usize, ServiceSpec)>)> {
                     })?,
                     None => 0,
                 };
+                let affinity_netmask = match opts.get(&["-M", "--netmask"]) {
+                    Some(m) => m.parse().map_err(|_| {
+                        wrap(parse_err(
+                            "persistence netmask",
+                            m,
+                            "expected a dotted-quad IPv4 netmask",
+                        ))
+                    })?,
+                    None => Ipv4Addr::BROADCAST,
+                };
                 let nodeport = match opts.get(&["--nodeport"]) {
                     Some(p) => Some(
                         p.parse()
@@ -92,6 +106,7 @@ pub fn parse(text: &str) -> Result<(bool, Vec<(usize, ServiceSpec)>)> {
                         vaddr,
                         scheduler,
                         affinity_secs,
+                        affinity_netmask,
                         nodeport,
                         backends: Vec::new(),
                     },
@@ -154,7 +169,9 @@ impl<'a> Options<'a> {
     /// Refuses every option this table cannot keep, naming it: a restored table must come
     /// back from `save` exactly as it went in, never with an option silently dropped.
     fn only_supported(&self, cmd: &str) -> Result<()> {
-        const SERVICE: [&str; 10] = [
+        const SERVICE: [&str; 12] = [
+            "-M",
+            "--netmask",
             "-t",
             "--tcp-service",
             "-u",
@@ -187,9 +204,6 @@ impl<'a> Options<'a> {
                 continue;
             }
             let why = match *name {
-                "-M" | "--netmask" => {
-                    "a persistence netmask is not supported yet (affinity is per client address)"
-                }
                 "-b" | "--sched-flags" => "scheduler flags are not supported yet",
                 "-f" | "--fwmark-service" => "firewall-mark services are not supported yet",
                 "-o" | "--ops" => "one-packet scheduling is not supported yet",
@@ -267,12 +281,9 @@ mod tests {
             "masquerading",
         );
         err("-X\n", "expected -A");
+        err("-A -t 198.19.9.4:80 -p 300 -M 255.255.255.x\n", "netmask");
         // Options a table could not keep are refused by name, never dropped.
         for (line, option) in [
-            (
-                "-A -t 198.19.9.4:80 -s rr -p 300 -M 255.255.255.0",
-                "\"-M\"",
-            ),
             ("-A -t 198.19.9.4:80 -s mh -b flag-1,flag-2", "\"-b\""),
             ("-A -f 10 -s rr", "\"-f\""),
             ("-A -u 198.19.9.4:53 -s rr -o", "\"-o\""),
@@ -288,7 +299,7 @@ mod tests {
 
     #[test]
     fn what_format_writes_parse_reads_back() {
-        let text = "-A -t 198.19.0.10:80 -s rr -p 300\n\
+        let text = "-A -t 198.19.0.10:80 -s rr -p 300 -M 255.255.255.0\n\
                     -a -t 198.19.0.10:80 -r 198.18.0.2:8080 -m -w 0\n\
                     -A -u 198.19.0.11:53 -s hash --nodeport 30053\n\
                     -a -u 198.19.0.11:53 -r 198.18.0.4:53 -m -w 7\n";

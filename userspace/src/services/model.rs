@@ -271,9 +271,36 @@ pub struct ServiceSpec {
     pub scheduler: Scheduler,
     /// Session affinity timeout in seconds (0: none).
     pub affinity_secs: u32,
+    /// Affinity by client network (ipvsadm's `-M`): clients whose addresses agree under this
+    /// mask share a backend. 255.255.255.255, the default, keys affinity by the whole address.
+    pub affinity_netmask: Ipv4Addr,
     /// Also answer on this port of every node address (Kubernetes `NodePort`).
     pub nodeport: Option<u16>,
     pub backends: Vec<BackendSpec>,
+}
+
+/// The datapath's form of an affinity netmask: network order, zero for the whole address.
+pub(crate) fn affinity_mask(netmask: Ipv4Addr) -> u32 {
+    if netmask == Ipv4Addr::BROADCAST {
+        0
+    } else {
+        u32::from(netmask).to_be()
+    }
+}
+
+/// The netmask an affinity mask as the datapath holds it stands for.
+pub(crate) fn affinity_netmask(mask: u32) -> Ipv4Addr {
+    if mask == 0 {
+        Ipv4Addr::BROADCAST
+    } else {
+        Ipv4Addr::from(u32::from_be(mask))
+    }
+}
+
+/// Whether a netmask is the default, the whole address.
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+pub(crate) fn is_host_mask(m: &Ipv4Addr) -> bool {
+    *m == Ipv4Addr::BROADCAST
 }
 
 /// Backend state as shown to users.
@@ -303,6 +330,8 @@ pub struct ServiceInfo {
     pub nodeport: Option<u16>,
     pub scheduler: Scheduler,
     pub affinity_secs: u32,
+    #[serde(skip_serializing_if = "is_host_mask")]
+    pub affinity_netmask: Ipv4Addr,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,

@@ -25,7 +25,7 @@ use super::{
     MAX_LC_BACKENDS, Result, ServiceTableError, ipvsadm,
     model::{
         BackendInfo, BackendSpec, BackendState, Scheduler, ServiceInfo, ServiceSpec, VirtualAddr,
-        backend_addr, new_backend,
+        affinity_mask, affinity_netmask, backend_addr, new_backend,
     },
     parse_err,
     selection::selection_table,
@@ -69,6 +69,7 @@ impl Entry {
             vaddr: self.vaddr(),
             scheduler: Scheduler::from_code(self.value.scheduler),
             affinity_secs: self.value.affinity_secs,
+            affinity_netmask: affinity_netmask(self.value.affinity_mask),
             nodeport: self.nodeport(),
             backends: self
                 .backends
@@ -175,6 +176,7 @@ impl ServiceTable<MapStore> {
                     nodeport: e.nodeport(),
                     scheduler: Scheduler::from_code(e.value.scheduler),
                     affinity_secs: e.value.affinity_secs,
+                    affinity_netmask: affinity_netmask(e.value.affinity_mask),
                     packets: c.packets,
                     bytes: c.bytes,
                     new_flows: c.new_flows,
@@ -343,7 +345,7 @@ impl<S: Store> ServiceTable<S> {
                 scheduler: spec.scheduler.code(),
                 flags: 0,
                 backend_count: 0,
-                _pad: 0,
+                affinity_mask: affinity_mask(spec.affinity_netmask),
             },
             nodeport: spec.nodeport.map(|port| ServiceKey {
                 addr: 0,
@@ -601,6 +603,7 @@ impl<S: Store> ServiceTable<S> {
         let mut entry = old.clone();
         entry.value.scheduler = spec.scheduler.code();
         entry.value.affinity_secs = spec.affinity_secs;
+        entry.value.affinity_mask = affinity_mask(spec.affinity_netmask);
         entry.nodeport = spec.nodeport.map(|port| ServiceKey {
             addr: 0,
             port: port.to_be(),
@@ -784,6 +787,7 @@ pub(crate) fn same_spec(a: &ServiceSpec, b: &ServiceSpec) -> bool {
     a.vaddr == b.vaddr
         && a.scheduler == b.scheduler
         && a.affinity_secs == b.affinity_secs
+        && a.affinity_netmask == b.affinity_netmask
         && a.nodeport == b.nodeport
         && sorted(a) == sorted(b)
 }
@@ -813,6 +817,8 @@ fn allocate(used: &BTreeSet<u32>, max: u32) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use dataplane_common::flow_dir;
 
     use super::*;
@@ -823,6 +829,7 @@ mod tests {
             vaddr: vip.parse().unwrap(),
             scheduler,
             affinity_secs: 0,
+            affinity_netmask: Ipv4Addr::BROADCAST,
             nodeport: None,
             backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
         }
