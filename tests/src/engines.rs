@@ -14,11 +14,10 @@ use std::{
 
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec,
-    LinuxPodSandboxConfig, ListPodSandboxRequest, PodSandboxConfig, PodSandboxMetadata,
-    PodSandboxStatusRequest, PortMapping, Protocol, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StatusRequest, StopPodSandboxRequest,
-    runtime_service_client::RuntimeServiceClient,
+    ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec, LinuxPodSandboxConfig,
+    ListPodSandboxRequest, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest,
+    PortMapping, Protocol, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+    StatusRequest, StopPodSandboxRequest, runtime_service_client::RuntimeServiceClient,
 };
 use serde_json::{Value, json};
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -138,7 +137,11 @@ pub struct Podman {
 
 impl Podman {
     /// None when podman or runc is not installed.
-    pub fn new(node_ns: PathBuf, networks: &[Value], bulkhead_cni: Option<&Path>) -> Option<Podman> {
+    pub fn new(
+        node_ns: PathBuf,
+        networks: &[Value],
+        bulkhead_cni: Option<&Path>,
+    ) -> Option<Podman> {
         if !Path::new("/usr/bin/podman").exists() || !Path::new("/usr/sbin/runc").exists() {
             return None;
         }
@@ -207,7 +210,16 @@ impl Podman {
     /// `podman run -d` on `network` of a busybox httpd answering with the container's name (its
     /// page in a directory of its own: `--rootfs` is shared, /tmp included).
     pub fn web(&self, network: &str, name: &str, root: &str, extra: &[&str]) -> Ipv4Addr {
-        let mut args = vec!["run", "-d", "--name", name, "--hostname", name, "--network", network];
+        let mut args = vec![
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--hostname",
+            name,
+            "--network",
+            network,
+        ];
         args.extend_from_slice(extra);
         args.extend_from_slice(&[
             "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768",
@@ -267,7 +279,9 @@ impl Containerd {
     ) -> Result<Containerd, String> {
         for bin in ["/usr/bin/containerd", "/usr/bin/ctr", "/usr/sbin/runc"] {
             if !Path::new(bin).exists() {
-                return Err(format!("{bin} is missing (cargo xtask setup installs containerd and runc)"));
+                return Err(format!(
+                    "{bin} is missing (cargo xtask setup installs containerd and runc)"
+                ));
             }
         }
         let dir = TempDir::new("bhcd");
@@ -322,7 +336,11 @@ impl Containerd {
         // The network is ready once containerd has loaded the CNI config.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let status = grpc("Status", me.rt.block_on(me.cri.status(StatusRequest { verbose: false })))?;
+            let status = grpc(
+                "Status",
+                me.rt
+                    .block_on(me.cri.status(StatusRequest { verbose: false })),
+            )?;
             let conditions = status.status.map(|s| s.conditions).unwrap_or_default();
             if conditions.iter().all(|c| c.status) && !conditions.is_empty() {
                 break;
@@ -375,19 +393,31 @@ impl Containerd {
             .output()
             .map_err(|e| format!("cp: {e}"))?;
         if !out.status.success() {
-            return Err(format!("copy the busybox root: {}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "copy the busybox root: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         let layer = layout.join("layer.tar");
         let out = command("/usr/bin/tar")
             .arg("-C")
             .arg(&root)
-            .args(["--sort=name", "--owner=0", "--group=0", "--numeric-owner", "-cf"])
+            .args([
+                "--sort=name",
+                "--owner=0",
+                "--group=0",
+                "--numeric-owner",
+                "-cf",
+            ])
             .arg(&layer)
             .arg(".")
             .output()
             .map_err(|e| format!("tar: {e}"))?;
         if !out.status.success() {
-            return Err(format!("tar the layer: {}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "tar the layer: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         let blob = |bytes: &[u8]| -> (String, usize) {
             let digest = sha256(bytes);
@@ -431,7 +461,11 @@ impl Containerd {
             .to_string(),
         )
         .unwrap();
-        fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        fs::write(
+            layout.join("oci-layout"),
+            r#"{"imageLayoutVersion":"1.0.0"}"#,
+        )
+        .unwrap();
         let archive = layout.with_extension("tar");
         let out = command("/usr/bin/tar")
             .arg("-C")
@@ -442,7 +476,10 @@ impl Containerd {
             .output()
             .map_err(|e| format!("tar: {e}"))?;
         if !out.status.success() {
-            return Err(format!("tar the layout: {}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "tar the layout: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         self.ctr(&["images", "import", archive.to_str().unwrap()])?;
         let _ = fs::remove_dir_all(&layout);
@@ -454,10 +491,12 @@ impl Containerd {
     /// (host port, container port) TCP mappings: the sandbox id.
     pub fn run_pod(&mut self, name: &str, ports: &[(u16, u16)]) -> Result<String, String> {
         let config = self.pod_config(name, ports);
-        let r = self.rt.block_on(self.cri.run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(config),
-            runtime_handler: String::new(),
-        }));
+        let r = self
+            .rt
+            .block_on(self.cri.run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config),
+                runtime_handler: String::new(),
+            }));
         Ok(grpc("RunPodSandbox", r)?.pod_sandbox_id)
     }
 
@@ -493,37 +532,43 @@ impl Containerd {
     /// `CreateContainer` and `StartContainer` in `pod` of a busybox running `script` with sh.
     pub fn start(&mut self, pod: &str, name: &str, script: &str) -> Result<String, String> {
         let sandbox_config = self.pod_config(name, &[]);
-        let r = self.rt.block_on(self.cri.create_container(CreateContainerRequest {
-            pod_sandbox_id: pod.into(),
-            config: Some(ContainerConfig {
-                metadata: Some(ContainerMetadata {
-                    name: name.into(),
-                    attempt: 0,
-                }),
-                image: Some(ImageSpec {
-                    image: BUSYBOX_IMAGE.into(),
+        let r = self
+            .rt
+            .block_on(self.cri.create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.into(),
+                config: Some(ContainerConfig {
+                    metadata: Some(ContainerMetadata {
+                        name: name.into(),
+                        attempt: 0,
+                    }),
+                    image: Some(ImageSpec {
+                        image: BUSYBOX_IMAGE.into(),
+                        ..Default::default()
+                    }),
+                    command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                    log_path: format!("{name}.log"),
                     ..Default::default()
                 }),
-                command: vec!["/bin/sh".into(), "-c".into(), script.into()],
-                log_path: format!("{name}.log"),
-                ..Default::default()
-            }),
-            sandbox_config: Some(sandbox_config),
-        }));
+                sandbox_config: Some(sandbox_config),
+            }));
         let id = grpc("CreateContainer", r)?.container_id;
-        let r = self.rt.block_on(self.cri.start_container(StartContainerRequest {
-            container_id: id.clone(),
-        }));
+        let r = self
+            .rt
+            .block_on(self.cri.start_container(StartContainerRequest {
+                container_id: id.clone(),
+            }));
         grpc("StartContainer", r)?;
         Ok(id)
     }
 
     /// The pod's address, as `PodSandboxStatus` reports it from the CNI result.
     pub fn pod_ip(&mut self, pod: &str) -> Result<Ipv4Addr, String> {
-        let r = self.rt.block_on(self.cri.pod_sandbox_status(PodSandboxStatusRequest {
-            pod_sandbox_id: pod.into(),
-            verbose: false,
-        }));
+        let r = self
+            .rt
+            .block_on(self.cri.pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: pod.into(),
+                verbose: false,
+            }));
         let ip = grpc("PodSandboxStatus", r)?
             .status
             .and_then(|s| s.network)
@@ -536,23 +581,32 @@ impl Containerd {
     /// `StopPodSandbox` (kills its containers, CNI DEL) then `RemovePodSandbox` (CNI DEL again,
     /// without a namespace), as the kubelet does.
     pub fn remove_pod(&mut self, pod: &str) -> Result<(), String> {
-        let r = self.rt.block_on(self.cri.stop_pod_sandbox(StopPodSandboxRequest {
-            pod_sandbox_id: pod.into(),
-        }));
+        let r = self
+            .rt
+            .block_on(self.cri.stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            }));
         grpc("StopPodSandbox", r)?;
-        let r = self.rt.block_on(self.cri.remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: pod.into(),
-        }));
+        let r = self
+            .rt
+            .block_on(self.cri.remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            }));
         grpc("RemovePodSandbox", r)?;
         Ok(())
     }
 
     /// Every pod sandbox containerd knows.
     pub fn pods(&mut self) -> Result<Vec<String>, String> {
-        let r = self
-            .rt
-            .block_on(self.cri.list_pod_sandbox(ListPodSandboxRequest { filter: None }));
-        Ok(grpc("ListPodSandbox", r)?.items.into_iter().map(|p| p.id).collect())
+        let r = self.rt.block_on(
+            self.cri
+                .list_pod_sandbox(ListPodSandboxRequest { filter: None }),
+        );
+        Ok(grpc("ListPodSandbox", r)?
+            .items
+            .into_iter()
+            .map(|p| p.id)
+            .collect())
     }
 
     /// containerd's log, for a failing test's message.
@@ -593,13 +647,15 @@ impl Drop for Containerd {
         for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
             let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains("containerd-shim") && cmdline.contains(&needle)
-                && let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
+            if cmdline.contains("containerd-shim")
+                && cmdline.contains(&needle)
+                && let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>()
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
         }
         let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
         let prefix = t.to_string_lossy().into_owned();
@@ -622,7 +678,11 @@ impl Drop for Containerd {
             let id = task.file_name().to_string_lossy().into_owned();
             let key = format!("{}/k8s.io/{id}", sock.display());
             let _ = fs::remove_file(Path::new("/run/containerd/s").join(sha256(key.as_bytes())));
-            for cached in fs::read_dir("/var/lib/cni/results").into_iter().flatten().flatten() {
+            for cached in fs::read_dir("/var/lib/cni/results")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 if cached.file_name().to_string_lossy().contains(&id) {
                     let _ = fs::remove_file(cached.path());
                 }

@@ -418,8 +418,14 @@ fn main() -> ExitCode {
             &cli,
         ),
         ("CLI through the agent", &through),
-        ("agent API (POST /v1/services), a connection per request", &api),
-        ("agent API (POST /v1/services), one kept-alive connection", &api_kept),
+        (
+            "agent API (POST /v1/services), a connection per request",
+            &api,
+        ),
+        (
+            "agent API (POST /v1/services), one kept-alive connection",
+            &api_kept,
+        ),
         ("agent API, delete (DELETE /v1/services/...)", &api_del),
     ] {
         let (p50, p99) = (percentile(v, 0.5), percentile(v, 0.99));

@@ -50,8 +50,22 @@ fn main() {
     });
     let bridge_list = bridge_conflist("bridge", "cnibench0", "10.88.77.0/24", scratch.path());
     let mut rows = Vec::new();
-    rows.extend(podman(&node, &rootfs, &cni, &bridge_list, &bulkhead_list, runs));
-    rows.extend(containerd(&node, &rootfs, &cni, &bridge_list, &bulkhead_list, runs));
+    rows.extend(podman(
+        &node,
+        &rootfs,
+        &cni,
+        &bridge_list,
+        &bulkhead_list,
+        runs,
+    ));
+    rows.extend(containerd(
+        &node,
+        &rootfs,
+        &cni,
+        &bridge_list,
+        &bulkhead_list,
+        runs,
+    ));
     println!("{}", Value::Array(rows));
 }
 
@@ -106,8 +120,11 @@ fn podman(
     runs: usize,
 ) -> Vec<Value> {
     let names = ["podman, CNI bridge", "podman, bulkhead-cni"];
-    let Some(podman) = Podman::new(node.ns.path(), &[bridge.clone(), bulkhead.clone()], Some(cni))
-    else {
+    let Some(podman) = Podman::new(
+        node.ns.path(),
+        &[bridge.clone(), bulkhead.clone()],
+        Some(cni),
+    ) else {
         return names
             .iter()
             .map(|n| row(n, Err("podman or runc is not installed".into())))
@@ -117,8 +134,17 @@ fn podman(
     interleaved(runs, names, |i, _| {
         let network = ["bridge", "bulkhead"][i];
         let out = podman.run(&[
-            "run", "--rm", "--network", network, "--ulimit", "nofile=20000:20000", "--ulimit",
-            "nproc=32768:32768", "--rootfs", &root, "/bin/true",
+            "run",
+            "--rm",
+            "--network",
+            network,
+            "--ulimit",
+            "nofile=20000:20000",
+            "--ulimit",
+            "nproc=32768:32768",
+            "--rootfs",
+            &root,
+            "/bin/true",
         ]);
         if out.status.success() {
             Ok(())
@@ -140,7 +166,10 @@ fn containerd(
     bulkhead: &Value,
     runs: usize,
 ) -> Vec<Value> {
-    let names = ["containerd CRI pod, CNI bridge", "containerd CRI pod, bulkhead-cni"];
+    let names = [
+        "containerd CRI pod, CNI bridge",
+        "containerd CRI pod, bulkhead-cni",
+    ];
     // CRI takes one network: one containerd per network.
     let mut engines = Vec::new();
     for list in [bridge, bulkhead] {

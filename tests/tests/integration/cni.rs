@@ -459,7 +459,9 @@ fn containerd_cri_pods_on_bulkhead_cni_answer_on_their_address_and_a_host_port()
     let addr = SocketAddrV4::new(ip, 8080);
     let client = &node.pods[0].ns;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !client.run(move || TcpStream::connect_timeout(&addr.into(), Duration::from_millis(300)).is_ok()) {
+    while !client
+        .run(move || TcpStream::connect_timeout(&addr.into(), Duration::from_millis(300)).is_ok())
+    {
         assert!(Instant::now() < deadline, "{addr} never answered");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -471,7 +473,8 @@ fn containerd_cri_pods_on_bulkhead_cni_answer_on_their_address_and_a_host_port()
     );
     // StopPodSandbox and RemovePodSandbox (two DELs, the second without a namespace) leave
     // nothing.
-    cri.remove_pod(&pod).unwrap_or_else(|e| panic!("{e}\n{}", cri.log()));
+    cri.remove_pod(&pod)
+        .unwrap_or_else(|e| panic!("{e}\n{}", cri.log()));
     assert_eq!(cri.pods().unwrap(), Vec::<String>::new());
     assert_only_the_test_pod_is_left(&node, 8083);
 }

@@ -761,8 +761,7 @@ fn a_foreground_run_forwards_signals_and_returns_the_status() {
 
 #[test]
 fn an_ended_runs_address_drains_with_its_veth_and_is_taken_again() {
-    let Some(h) = Host::new("an_ended_runs_address_drains_with_its_veth_and_is_taken_again")
-    else {
+    let Some(h) = Host::new("an_ended_runs_address_drains_with_its_veth_and_is_taken_again") else {
         return;
     };
     let leases = h.node.state_dir().join("leases");
@@ -786,7 +785,12 @@ fn an_ended_runs_address_drains_with_its_veth_and_is_taken_again() {
     for _ in 0..8 {
         let out = h.run(&[], "ip -4 -o addr show eth0 | grep -o 'inet [0-9.]*'");
         assert!(out.status.success(), "{}", text(&out.stderr));
-        seen.push(text(&out.stdout).trim().trim_start_matches("inet ").to_owned());
+        seen.push(
+            text(&out.stdout)
+                .trim()
+                .trim_start_matches("inet ")
+                .to_owned(),
+        );
         for (addr, holder) in held() {
             let veth = holder.strip_prefix("drain:").unwrap_or_else(|| {
                 panic!("lease {addr} is held by {holder:?} with no sandbox left")
@@ -797,7 +801,10 @@ fn an_ended_runs_address_drains_with_its_veth_and_is_taken_again() {
     // A draining address is taken again once its veth is gone (never while the old pair is
     // still on the bridge): eight runs one after the other do not need eight addresses.
     let distinct: std::collections::BTreeSet<&String> = seen.iter().collect();
-    assert!(distinct.len() < seen.len(), "no address was taken again: {seen:?}");
+    assert!(
+        distinct.len() < seen.len(),
+        "no address was taken again: {seen:?}"
+    );
     // An address asked for by name waits for its veth to drain rather than failing.
     let first = seen[0].clone();
     for _ in 0..3 {
@@ -809,7 +816,13 @@ fn an_ended_runs_address_drains_with_its_veth_and_is_taken_again() {
     assert_eq!(held(), Vec::<(String, String)>::new());
     let links = h.node.ns.ip(&["-o", "link"]);
     assert!(!links.contains(": bh"), "{links}");
-    h.node.bulkhead_ok(&["up", "--bridge", &h.node.bridge, "--subnet", "198.18.0.1/24"]);
+    h.node.bulkhead_ok(&[
+        "up",
+        "--bridge",
+        &h.node.bridge,
+        "--subnet",
+        "198.18.0.1/24",
+    ]);
 }
 
 #[test]

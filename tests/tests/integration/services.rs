@@ -191,7 +191,14 @@ fn affinity_by_client_network_shares_a_backend_within_the_netmask() {
     let by_net = c.add_service(
         83,
         "tcp",
-        &["-s", "rr", "--affinity", "60", "--affinity-netmask", "255.255.255.0"],
+        &[
+            "-s",
+            "rr",
+            "--affinity",
+            "60",
+            "--affinity-netmask",
+            "255.255.255.0",
+        ],
     );
     // A second client in the same /24 (added after the services: pods past the first are
     // the cluster's backends).
@@ -213,9 +220,14 @@ fn affinity_by_client_network_shares_a_backend_within_the_netmask() {
         save.contains(&format!("-A -t {VIP}:83 -s rr -p 60 -M 255.255.255.0\n")),
         "{save}"
     );
-    assert!(save.contains(&format!("-A -t {VIP}:82 -s rr -p 60\n")), "{save}");
-    c.node.bulkhead_ok(&["service", "del", &format!("{VIP}:82/tcp")]);
-    c.node.bulkhead_ok(&["service", "del", &format!("{VIP}:83/tcp")]);
+    assert!(
+        save.contains(&format!("-A -t {VIP}:82 -s rr -p 60\n")),
+        "{save}"
+    );
+    c.node
+        .bulkhead_ok(&["service", "del", &format!("{VIP}:82/tcp")]);
+    c.node
+        .bulkhead_ok(&["service", "del", &format!("{VIP}:83/tcp")]);
     let out = c
         .node
         .command(&["service", "restore"])

@@ -376,7 +376,11 @@ fn reclaim_drained(path: &std::path::Path, holder: &str, wait: bool) -> bool {
 /// and gives the address back. `down` calls it, so nothing of an ended sandbox outlives the
 /// node.
 pub fn settle_drained(paths: &Paths) {
-    for entry in std::fs::read_dir(leases_dir(paths)).into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir(leases_dir(paths))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let path = entry.path();
         if let Ok(text) = std::fs::read_to_string(&path)
             && let Some(host_if) = text.strip_prefix(DRAINING)

@@ -437,10 +437,12 @@ mod tests {
         assert_eq!(specs[1].scheduler, Scheduler::Hash);
         assert_eq!(specs[1].affinity_netmask, Ipv4Addr::BROADCAST);
         assert!(
-            Config::parse("services:\n  - address: 198.19.0.10:80\n    affinity_netmask: 255.255.255\n")
-                .unwrap_err()
-                .to_string()
-                .contains("line 3")
+            Config::parse(
+                "services:\n  - address: 198.19.0.10:80\n    affinity_netmask: 255.255.255\n"
+            )
+            .unwrap_err()
+            .to_string()
+            .contains("line 3")
         );
     }
 
