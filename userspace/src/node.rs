@@ -402,15 +402,22 @@ fn settings(ip: &Ip, record: &NodeRecord) -> Result<loader::NodeSettings, NodeEr
 
 /// Attaches the datapath to one more interface (a veth plugged into the bridge later).
 pub fn attach(paths: &Paths, ifname: &str) -> Result<(), NodeError> {
+    attach_via(paths, ifname, None)
+}
+
+/// Attaches the datapath to `ifname` through `mode`, or the node's own mode, and lists it
+/// in the node record.
+fn attach_via(paths: &Paths, ifname: &str, mode: Option<TcMode>) -> Result<(), NodeError> {
     let mut record = NodeRecord::load(paths)?;
     if !Ip::exists(ifname) {
         return Err(NodeError::NoInterface {
             ifname: ifname.to_owned(),
         });
     }
-    Datapath::open(&paths.bpffs)
-        .map_err(step("open the pinned datapath"))?
-        .attach(ifname)
+    let mut datapath = Datapath::open(&paths.bpffs).map_err(step("open the pinned datapath"))?;
+    let mode = mode.unwrap_or(datapath.mode());
+    datapath
+        .attach_as(ifname, mode)
         .map_err(step(format!("attach the datapath to {ifname}")))?;
     if !record.attached.iter().any(|a| a == ifname) {
         record.attached.push(ifname.to_owned());
@@ -421,20 +428,7 @@ pub fn attach(paths: &Paths, ifname: &str) -> Result<(), NodeError> {
 /// Attaches the datapath to a pod's veth: through netlink `cls_bpf` (see
 /// [`Datapath::attach_as`]); a later `up` moves it to TCX if the pod lives that long.
 pub fn attach_pod(paths: &Paths, ifname: &str) -> Result<(), NodeError> {
-    let mut record = NodeRecord::load(paths)?;
-    if !Ip::exists(ifname) {
-        return Err(NodeError::NoInterface {
-            ifname: ifname.to_owned(),
-        });
-    }
-    Datapath::open(&paths.bpffs)
-        .map_err(step("open the pinned datapath"))?
-        .attach_as(ifname, TcMode::Netlink)
-        .map_err(step(format!("attach the datapath to {ifname}")))?;
-    if !record.attached.iter().any(|a| a == ifname) {
-        record.attached.push(ifname.to_owned());
-    }
-    record.save(paths)
+    attach_via(paths, ifname, Some(TcMode::Netlink))
 }
 
 /// Forgets the datapath's attachment to an interface that is gone or going away with its

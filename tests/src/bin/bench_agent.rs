@@ -377,32 +377,39 @@ fn main() -> ExitCode {
     eprintln!("bench agent: CLI adds through the agent ...");
     let through = cli_adds(&node, 21);
     eprintln!("bench agent: {} API adds with {n} present ...", args.adds);
-    let mut api = Vec::new();
-    for i in 0..args.adds {
-        let vip = format!("198.23.{}.{}:80", 1 + i / 250, i % 250 + 1);
-        let body = format!(r#"{{"address": "{vip}/tcp", "backends": ["198.18.0.3:8080"]}}"#);
-        let (t, ()) = timed(|| agent.call("POST", "/v1/services", &body, 201));
-        api.push(t);
-    }
+    // The i-th VIP of the /16 `net` (198.23: one connection per request, 198.24: kept alive).
+    let vip = |net: u8, i: usize| format!("198.{net}.{}.{}:80", 1 + i / 250, i % 250 + 1);
+    let add = |net: u8, call: &mut dyn FnMut(&str)| -> Vec<Duration> {
+        (0..args.adds)
+            .map(|i| {
+                let body = format!(
+                    r#"{{"address": "{}/tcp", "backends": ["198.18.0.3:8080"]}}"#,
+                    vip(net, i)
+                );
+                timed(|| call(&body)).0
+            })
+            .collect()
+    };
+    let mut api = add(23, &mut |body| {
+        agent.call("POST", "/v1/services", body, 201);
+    });
     // The same through one kept-alive connection.
     let mut kept = KeepAlive::connect(&agent);
-    let mut api_kept = Vec::new();
+    let mut api_kept = add(24, &mut |body| kept.call("POST", "/v1/services", body, 201));
     for i in 0..args.adds {
-        let vip = format!("198.24.{}.{}:80", 1 + i / 250, i % 250 + 1);
-        let body = format!(r#"{{"address": "{vip}/tcp", "backends": ["198.18.0.3:8080"]}}"#);
-        let (t, ()) = timed(|| kept.call("POST", "/v1/services", &body, 201));
-        api_kept.push(t);
-    }
-    for i in 0..args.adds {
-        let vip = format!("198.24.{}.{}:80", 1 + i / 250, i % 250 + 1);
-        kept.call("DELETE", &format!("/v1/services/tcp/{vip}"), "", 204);
+        kept.call(
+            "DELETE",
+            &format!("/v1/services/tcp/{}", vip(24, i)),
+            "",
+            204,
+        );
     }
     drop(kept);
     api_kept.sort();
     let mut api_del = Vec::new();
     for i in 0..args.adds {
-        let vip = format!("198.23.{}.{}:80", 1 + i / 250, i % 250 + 1);
-        let (t, ()) = timed(|| agent.call("DELETE", &format!("/v1/services/tcp/{vip}"), "", 204));
+        let path = format!("/v1/services/tcp/{}", vip(23, i));
+        let (t, ()) = timed(|| agent.call("DELETE", &path, "", 204));
         api_del.push(t);
     }
     api_del.sort();

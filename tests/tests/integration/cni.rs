@@ -303,13 +303,18 @@ fn parallel_adds_and_dels_get_distinct_addresses_and_leave_nothing() {
     assert!(listing(&node.state_dir().join("cni")).is_empty());
 }
 
-/// A podman with the CNI backend whose one network, "bhnet", is bulkhead-cni on `node`.
-fn podman(node: &Node) -> Option<Podman> {
+/// The network "bhnet" as engines read it: a conflist of bulkhead-cni on `node`, with host
+/// ports.
+fn conflist(node: &Node) -> Value {
     let mut plugin = conf(node, json!({"capabilities": {"portMappings": true}}));
     plugin.as_object_mut().unwrap().remove("cniVersion");
     plugin.as_object_mut().unwrap().remove("name");
-    let list = json!({"cniVersion": "1.0.0", "name": "bhnet", "plugins": [plugin]});
-    Podman::new(node.ns.path(), &[list], Some(&cni_bin()?))
+    json!({"cniVersion": "1.0.0", "name": "bhnet", "plugins": [plugin]})
+}
+
+/// A podman with the CNI backend whose one network, "bhnet", is bulkhead-cni on `node`.
+fn podman(node: &Node) -> Option<Podman> {
+    Podman::new(node.ns.path(), &[conflist(node)], Some(&cni_bin()?))
 }
 
 /// GET / from inside `ns`: the body.
@@ -429,17 +434,14 @@ fn containerd_cri_pods_on_bulkhead_cni_answer_on_their_address_and_a_host_port()
     let mut node = Node::new();
     let external = node.add_uplink();
     node.add_pod(200);
-    let mut plugin = conf(&node, json!({"capabilities": {"portMappings": true}}));
-    plugin.as_object_mut().unwrap().remove("cniVersion");
-    plugin.as_object_mut().unwrap().remove("name");
-    let list = json!({"cniVersion": "1.0.0", "name": "bhnet", "plugins": [plugin]});
-    let mut cri = match Containerd::new(&node.ns.path(), &list, Some(&cni), rootfs.path()) {
-        Ok(c) => c,
-        Err(why) => {
-            eprintln!("SKIP {test}: {why}");
-            return;
-        }
-    };
+    let mut cri =
+        match Containerd::new(&node.ns.path(), &conflist(&node), Some(&cni), rootfs.path()) {
+            Ok(c) => c,
+            Err(why) => {
+                eprintln!("SKIP {test}: {why}");
+                return;
+            }
+        };
     // A pod with a host port and a busybox httpd in it, as the kubelet makes one.
     let pod = cri
         .run_pod("web", &[(8083, 8080)])

@@ -228,19 +228,8 @@ fn affinity_by_client_network_shares_a_backend_within_the_netmask() {
         .bulkhead_ok(&["service", "del", &format!("{VIP}:82/tcp")]);
     c.node
         .bulkhead_ok(&["service", "del", &format!("{VIP}:83/tcp")]);
-    let out = c
-        .node
-        .command(&["service", "restore"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write as _;
-            child.stdin.take().unwrap().write_all(save.as_bytes())?;
-            child.wait_with_output()
-        })
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    let out = restore(&c.node, &save);
+    assert!(out.contains("restored 2 services"), "{out}");
     assert_eq!(c.node.bulkhead_ok(&["service", "save"]), save);
 }
 
