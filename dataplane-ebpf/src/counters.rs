@@ -11,14 +11,32 @@ use crate::{
     maps::{BACKEND_STATS, IFACE_STATS, REASONS, SERVICE_STATS},
 };
 
-/// Adds a packet of `len` bytes to its service's and backend's counters.
+/// Adds a packet of `len` bytes to its service's and backend's counters, creating each entry
+/// on the first packet that needs it.
+///
+/// User space never creates these entries: a per-CPU element costs the kernel about 15 µs to
+/// allocate from a system call (against 0.4 µs for a plain hash element), which made counters
+/// most of the cost of installing 10,000 services. It only deletes them when an id is freed or
+/// taken again, so an absent entry means zero, and only services that see traffic pay for one.
 #[inline(always)]
 pub fn count_service(service_id: u32, backend_id: u32, len: u64, new_flow: bool) {
-    if let Some(c) = SERVICE_STATS.get_ptr_mut(&service_id) {
-        bump(c, len, new_flow);
+    let first = ServiceCounters {
+        packets: 1,
+        bytes: len,
+        new_flows: u64::from(new_flow),
+    };
+    match SERVICE_STATS.get_ptr_mut(&service_id) {
+        Some(c) => bump(c, len, new_flow),
+        // A full map or an empty allocator cache only loses this packet's count.
+        None => {
+            let _ = SERVICE_STATS.insert(&service_id, &first, 0);
+        }
     }
-    if let Some(c) = BACKEND_STATS.get_ptr_mut(&backend_id) {
-        bump(c, len, new_flow);
+    match BACKEND_STATS.get_ptr_mut(&backend_id) {
+        Some(c) => bump(c, len, new_flow),
+        None => {
+            let _ = BACKEND_STATS.insert(&backend_id, &first, 0);
+        }
     }
 }
 

@@ -293,6 +293,11 @@ fn round_robin(service_id: u32) -> u32 {
             *cursor = v.wrapping_add(1);
             v
         }
-        None => 0,
+        // The service's first new flow on this CPU: user space leaves the cursor to the
+        // datapath (see `counters::count_service` for why). A failed insert picks slot 0 again.
+        None => {
+            let _ = RR_CURSORS.insert(&service_id, &1, 0);
+            0
+        }
     }
 }

@@ -60,8 +60,9 @@ pub static CT_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(ct_event::SLOTS, 0)
 pub static AFFINITY: LruHashMap<AffinityKey, Affinity> = LruHashMap::pinned(AFFINITY_SIZE, 0);
 
 // Per-CPU counters are hashes, not arrays: a per-CPU array preallocates every element on every
-// CPU at load time (a quarter of a second for 256k elements on two CPUs). User space inserts
-// the entry when it creates the service or backend; the datapath only ever updates it.
+// CPU at load time (a quarter of a second for 256k elements on two CPUs). The datapath inserts
+// an entry on the first packet that needs it; user space only deletes entries, when an id is
+// freed or taken again (see `counters::count_service`).
 
 /// See [`dataplane_common::map::SERVICE_STATS`].
 #[map(name = "SERVICE_STATS")]

@@ -24,7 +24,17 @@ fn tcp_service_reaches_every_backend_and_the_counters_agree() {
         "every backend answers: {seen:?}"
     );
     // The datapath's own per-backend counters saw the same flows.
-    assert_eq!(c.counted_flows(&format!("{VIP}:80/tcp")), seen);
+    let svc = format!("{VIP}:80/tcp");
+    assert_eq!(c.counted_flows(&svc), seen);
+    // A service added again takes the freed ids, and its counters start from zero, not from
+    // what the deleted one counted.
+    c.node.bulkhead_ok(&["service", "del", &svc]);
+    c.add_service(80, "tcp", &[]);
+    assert_eq!(c.counted_flows(&svc), BTreeMap::new());
+    let listed = c.list();
+    assert_eq!(listed[0]["packets"], 0, "{listed}");
+    let seen = c.spread(vip, 6);
+    assert_eq!(c.counted_flows(&svc), seen);
 }
 
 #[test]

@@ -10,12 +10,12 @@ use std::{collections::BTreeMap, time::Duration};
 
 use aya::maps::{MapError, PerCpuValues};
 use dataplane_common::{
-    Backend, Flow, FlowKey, Service, ServiceCounters, ServiceKey, SlotKey, ct_event, flow_dir,
+    Backend, Flow, FlowKey, Service, ServiceKey, SlotKey, ct_event, flow_dir, map,
     flow_kind, proto,
 };
 
 use super::{Result, ServiceTableError, map_err};
-use crate::loader::{self, ServiceMaps};
+use crate::loader::ServiceMaps;
 
 /// Per-id state created with a service or backend and removed with it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -30,6 +30,18 @@ pub enum PerId {
     RrCursor,
 }
 
+impl PerId {
+    /// The datapath map that holds it.
+    pub fn map_name(self) -> &'static str {
+        match self {
+            PerId::ServiceStats => map::SERVICE_STATS,
+            PerId::BackendStats => map::BACKEND_STATS,
+            PerId::BackendConns => map::BACKEND_CONNS,
+            PerId::RrCursor => map::RR_CURSORS,
+        }
+    }
+}
+
 /// What a service change writes.
 pub trait Store {
     /// Every service entry, `NodePort` faces included.
@@ -42,7 +54,7 @@ pub trait Store {
     fn remove_slot(&mut self, key: &SlotKey) -> Result<()>;
     fn put_backend(&mut self, id: u32, backend: Backend) -> Result<()>;
     fn remove_backend(&mut self, id: u32) -> Result<()>;
-    /// Creates (or zeroes) the per-id state `what` of `id`.
+    /// Makes the per-id state `what` of `id` start from zero.
     fn reset(&mut self, what: PerId, id: u32) -> Result<()>;
     fn remove(&mut self, what: PerId, id: u32) -> Result<()>;
     /// Removes both entries of every tracked flow that `matches` (called on original and reply
@@ -71,23 +83,14 @@ fn retrying<T>(mut update: impl FnMut() -> Result<T, MapError>) -> Result<T, Map
     update()
 }
 
-/// `value` on each of `cpus` CPUs, as a per-CPU map update takes it.
-fn zeroed<T: aya::Pod>(cpus: usize, value: T) -> Result<PerCpuValues<T>, MapError> {
-    PerCpuValues::try_from(vec![value; cpus]).map_err(MapError::IoError)
-}
-
 /// The datapath's pinned maps.
 pub struct MapStore {
     pub maps: ServiceMaps,
-    nr_cpus: usize,
 }
 
 impl MapStore {
     pub fn new(maps: ServiceMaps) -> Self {
-        MapStore {
-            maps,
-            nr_cpus: loader::nr_cpus(),
-        }
+        MapStore { maps }
     }
 
     /// Adds to the user-space removal counter of conntrack table `t` (kept on CPU 0's slot;
@@ -161,20 +164,19 @@ impl Store for MapStore {
     }
 
     fn reset(&mut self, what: PerId, id: u32) -> Result<()> {
-        let n = self.nr_cpus;
-        let counters = || zeroed(n, ServiceCounters::default());
-        match what {
-            PerId::ServiceStats => retrying(|| self.maps.service_stats.insert(id, counters()?, 0))
-                .map_err(map_err("create counters", "SERVICE_STATS")),
-            PerId::BackendStats => retrying(|| self.maps.backend_stats.insert(id, counters()?, 0))
-                .map_err(map_err("create counters", "BACKEND_STATS")),
-            PerId::RrCursor => retrying(|| self.maps.rr_cursors.insert(id, zeroed(n, 0u32)?, 0))
-                .map_err(map_err("create cursor", "RR_CURSORS")),
-            PerId::BackendConns => self
-                .maps
-                .backend_conns
-                .set(id, 0, 0)
-                .map_err(map_err("reset connection count", "BACKEND_CONNS")),
+        // The per-CPU entries are the datapath's to create (see the datapath's
+        // `counters::count_service`): zero is their absence.
+        let result = match what {
+            PerId::ServiceStats => self.maps.service_stats.remove(&id),
+            PerId::BackendStats => self.maps.backend_stats.remove(&id),
+            PerId::RrCursor => self.maps.rr_cursors.remove(&id),
+            PerId::BackendConns => self.maps.backend_conns.set(id, 0, 0),
+        };
+        match result {
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            other => other.map_err(map_err("reset per-id state", what.map_name())),
         }
     }
 
@@ -186,7 +188,7 @@ impl Store for MapStore {
             // An array element cannot be removed: zero it.
             PerId::BackendConns => self.maps.backend_conns.set(id, 0, 0),
         };
-        result.map_err(map_err("delete per-id state", "counters"))
+        result.map_err(map_err("delete per-id state", what.map_name()))
     }
 
     fn remove_flows(&mut self, matches: &dyn Fn(&FlowKey, &Flow) -> bool) -> usize {

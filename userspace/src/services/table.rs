@@ -35,7 +35,7 @@ use crate::loader::ServiceMaps;
 
 /// How long a replaced selection table stays in the map: packets that read the old service
 /// entry may still index into it. A program run takes microseconds; this is ample.
-const GRACE: Duration = Duration::from_millis(5);
+pub const GRACE: Duration = Duration::from_millis(5);
 
 /// One service as the user-space table knows it.
 #[derive(Clone, Debug)]
@@ -760,10 +760,21 @@ impl<S: Store> ServiceTable<S> {
 
     /// Removes replaced selection tables once no packet can still be reading them.
     pub fn commit(&mut self) {
-        if self.retired.is_empty() {
-            return;
+        if self.has_retired() {
+            std::thread::sleep(GRACE);
+            self.remove_retired();
         }
-        std::thread::sleep(GRACE);
+    }
+
+    /// Whether a change left selection tables that [`GRACE`] must pass before removal.
+    pub fn has_retired(&self) -> bool {
+        !self.retired.is_empty()
+    }
+
+    /// Removes the replaced selection tables now: the caller waited [`GRACE`] since the
+    /// change, holding off every other change meanwhile (a next change of the same service
+    /// writes the generation these slots belong to).
+    pub fn remove_retired(&mut self) {
         for key in std::mem::take(&mut self.retired) {
             let _ = self.store.remove_slot(&key);
         }
