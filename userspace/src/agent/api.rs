@@ -220,7 +220,6 @@ async fn add_service(State(s): S, body: Bytes) -> Result<(StatusCode, Json<Servi
     let spec = config.spec();
     s.with_node_now(move |n| {
         n.table.add(&spec)?;
-        n.table.commit();
         n.changed(Some(&[spec.vaddr]));
         Ok::<_, ApiError>(())
     })
@@ -252,7 +251,6 @@ async fn put_service(
     let spec = config.spec();
     s.with_node_now(move |n| {
         n.table.update(&spec, q.force)?;
-        n.table.commit();
         n.changed(Some(&[v]));
         Ok::<_, ApiError>(())
     })
@@ -267,7 +265,6 @@ async fn delete_service(
     let v = vaddr(&proto, &address)?;
     s.with_node_now(move |n| {
         n.table.delete(&v)?;
-        n.table.commit();
         n.changed(Some(&[v]));
         Ok::<_, ApiError>(())
     })
@@ -300,7 +297,6 @@ async fn add_backend(
     };
     s.with_node_now(move |n| {
         n.table.add_backend(&v, &spec)?;
-        n.table.commit();
         n.changed(Some(&[v]));
         Ok::<_, ApiError>(())
     })
@@ -321,7 +317,6 @@ async fn delete_backend(
     let addr = backend_addr(&backend)?;
     s.with_node_now(move |n| {
         n.table.delete_backend(&v, addr, q.force)?;
-        n.table.commit();
         n.changed(Some(&[v]));
         Ok::<_, ApiError>(())
     })
@@ -337,7 +332,6 @@ async fn drain_backend(
     let addr = backend_addr(&backend)?;
     s.with_node_now(move |n| {
         n.table.drain_backend(&v, addr)?;
-        n.table.commit();
         n.changed(Some(&[v]));
         Ok::<_, ApiError>(())
     })

@@ -38,7 +38,7 @@ use crate::{
     services::{
         ServiceSpec, ServiceTable, VirtualAddr,
         desired::{Config, Plan},
-        table::{FlowSweep, sweep_flows},
+        table::{FlowSweep, GRACE, sweep_flows},
     },
     subnet::Subnet,
 };
@@ -286,12 +286,19 @@ impl Shared {
             .expect("node work does not panic")
     }
 
-    /// Runs a single-service change (tens of microseconds of map writes, plus the grace
-    /// period when a selection table is replaced) on this worker under the mutex, without the
-    /// hop to a blocking thread and back that dominated the API's tail latency.
+    /// Runs a single-service change (tens of microseconds of map writes) right here on the
+    /// runtime's thread under the mutex, without the hop to a blocking thread and back that
+    /// dominated the API's tail latency, and commits it: when it replaced a selection table,
+    /// the grace period before the old one goes is awaited with the mutex held (no other
+    /// change may start), while the thread serves everything else.
     pub async fn with_node_now<T>(self: &Arc<Self>, f: impl FnOnce(&mut Node) -> T) -> T {
         let mut guard = self.node.lock().await;
-        tokio::task::block_in_place(|| f(&mut guard))
+        let out = f(&mut guard);
+        if guard.table.has_retired() {
+            tokio::time::sleep(GRACE).await;
+            guard.table.remove_retired();
+        }
+        out
     }
 
     /// Records a reconcile's outcome.
@@ -393,8 +400,10 @@ pub fn run(paths: Paths, options: Options, exec: Arc<dyn Executor>) -> Result<()
         options: options.clone(),
         paths: paths.clone(),
     });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread serves every connection: a request's work is tens of microseconds, and on
+    // a small node a second worker only adds cross-thread wake-ups to the latency tail. Long
+    // work (apply, resync, listings of every flow) goes to blocking threads (`with_node`).
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(AgentError::Runtime)?;
