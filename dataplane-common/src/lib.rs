@@ -288,10 +288,11 @@ pub mod scheduler {
     pub const RANDOM: u8 = 1;
     /// Maglev consistent hashing of the 5-tuple over a prime-sized table.
     pub const MAGLEV: u8 = 2;
-    /// Round robin (weighted by slot repetition), with a per-CPU cursor.
-    pub const RR: u8 = 3;
-    /// Least connections: the backend with the fewest live flows per unit of weight.
-    pub const LC: u8 = 4;
+    /// Weighted round robin (IPVS `wrr`): weights by slot repetition, with a per-CPU cursor.
+    pub const WRR: u8 = 3;
+    /// Weighted least connections (IPVS `wlc`): the fewest open connections per unit of
+    /// weight.
+    pub const WLC: u8 = 4;
     /// Source hashing: the client address alone picks the slot.
     pub const SH: u8 = 5;
     /// Destination hashing: the destination address alone picks the slot.
@@ -305,12 +306,19 @@ pub mod scheduler {
     /// Weighted overflow (IPVS `ovf`): the backend of highest weight that has fewer open
     /// connections than its weight; none when every one is full.
     pub const OVF: u8 = 10;
+    /// Round robin (IPVS `rr`): every backend of non-zero weight in turn, weights otherwise
+    /// ignored; a per-CPU cursor.
+    pub const RR: u8 = 11;
+    /// Least connections (IPVS `lc`): the fewest open connections, weights otherwise ignored.
+    pub const LC: u8 = 12;
+    /// Maglev hashing of the client address (IPVS `mh`), over a Maglev table.
+    pub const MH: u8 = 13;
 
     /// Whether a scheduler scans its table (each active backend once) on every new flow,
     /// comparing open connections and weights, instead of indexing into it.
     #[must_use]
     pub const fn scans(code: u8) -> bool {
-        matches!(code, LC | SED | NQ | FO | OVF)
+        matches!(code, LC | WLC | SED | NQ | FO | OVF)
     }
 }
 

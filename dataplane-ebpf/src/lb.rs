@@ -61,8 +61,9 @@ pub fn select(svc: &Service, t: &FlowTuple, now: u64) -> Result<(u32, Backend), 
     }
     let index = match svc.scheduler {
         scheduler::RANDOM => random(),
-        scheduler::RR => round_robin(svc.id),
-        scheduler::SH => mix32(t.saddr.0),
+        // rr and wrr differ only in the table user space builds.
+        scheduler::RR | scheduler::WRR => round_robin(svc.id),
+        scheduler::SH | scheduler::MH => mix32(t.saddr.0),
         scheduler::DH => mix32(t.daddr.0),
         // HASH and MAGLEV both hash the 5-tuple; they differ in the table user space builds.
         _ => flow_hash(t.saddr.0, t.daddr.0, t.sport, t.dport, t.proto),
@@ -194,6 +195,7 @@ extern "C" fn lc_step(index: u32, ctx: *mut c_void) -> i64 {
         }
         scheduler::FO => scan.found == 0 || weight > best_weight,
         scheduler::OVF => conns < weight && (scan.found == 0 || weight > best_weight),
+        scheduler::LC => scan.found == 0 || conns < scan.best_conns,
         _ => scan.found == 0 || conns * best_weight < scan.best_conns * weight,
     };
     if better {

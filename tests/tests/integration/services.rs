@@ -131,8 +131,14 @@ fn schedulers_spread_flows_as_they_promise() {
         );
     }
 
-    // sh and dh: one client, one destination: every flow to one backend.
-    for (port, sched) in [(83, "sh"), (84, "dh")] {
+    // rr (IPVS's, unlike wrr) ignores weights other than zero: 1:2:3 still gets equal shares.
+    let seen = c.spread(weighted_1_2_3(&c, 88, "rr"), 30);
+    let (min, max) = (seen.values().min().unwrap(), seen.values().max().unwrap());
+    assert!(seen.len() == 3 && max - min <= cpus, "rr, weights 1:2:3: {seen:?}");
+
+    // sh, mh (both hash the client address) and dh: one client, one destination: every flow
+    // to one backend.
+    for (port, sched) in [(83, "sh"), (84, "dh"), (89, "mh")] {
         let seen = c.spread(c.add_service(port, "tcp", &["--scheduler", sched]), 15);
         assert_eq!(seen.len(), 1, "{sched}: {seen:?}");
     }
@@ -791,6 +797,10 @@ fn ipvs_scan_schedulers_pick_as_ipvs_does() {
     // ip_vs_nq.c, ip_vs_fo.c, ip_vs_ovf.c): scan in order, a later backend wins only when
     // strictly better.
     for (port, sched, want) in [
+        // the fewest connections, weights aside: each in turn
+        (94, "lc", vec![0, 1, 2, 0, 1, 2]),
+        // the fewest connections per weight: C/W 0,0,0 -> first; 1,0,0 -> second; ...
+        (95, "wlc", vec![0, 1, 2, 2, 1, 2]),
         // (C+1)/W: 1/1, 1/2, 1/3 -> third; then 1, .5, .67 -> second; ...
         (90, "sed", vec![2, 1, 2, 0, 1, 2]),
         // the first idle backend, each in turn; then as sed

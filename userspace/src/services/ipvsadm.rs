@@ -259,10 +259,10 @@ mod tests {
         assert_eq!(web.vaddr.to_string(), "198.19.0.10:80/tcp");
         assert_eq!(
             (web.scheduler, web.affinity_secs, web.backends.len()),
-            (Scheduler::Rr, 300, 2)
+            (Scheduler::Wrr, 300, 2)
         );
         assert_eq!(web.backends[1].weight, 2);
-        assert_eq!(specs[1].1.scheduler, Scheduler::Maglev);
+        assert_eq!(specs[1].1.scheduler, Scheduler::Mh);
 
         let err = |text: &str, why: &str| {
             let e = parse(text).unwrap_err();

@@ -167,28 +167,34 @@ pub enum Scheduler {
     Random,
     Maglev,
     Rr,
+    Wrr,
     Lc,
+    Wlc,
     Sh,
     Dh,
     Sed,
     Nq,
     Fo,
     Ovf,
+    Mh,
 }
 
 impl Scheduler {
-    const ALL: [Scheduler; 11] = [
+    const ALL: [Scheduler; 14] = [
         Scheduler::Hash,
         Scheduler::Random,
         Scheduler::Maglev,
         Scheduler::Rr,
+        Scheduler::Wrr,
         Scheduler::Lc,
+        Scheduler::Wlc,
         Scheduler::Sh,
         Scheduler::Dh,
         Scheduler::Sed,
         Scheduler::Nq,
         Scheduler::Fo,
         Scheduler::Ovf,
+        Scheduler::Mh,
     ];
 
     /// Whether the datapath scans this scheduler's table (each active backend once) on every
@@ -197,19 +203,27 @@ impl Scheduler {
         scheduler::scans(self.code())
     }
 
+    /// Whether the datapath keeps a round-robin cursor for the service (`rr`, `wrr`).
+    pub fn uses_cursor(self) -> bool {
+        matches!(self, Scheduler::Rr | Scheduler::Wrr)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Scheduler::Hash => "hash",
             Scheduler::Random => "random",
             Scheduler::Maglev => "maglev",
             Scheduler::Rr => "rr",
+            Scheduler::Wrr => "wrr",
             Scheduler::Lc => "lc",
+            Scheduler::Wlc => "wlc",
             Scheduler::Sh => "sh",
             Scheduler::Dh => "dh",
             Scheduler::Sed => "sed",
             Scheduler::Nq => "nq",
             Scheduler::Fo => "fo",
             Scheduler::Ovf => "ovf",
+            Scheduler::Mh => "mh",
         }
     }
 
@@ -219,13 +233,16 @@ impl Scheduler {
             Scheduler::Random => scheduler::RANDOM,
             Scheduler::Maglev => scheduler::MAGLEV,
             Scheduler::Rr => scheduler::RR,
+            Scheduler::Wrr => scheduler::WRR,
             Scheduler::Lc => scheduler::LC,
+            Scheduler::Wlc => scheduler::WLC,
             Scheduler::Sh => scheduler::SH,
             Scheduler::Dh => scheduler::DH,
             Scheduler::Sed => scheduler::SED,
             Scheduler::Nq => scheduler::NQ,
             Scheduler::Fo => scheduler::FO,
             Scheduler::Ovf => scheduler::OVF,
+            Scheduler::Mh => scheduler::MH,
         }
     }
 
@@ -241,18 +258,11 @@ impl FromStr for Scheduler {
     type Err = ServiceTableError;
 
     fn from_str(input: &str) -> Result<Self> {
-        // IPVS names for the same algorithms are accepted too: every scheduler here is weighted.
-        let s = match input {
-            "wrr" => "rr",
-            "wlc" => "lc",
-            "mh" => "maglev",
-            other => other,
-        };
-        const EXPECTED: &str = "expected hash, random, maglev (mh), rr (wrr), lc (wlc), sh, dh, \
-                                sed, nq, fo or ovf";
+        const EXPECTED: &str = "expected hash, random, maglev, rr, wrr, lc, wlc, sh, dh, sed, \
+                                nq, fo, ovf or mh";
         Self::ALL
             .into_iter()
-            .find(|k| k.name() == s)
+            .find(|k| k.name() == input)
             .ok_or_else(|| match input {
                 "lblc" | "lblcr" | "twos" => parse_err(
                     "scheduler",
@@ -390,14 +400,21 @@ mod tests {
     }
 
     #[test]
-    fn scheduler_names_include_ipvs_aliases() {
-        let check = |name: &str, want: Scheduler| {
-            assert_eq!(name.parse::<Scheduler>().unwrap(), want, "{name}");
-        };
-        check("hash", Scheduler::Hash);
-        check("mh", Scheduler::Maglev);
-        check("wrr", Scheduler::Rr);
-        check("wlc", Scheduler::Lc);
+    fn ipvs_scheduler_names_are_their_own_schedulers_and_come_back_as_given() {
+        for (name, want) in [
+            ("hash", Scheduler::Hash),
+            ("maglev", Scheduler::Maglev),
+            ("mh", Scheduler::Mh),
+            ("rr", Scheduler::Rr),
+            ("wrr", Scheduler::Wrr),
+            ("lc", Scheduler::Lc),
+            ("wlc", Scheduler::Wlc),
+        ] {
+            let got = name.parse::<Scheduler>().unwrap();
+            assert_eq!(got, want, "{name}");
+            assert_eq!(got.name(), name);
+            assert_eq!(Scheduler::from_code(got.code()), got);
+        }
         assert!("lblc".parse::<Scheduler>().is_err());
     }
 }

@@ -22,7 +22,9 @@ pub fn selection_table(sched: Scheduler, backends: &[(u32, SocketAddrV4, u16)]) 
     match sched {
         // lc weighs connections itself, so it needs each backend exactly once.
         s if s.scans() => usable.iter().map(|b| b.0).collect(),
-        Scheduler::Maglev => {
+        // IPVS rr: every usable backend once, whatever its weight.
+        Scheduler::Rr => usable.iter().map(|b| b.0).collect(),
+        Scheduler::Maglev | Scheduler::Mh => {
             let named: Vec<(String, u16)> = usable.iter().map(|b| (b.1.to_string(), b.2)).collect();
             let size = maglev_size(usable.len());
             maglev_table(&named, size)

@@ -357,7 +357,7 @@ impl<S: Store> ServiceTable<S> {
         self.store.reset(PerId::ServiceStats, id)?;
         undo.push(Undo::PerId(PerId::ServiceStats, id));
         self.service_ids.insert(id);
-        if spec.scheduler == Scheduler::Rr {
+        if spec.scheduler.uses_cursor() {
             self.store.reset(PerId::RrCursor, id)?;
             undo.push(Undo::PerId(PerId::RrCursor, id));
         }
@@ -639,7 +639,9 @@ impl<S: Store> ServiceTable<S> {
                     entry.backends.push((id, new_backend(b, entry.value.id)));
                 }
             }
-            if spec.scheduler == Scheduler::Rr && old.value.scheduler != scheduler::RR {
+            if spec.scheduler.uses_cursor()
+                && !Scheduler::from_code(old.value.scheduler).uses_cursor()
+            {
                 self.store.reset(PerId::RrCursor, entry.value.id)?;
             }
             Ok(())
@@ -942,7 +944,7 @@ mod tests {
         t.add(&spec(
             "198.19.0.1:80/tcp",
             &["198.18.0.2:80"],
-            Scheduler::Rr,
+            Scheduler::Wrr,
         ))
         .unwrap();
         let gen0 = t.entries[&vip].value.generation;
