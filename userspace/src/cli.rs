@@ -35,7 +35,7 @@ use clap::{Parser, Subcommand};
 )]
 pub struct Cli {
     /// Run in this network namespace (a name under /run/netns, or a path), like `ip -n`.
-    #[arg(long, global = true, value_name = "NAME|PATH")]
+    #[arg(long, global = true, env = "BULKHEAD_NETNS", value_name = "NAME|PATH")]
     pub netns: Option<String>,
     /// bpffs directory for pinned maps, programs and links; mounted if it is not on bpffs.
     /// Default: /sys/fs/bpf/bulkhead, or /sys/fs/bpf/bulkhead/netns/NAME in a network
@@ -140,6 +140,13 @@ pub enum Command {
     /// Backends of a service (ipvsadm -a/-e/-d).
     #[command(subcommand)]
     Backend(BackendCommand),
+    /// ipvsadm's own command line, as it is (`bulkhead ipvsadm -Ln`, `-A -t VIP:80 -s rr`,
+    /// `-S -n`, ...); also what the binary does when it is called `ipvsadm`.
+    #[command(disable_help_flag = true, disable_version_flag = true)]
+    Ipvsadm {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<String>,
+    },
     /// Tracked flows.
     #[command(subcommand)]
     Conntrack(ConntrackCommand),
@@ -414,7 +421,16 @@ pub enum ConntrackCommand {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Called as `ipvsadm` (a link to this binary): ipvsadm's command line, whole.
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        == Some("ipvsadm".as_ref())
+    {
+        argv.insert(1, "ipvsadm".into());
+    }
+    let cli = Cli::parse_from(argv);
     match &cli.command {
         Command::Agent(a) => init_tracing(&a.log_level, a.log_format == LogFormat::Json),
         _ => init_tracing("warn", false),
@@ -462,6 +478,7 @@ impl Command {
             | Command::Exec { .. }
             | Command::Logs { .. }
             | Command::Stats { name: Some(_), .. } => None,
+            Command::Ipvsadm { args } if bulkhead::ipvsadm::reads_only(args) => Some(Mode::Shared),
             Command::Stats { name: None, .. }
             | Command::Service(ServiceCommand::List { .. } | ServiceCommand::Save)
             | Command::Conntrack(ConntrackCommand::List { .. } | ConntrackCommand::Stats { .. })
@@ -475,6 +492,7 @@ impl Command {
             | Command::Rm { .. }
             | Command::Service(_)
             | Command::Backend(_)
+            | Command::Ipvsadm { .. }
             | Command::Conntrack(ConntrackCommand::Flush { .. })
             | Command::Endpoint(_)
             | Command::Apply { .. } => Some(Mode::Exclusive),
@@ -528,9 +546,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 paths: &paths,
                 table: None,
                 stdin: None,
+                stderr: String::new(),
             };
             let code = execute(&mut ctx, command, &mut out)?;
             out.flush().context("write to stdout")?;
+            eprint!("{}", ctx.stderr);
             Ok(ExitCode::from(code))
         }
     }
@@ -553,6 +573,10 @@ fn forward(agent: &bulkhead::agent::client::Client, command: &Command) -> anyhow
             args = replace_file_arg(&args, file);
         }
         Command::Service(ServiceCommand::Restore) => {
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut stdin)
+                .context("read stdin")?;
+        }
+        Command::Ipvsadm { args: a } if bulkhead::ipvsadm::reads_stdin(a) => {
             std::io::Read::read_to_string(&mut std::io::stdin(), &mut stdin)
                 .context("read stdin")?;
         }
@@ -627,6 +651,7 @@ impl bulkhead::agent::Executor for InAgent {
             cli.command,
             Command::Service(_)
                 | Command::Backend(_)
+                | Command::Ipvsadm { .. }
                 | Command::Conntrack(_)
                 | Command::Endpoint(_)
                 | Command::Stats { .. }
@@ -638,9 +663,13 @@ impl bulkhead::agent::Executor for InAgent {
             paths,
             table: Some(table),
             stdin: Some(stdin),
+            stderr: String::new(),
         };
         match execute(&mut ctx, cli.command, &mut out) {
-            Ok(code) => done.code = code,
+            Ok(code) => {
+                done.code = code;
+                done.stderr = std::mem::take(&mut ctx.stderr);
+            }
             Err(e) => {
                 done.stderr = format!("bulkhead: {e:#}\n");
                 done.code = 1;
@@ -670,6 +699,8 @@ struct Ctx<'a> {
     paths: &'a Paths,
     table: Option<&'a mut ServiceTable>,
     stdin: Option<&'a str>,
+    /// What a command that words its own errors (`ipvsadm`) has for stderr.
+    stderr: String,
 }
 
 enum TableRef<'a> {
@@ -834,6 +865,24 @@ fn execute(ctx: &mut Ctx<'_>, command: Command, out: &mut impl Write) -> anyhow:
         }
         Command::Service(cmd) => service(ctx, cmd, out)?,
         Command::Backend(cmd) => backend(ctx, cmd)?,
+        Command::Ipvsadm { args } => {
+            let stdin = if bulkhead::ipvsadm::reads_stdin(&args) {
+                ctx.read_input(std::path::Path::new("-"))?
+            } else {
+                String::new()
+            };
+            let prog = std::env::args()
+                .next()
+                .filter(|a| a.ends_with("ipvsadm"))
+                .unwrap_or_else(|| "bulkhead ipvsadm".to_owned());
+            let done = {
+                let mut table = ctx.table()?;
+                bulkhead::ipvsadm::run(&prog, &mut table, &args, &stdin)
+            };
+            out.write_all(done.stdout.as_bytes())?;
+            ctx.stderr.push_str(&done.stderr);
+            return Ok(done.code);
+        }
         Command::Conntrack(cmd) => conntrack(ctx, cmd, out)?,
         Command::Endpoint(cmd) => endpoint(paths, cmd, out)?,
         Command::Apply { file, force } => {

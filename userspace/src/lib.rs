@@ -8,6 +8,7 @@ pub mod agent;
 pub mod bpffs;
 pub mod cni;
 pub mod doctor;
+pub mod ipvsadm;
 pub mod link;
 pub mod loader;
 pub mod lock;

@@ -10,6 +10,7 @@ mod counters;
 mod doctor;
 mod edges;
 mod init;
+mod ipvsadm;
 mod node;
 mod packets;
 mod sandboxes;

@@ -134,7 +134,10 @@ fn schedulers_spread_flows_as_they_promise() {
     // rr (IPVS's, unlike wrr) ignores weights other than zero: 1:2:3 still gets equal shares.
     let seen = c.spread(weighted_1_2_3(&c, 88, "rr"), 30);
     let (min, max) = (seen.values().min().unwrap(), seen.values().max().unwrap());
-    assert!(seen.len() == 3 && max - min <= cpus, "rr, weights 1:2:3: {seen:?}");
+    assert!(
+        seen.len() == 3 && max - min <= cpus,
+        "rr, weights 1:2:3: {seen:?}"
+    );
 
     // sh, mh (both hash the client address) and dh: one client, one destination: every flow
     // to one backend.

@@ -8,9 +8,9 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use dataplane_common::{CONNTRACK_SIZE, ct_event, flow_dir, tcp_state};
+use dataplane_common::{CONNTRACK_SIZE, NodeConfig, ct_event, flow_dir, map, proto, tcp_state};
 
-use super::{Proto, ServiceTable, VirtualAddr};
+use super::{Proto, Result, ServiceTable, VirtualAddr, map_err};
 
 impl ServiceTable {
     /// Size and activity of both conntrack tables.
@@ -49,6 +49,44 @@ impl ServiceTable {
                 }
             })
             .collect()
+    }
+
+    /// The conntrack timeouts in force, in seconds: (TCP established, TCP closing, UDP).
+    pub fn timeouts(&self) -> (u32, u32, u32) {
+        let cfg = self.store.maps.config.get(&0, 0).unwrap_or_default();
+        (
+            cfg.flow_timeout(proto::TCP, tcp_state::ESTABLISHED),
+            cfg.flow_timeout(proto::TCP, tcp_state::CLOSING),
+            cfg.flow_timeout(proto::UDP, 0),
+        )
+    }
+
+    /// Changes the timeouts given (seconds, at least one); the others keep their values.
+    pub fn set_timeouts(
+        &mut self,
+        tcp_established: Option<u32>,
+        tcp_closing: Option<u32>,
+        udp: Option<u32>,
+    ) -> Result<()> {
+        let config = &mut self.store.maps.config;
+        let mut cfg = config
+            .get(&0, 0)
+            .map_err(map_err("read the node config", map::CONFIG))?;
+        if cfg.tcp_established_timeout == 0 {
+            cfg = NodeConfig::DEFAULT;
+        }
+        for (slot, secs) in [
+            (&mut cfg.tcp_established_timeout, tcp_established),
+            (&mut cfg.tcp_closing_timeout, tcp_closing),
+            (&mut cfg.udp_timeout, udp),
+        ] {
+            if let Some(secs) = secs {
+                *slot = secs.max(1);
+            }
+        }
+        config
+            .set(0, cfg, 0)
+            .map_err(map_err("write the node config", map::CONFIG))
     }
 
     /// Tracked flows, original direction, that have not expired.

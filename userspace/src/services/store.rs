@@ -10,8 +10,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use aya::maps::{MapError, PerCpuValues};
 use dataplane_common::{
-    Backend, Flow, FlowKey, Service, ServiceKey, SlotKey, ct_event, flow_dir, map,
-    flow_kind, proto,
+    Backend, Flow, FlowKey, Service, ServiceKey, SlotKey, ct_event, flow_dir, flow_kind, map, proto,
 };
 
 use super::{Result, ServiceTableError, map_err};

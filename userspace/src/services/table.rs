@@ -760,6 +760,22 @@ impl<S: Store> ServiceTable<S> {
         Ok(specs.len())
     }
 
+    /// Starts the counters of one service (and its backends), or of every service, from zero
+    /// again (ipvsadm's `-Z`). Open-connection counts are live state, not counters, and stay.
+    pub fn zero(&mut self, vaddr: Option<&VirtualAddr>) -> Result<()> {
+        let entries: Vec<Entry> = match vaddr {
+            Some(v) => vec![self.entry(v)?],
+            None => self.entries.values().cloned().collect(),
+        };
+        for e in entries {
+            self.store.reset(PerId::ServiceStats, e.value.id)?;
+            for (id, _) in &e.backends {
+                self.store.reset(PerId::BackendStats, *id)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Removes replaced selection tables once no packet can still be reading them.
     pub fn commit(&mut self) {
         if self.has_retired() {

@@ -1,0 +1,254 @@
+//! `bulkhead ipvsadm`: ipvsadm's command line over the real datapath, with ipvsadm's output,
+//! messages and exit codes (checked against ipvsadm 1.31's source and binary; the VM ring
+//! compares it with the real ipvsadm over real IPVS).
+
+use std::{
+    io::Write,
+    process::{Command, Output, Stdio},
+};
+
+use tests::{Node, skip};
+
+use crate::cluster::{Cluster, TCP_PORT, VIP};
+
+/// Runs `bulkhead ipvsadm ARGS` against `node` with `stdin`; (exit code, stdout, stderr).
+fn ipvsadm(node: &Node, args: &[&str], stdin: &str) -> (i32, String, String) {
+    let mut all = vec!["ipvsadm"];
+    all.extend_from_slice(args);
+    finish(node.command(&all), stdin)
+}
+
+fn finish(mut cmd: Command, stdin: &str) -> (i32, String, String) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run bulkhead ipvsadm");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out: Output = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(node: &Node, args: &[&str]) -> String {
+    let (code, out, err) = ipvsadm(node, args, "");
+    assert_eq!(code, 0, "ipvsadm {args:?}: {err}");
+    assert_eq!(err, "", "ipvsadm {args:?}");
+    out
+}
+
+#[test]
+fn ipvsadm_commands_drive_the_datapath_and_print_what_ipvsadm_prints() {
+    if skip("ipvsadm_commands_drive_the_datapath_and_print_what_ipvsadm_prints") {
+        return;
+    }
+    let c = Cluster::new(3);
+    let n = &c.node;
+    let svc = format!("{VIP}:80");
+    let real = |host: u8| format!("198.18.0.{host}:{TCP_PORT}");
+    ok(n, &["-A", "-t", &svc, "-s", "rr"]);
+    ok(n, &["-a", "-t", &svc, "-r", &real(3), "-m"]);
+    ok(n, &["-a", "-t", &svc, "-r", &real(4), "-m", "-w", "2"]);
+    ok(n, &["-a", "-t", &svc, "-r", &real(5), "-m"]);
+
+    // ipvsadm's listing, byte for byte (its lines end in padding).
+    assert_eq!(
+        ok(n, &["-Ln"]),
+        "IP Virtual Server version 1.2.1 (size=262144)\n\
+         Prot LocalAddress:Port Scheduler Flags\n\
+         \x20 -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n\
+         TCP  198.19.0.10:80 rr\n\
+         \x20 -> 198.18.0.3:8080              Masq    1      0          0         \n\
+         \x20 -> 198.18.0.4:8080              Masq    2      0          0         \n\
+         \x20 -> 198.18.0.5:8080              Masq    1      0          0         \n"
+    );
+
+    // The service it made balances real connections: rr ignores the weight of 2.
+    let seen = c.spread(std::net::SocketAddrV4::new(VIP, 80), 30);
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    // An open connection is an ActiveConn of its backend, as IPVS counts it.
+    let mut conn = c.client().tcp_connect(std::net::SocketAddrV4::new(VIP, 80));
+    let pinned = tests::ask(&mut conn);
+    let listing = ok(n, &["-L", "-n", "-t", &svc]);
+    let line = listing
+        .lines()
+        .find(|l| l.contains(&pinned))
+        .expect("the backend is listed");
+    let active: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(active[4], "1", "{listing}");
+    assert!(
+        !listing.starts_with("IP Virtual Server"),
+        "one service: no header"
+    );
+    // -Z starts the counters from zero (while the connection idles: no packet meanwhile).
+    assert!(c.list()[0]["packets"].as_u64().unwrap() > 0);
+    ok(n, &["-Z"]);
+    assert_eq!(c.list()[0]["packets"], 0);
+    drop(conn);
+
+    // Edits send the whole service, as ipvsadm does.
+    ok(
+        n,
+        &[
+            "-E",
+            "-t",
+            &svc,
+            "-s",
+            "wrr",
+            "-p",
+            "60",
+            "-M",
+            "255.255.255.0",
+        ],
+    );
+    ok(n, &["-e", "-t", &svc, "-r", &real(4), "-m", "-w", "5"]);
+    ok(n, &["-d", "-t", &svc, "-r", &real(5)]);
+    ok(n, &["-A", "-u", "198.19.0.11:53", "-p"]);
+    let save = ok(n, &["-S", "-n"]);
+    assert_eq!(
+        save,
+        "-A -t 198.19.0.10:80 -s wrr -p 60 -M 255.255.255.0\n\
+         -a -t 198.19.0.10:80 -r 198.18.0.3:8080 -m -w 1\n\
+         -a -t 198.19.0.10:80 -r 198.18.0.4:8080 -m -w 5\n\
+         -A -u 198.19.0.11:53 -s wlc -p 360\n"
+    );
+    assert!(ok(n, &["-Ln"]).contains("TCP  198.19.0.10:80 wrr persistent 60 mask 255.255.255.0\n"),);
+
+    // Refusals word what IPVS says, exit as ipvsadm does, and change nothing.
+    for (args, code, message) in [
+        (
+            vec!["-A", "-t", &svc, "-s", "rr"],
+            255,
+            "Service already exists\n",
+        ),
+        (
+            vec!["-a", "-t", &svc, "-r", &real(3), "-m"],
+            255,
+            "Destination already exists\n",
+        ),
+        (
+            vec!["-d", "-t", &svc, "-r", "198.18.0.9:8080"],
+            255,
+            "No such destination\n",
+        ),
+        (
+            vec!["-a", "-t", "198.19.0.99:80", "-r", &real(3), "-m"],
+            255,
+            "Service not defined\n",
+        ),
+        (vec!["-D", "-t", "198.19.0.99:80"], 255, "No such service\n"),
+        (
+            vec!["-A", "-t", "198.19.0.12:80", "-s", "bogus"],
+            255,
+            "Scheduler or persistence engine not found\n",
+        ),
+        (
+            vec!["-A", "-t", "198.19.0.12:80", "-w", "1"],
+            2,
+            "Illegal 'weight' option with the 'add-service' command\n",
+        ),
+        (
+            vec!["-A", "-t", "198.19.0.12", "-s", "rr"],
+            2,
+            "Zero port specified for non-persistent service\n",
+        ),
+        (
+            vec!["-a", "-t", &svc, "-r", "198.18.0.x", "-m"],
+            2,
+            "illegal real server address[:port] specified\n",
+        ),
+        (
+            vec!["-n", "-L"],
+            255,
+            "Try `bulkhead ipvsadm -h' or 'bulkhead ipvsadm --help' for more information.\n",
+        ),
+        (
+            vec!["-L", "-n", "-t", "198.19.0.99:80"],
+            1,
+            "No such service\n",
+        ),
+    ] {
+        let got = ipvsadm(n, &args, "");
+        assert_eq!((got.0, got.2.as_str()), (code, message), "{args:?}");
+    }
+    // What Bulkhead cannot keep is refused by name, never dropped.
+    for (args, names) in [
+        (
+            vec!["-a", "-t", &svc, "-r", "198.18.0.6:8080"],
+            "direct routing",
+        ),
+        (
+            vec!["-a", "-t", &svc, "-r", "198.18.0.6:8080", "-i"],
+            "tunnelling",
+        ),
+        (vec!["-A", "-f", "10", "-s", "rr"], "firewall-mark"),
+        (
+            vec!["-A", "-t", "198.19.0.12:80", "-s", "lblc"],
+            "lblc scheduler",
+        ),
+        (
+            vec!["-a", "-t", &svc, "-r", "198.18.0.6:8080", "-m", "-x", "10"],
+            "thresholds",
+        ),
+        (
+            vec![
+                "-a",
+                "-t",
+                &svc,
+                "-r",
+                "198.18.0.6:8080",
+                "-m",
+                "-w",
+                "70000",
+            ],
+            "65535",
+        ),
+    ] {
+        let (code, _, err) = ipvsadm(n, &args, "");
+        assert_ne!(code, 0, "{args:?}");
+        assert!(err.contains(names), "{args:?}: {err}");
+    }
+    assert_eq!(
+        ok(n, &["-S", "-n"]),
+        save,
+        "a refused command changed the table"
+    );
+
+    // Timeouts: tcp, tcpfin, udp; zero keeps a value.
+    ok(n, &["--set", "100", "20", "30"]);
+    ok(n, &["--set", "0", "0", "40"]);
+    assert_eq!(
+        ok(n, &["-L", "--timeout"]),
+        "Timeout (tcp tcpfin udp): 100 20 40\n"
+    );
+
+    // -C, then -R of what -S printed (with ipvsadm's own words in it, as scripts write it).
+    ok(n, &["-C"]);
+    assert_eq!(ok(n, &["-S", "-n"]), "");
+    let script: String = save.lines().flat_map(|l| ["ipvsadm ", l, "\n"]).collect();
+    let (code, _, err) = ipvsadm(n, &["-R"], &script);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(ok(n, &["-S", "-n"]), save);
+
+    // The binary answers to the name ipvsadm (a link, as packages install it).
+    let dir = tests::TempDir::new("ipvsadm");
+    let link = dir.path().join("ipvsadm");
+    std::os::unix::fs::symlink(tests::bulkhead_bin().unwrap(), &link).unwrap();
+    let mut cmd = Command::new(&link);
+    cmd.args(["-S", "-n"])
+        .env("BULKHEAD_NETNS", n.ns.path())
+        .env("BULKHEAD_BPFFS", n.bpffs().path())
+        .env("BULKHEAD_STATE_DIR", n.state_dir());
+    let (code, out, err) = finish(cmd, "");
+    assert_eq!((code, err.as_str()), (0, ""));
+    assert_eq!(out, save);
+}
