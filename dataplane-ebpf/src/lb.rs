@@ -285,6 +285,10 @@ fn random() -> u32 {
     unsafe { bpf_get_prandom_u32() }
 }
 
+/// The cursor a service's first rr pick leaves behind; a static, off the full stack (see
+/// `counters::count_service`).
+static CURSOR_AFTER_FIRST: u32 = 1;
+
 #[inline(always)]
 fn round_robin(service_id: u32) -> u32 {
     match RR_CURSORS.get_ptr_mut(&service_id) {
@@ -298,7 +302,7 @@ fn round_robin(service_id: u32) -> u32 {
         // The service's first new flow on this CPU: user space leaves the cursor to the
         // datapath (see `counters::count_service` for why). A failed insert picks slot 0 again.
         None => {
-            let _ = RR_CURSORS.insert(&service_id, &1, 0);
+            let _ = RR_CURSORS.insert(&service_id, &CURSOR_AFTER_FIRST, 0);
             0
         }
     }

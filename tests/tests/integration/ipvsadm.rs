@@ -252,3 +252,210 @@ fn ipvsadm_commands_drive_the_datapath_and_print_what_ipvsadm_prints() {
     assert_eq!((code, err.as_str()), (0, ""));
     assert_eq!(out, save);
 }
+
+/// One ipvsadm command line run by the real ipvsadm over IPVS in `ns`; (code, stdout, stderr).
+fn real_ipvsadm(ns: &tests::Netns, args: &[&str], stdin: &str) -> (i32, String, String) {
+    use std::os::unix::process::CommandExt as _;
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let stdin = stdin.to_owned();
+    // A child forked by a thread inside the namespace starts in it.
+    ns.run(move || {
+        let mut cmd = tests::command(REAL_IPVSADM);
+        cmd.arg0("ipvsadm").args(&args);
+        finish(cmd, &stdin)
+    })
+}
+
+const REAL_IPVSADM: &str = "/usr/sbin/ipvsadm";
+
+/// The listing's header names the connection table's size, which differs by design.
+fn without_size(text: &str) -> String {
+    text.lines()
+        .map(|l| match l.find(" (size=") {
+            Some(i) if l.starts_with("IP Virtual Server version") => {
+                format!("{}(size=N)", &l[..=i])
+            }
+            _ => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn ipvsadm_answers_as_the_real_ipvsadm_over_ipvs_does() {
+    let name = "ipvsadm_answers_as_the_real_ipvsadm_over_ipvs_does";
+    if skip(name) {
+        return;
+    }
+    if !std::path::Path::new(REAL_IPVSADM).exists() {
+        eprintln!("SKIP {name}: no {REAL_IPVSADM} (setup installs ipvsadm)");
+        return;
+    }
+    if !std::path::Path::new("/proc/net/ip_vs").exists() {
+        eprintln!("SKIP {name}: this kernel has no IPVS loaded (the VM ring runs this test)");
+        return;
+    }
+    let node = Node::new();
+    let ipvs = tests::Netns::new("bhipvs");
+    let dir = tests::TempDir::new("ipvsadm");
+    let link = dir.path().join("ipvsadm");
+    std::os::unix::fs::symlink(tests::bulkhead_bin().unwrap(), &link).unwrap();
+    let ours = |args: &[&str], stdin: &str| {
+        use std::os::unix::process::CommandExt as _;
+        let mut cmd = tests::command(&link);
+        cmd.arg0("ipvsadm")
+            .args(args)
+            .env("BULKHEAD_NETNS", node.ns.path())
+            .env("BULKHEAD_BPFFS", node.bpffs().path())
+            .env("BULKHEAD_STATE_DIR", node.state_dir());
+        finish(cmd, stdin)
+    };
+    let vip = "198.19.0.10:80";
+    let restore = "-A -t 198.19.0.30:80 -s rr\n-a -t 198.19.0.30:80 -r 198.18.0.7:80 -m -w 4\n\
+                   -A -u 198.19.0.31:53 -s sh -p 120\n";
+    let script: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["-Ln"], ""),
+        (vec!["-A", "-t", vip, "-s", "rr"], ""),
+        (vec!["-a", "-t", vip, "-r", "198.18.0.3:8080", "-m"], ""),
+        (
+            vec!["-a", "-t", vip, "-r", "198.18.0.4:8080", "-m", "-w", "2"],
+            "",
+        ),
+        (
+            vec!["-a", "-t", vip, "-r", "198.18.0.10:8080", "-m", "-w", "0"],
+            "",
+        ),
+        (
+            vec![
+                "-A",
+                "-u",
+                "198.19.0.11:53",
+                "-s",
+                "wlc",
+                "-p",
+                "300",
+                "-M",
+                "255.255.255.0",
+            ],
+            "",
+        ),
+        (
+            vec![
+                "-a",
+                "-u",
+                "198.19.0.11:53",
+                "-r",
+                "198.18.0.5:53",
+                "-m",
+                "-w",
+                "3",
+            ],
+            "",
+        ),
+        // Addresses ipvsadm's wrapping compare puts out of numeric order: 10.0.0.1 after
+        // 200.0.0.1. (All within half the address space of each other, where that compare is
+        // a total order; across more, ipvsadm's order follows the kernel's hash buckets.)
+        (vec!["-A", "-t", "192.168.0.1:80", "-s", "sed"], ""),
+        (vec!["-A", "-t", "10.0.0.1:80", "-s", "nq"], ""),
+        (vec!["-A", "-t", "200.0.0.1:443", "-s", "fo"], ""),
+        (vec!["-A", "-t", "198.19.0.12:80", "-s", "ovf"], ""),
+        (vec!["-A", "-t", "198.19.0.13:80", "-s", "mh"], ""),
+        (vec!["-A", "-t", "198.19.0.14:80", "-s", "dh"], ""),
+        (vec!["-A", "-t", "198.19.0.15:80", "-s", "lc"], ""),
+        (vec!["-A", "-t", "198.19.0.16:80", "-s", "wrr", "-p"], ""),
+        (vec!["-A", "-t", "198.19.0.17:80"], ""),
+        (vec!["-Ln"], ""),
+        (vec!["-L", "-n"], ""),
+        (vec!["-S", "-n"], ""),
+        (vec!["-Sn"], ""),
+        (vec!["-L", "-n", "-t", vip], ""),
+        (vec!["-Ln", "--thresholds"], ""),
+        (vec!["-E", "-t", vip, "-s", "wrr", "-p", "60"], ""),
+        (vec!["-E", "-t", "198.19.0.16:80"], ""),
+        (
+            vec!["-e", "-t", vip, "-r", "198.18.0.4:8080", "-m", "-w", "5"],
+            "",
+        ),
+        (vec!["-d", "-t", vip, "-r", "198.18.0.3:8080"], ""),
+        (vec!["-D", "-t", "192.168.0.1:80"], ""),
+        (vec!["-S", "-n"], ""),
+        (vec!["-Ln"], ""),
+        // Refusals: the same words and exit codes.
+        (vec!["-A", "-t", vip, "-s", "rr"], ""),
+        (vec!["-a", "-t", vip, "-r", "198.18.0.4:8080", "-m"], ""),
+        (vec!["-e", "-t", vip, "-r", "198.18.0.9:8080", "-m"], ""),
+        (vec!["-d", "-t", vip, "-r", "198.18.0.9:8080"], ""),
+        (
+            vec!["-a", "-t", "198.19.0.99:80", "-r", "198.18.0.4:8080", "-m"],
+            "",
+        ),
+        (vec!["-D", "-t", "198.19.0.99:80"], ""),
+        (vec!["-E", "-t", "198.19.0.99:80"], ""),
+        (vec!["-Z", "-t", "198.19.0.99:80"], ""),
+        (vec!["-L", "-n", "-t", "198.19.0.99:80"], ""),
+        (vec!["-A", "-t", "198.19.0.18:80", "-s", "bogus"], ""),
+        (vec!["-A", "-t", "198.19.0.18:80", "-w", "1"], ""),
+        (vec!["-A", "-t", "198.19.0.18", "-s", "rr"], ""),
+        (vec!["-A", "-t", "198.19.0.18:80", "-p", "0"], ""),
+        (vec!["-A", "-t", "198.19.0.x:80"], ""),
+        (
+            vec!["-A", "-t", "198.19.0.18:80", "-M", "255.255.x.0", "-p"],
+            "",
+        ),
+        (vec!["-a", "-t", vip, "-r", "198.18.0.x", "-m"], ""),
+        (
+            vec!["-a", "-t", vip, "-r", "198.18.0.6", "-m", "-w", "x"],
+            "",
+        ),
+        (vec!["-a", "-t", vip, "-m"], ""),
+        (vec!["-A", "-t", vip, "-u", vip], ""),
+        (vec!["-A", "-t", vip, "-L"], ""),
+        (vec!["-n", "-L"], ""),
+        (vec!["-L", "--tim"], ""),
+        (vec!["-Lq"], ""),
+        (vec!["-A", "-t", vip, "-s"], ""),
+        (vec!["-L", "--timeout", "-c"], ""),
+        (vec!["-L", "-c", "--stats"], ""),
+        (vec!["-Z", "-n"], ""),
+        (vec!["-R", "-n"], ""),
+        (vec!["--set", "1", "2"], ""),
+        (vec!["--set", "1", "2", "3", "4"], ""),
+        (vec!["--set", "1", "x", "3"], ""),
+        (vec!["-C", "extra"], ""),
+        (vec!["-S", "-n"], ""),
+        // Timeouts (ipvsadm reads back IPVS's after setting them; zero keeps one).
+        (vec!["--set", "900", "120", "300"], ""),
+        (vec!["--set", "0", "60", "0"], ""),
+        (vec!["-L", "--timeout"], ""),
+        (vec!["-Z"], ""),
+        (vec!["-Z", "-t", vip], ""),
+        (vec!["-C"], ""),
+        (vec!["-S", "-n"], ""),
+        (vec!["-R"], restore),
+        (vec!["-S", "-n"], ""),
+        (vec!["-Ln"], ""),
+        (vec!["-C"], ""),
+        (vec!["-Ln"], ""),
+    ];
+    let mut differences = Vec::new();
+    for (args, stdin) in &script {
+        let real = real_ipvsadm(&ipvs, args, stdin);
+        let got = ours(args, stdin);
+        let real = (real.0, without_size(&real.1), real.2);
+        let got = (got.0, without_size(&got.1), got.2);
+        println!("ipvsadm {}: {} {:?}", args.join(" "), real.0, real.2.trim());
+        if real != got {
+            differences.push(format!(
+                "ipvsadm {}\n  IPVS:     {real:?}\n  Bulkhead: {got:?}",
+                args.join(" ")
+            ));
+        }
+    }
+    assert!(
+        differences.is_empty(),
+        "{} of {} command lines differ:\n{}",
+        differences.len(),
+        script.len(),
+        differences.join("\n")
+    );
+}
