@@ -78,6 +78,14 @@ pub mod map {
     ///
     /// [`ServiceCounters`]: crate::ServiceCounters
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    /// Per-CPU counters of the reply direction alone (backend to client) per service id:
+    /// [`Counters`]. [`SERVICE_STATS`] counts both directions; the difference is the
+    /// client's side (ipvsadm's `InPkts`, `InBytes`).
+    ///
+    /// [`Counters`]: crate::Counters
+    pub const SERVICE_OUT_STATS: &str = "SERVICE_OUT_STATS";
+    /// Per-CPU counters of the reply direction per backend id, as [`SERVICE_OUT_STATS`].
+    pub const BACKEND_OUT_STATS: &str = "BACKEND_OUT_STATS";
     /// Open connections per backend id (`u64`, shared by all CPUs), for `lc`.
     pub const BACKEND_CONNS: &str = "BACKEND_CONNS";
     /// Per-CPU round-robin cursors per service id (`u32`).
@@ -106,7 +114,7 @@ pub mod map {
     pub const DEVICES: &str = "DEVICES";
 
     /// Every map, for unpinning and listing.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 20] = [
         IFACE_STATS,
         REASONS,
         SERVICES,
@@ -119,6 +127,8 @@ pub mod map {
         AFFINITY,
         SERVICE_STATS,
         BACKEND_STATS,
+        SERVICE_OUT_STATS,
+        BACKEND_OUT_STATS,
         RR_CURSORS,
         CONFIG,
         NODE_ADDRS,
@@ -313,12 +323,23 @@ pub mod scheduler {
     pub const LC: u8 = 12;
     /// Maglev hashing of the client address (IPVS `mh`), over a Maglev table.
     pub const MH: u8 = 13;
+    /// Weighted random twos choice (IPVS `twos`): two backends drawn at random in proportion
+    /// to weight (two slots of a weighted table), the one with fewer open connections per
+    /// unit of weight taken (the first on a tie).
+    pub const TWOS: u8 = 14;
 
     /// Whether a scheduler scans its table (each active backend once) on every new flow,
     /// comparing open connections and weights, instead of indexing into it.
     #[must_use]
     pub const fn scans(code: u8) -> bool {
         matches!(code, LC | WLC | SED | NQ | FO | OVF)
+    }
+
+    /// Whether a scheduler compares backends' open connections (a scan, or `TWOS`'s two
+    /// draws) rather than taking the slot it indexes.
+    #[must_use]
+    pub const fn compares(code: u8) -> bool {
+        scans(code) || code == TWOS
     }
 }
 

@@ -73,7 +73,7 @@ pub fn try_ingress<C: PacketCtx>(ctx: &C, pkt: &Packet) -> Result<(), Verdict> {
                         port_or(f.peer_port, t.dport),
                     )?;
                 }
-                count_service(f.service_id, f.backend_id, len, false);
+                count_service(f.service_id, f.backend_id, len, false, true);
                 if !hairpin {
                     return bypass::deliver(ctx, pkt, false);
                 }
@@ -114,7 +114,7 @@ pub fn try_ingress<C: PacketCtx>(ctx: &C, pkt: &Packet) -> Result<(), Verdict> {
         closing(t, &f, t.daddr.0, t.dport);
         rewrite(ctx, pkt, End::Destination, V4(f.nat_addr), f.nat_port)?;
         translate_client(ctx, pkt, hairpin, f.peer_port)?;
-        count_service(f.service_id, f.backend_id, len, false);
+        count_service(f.service_id, f.backend_id, len, false, false);
         if f.kind & (flow_kind::MASK | flow_kind::HAIRPIN) == flow_kind::SERVICE {
             return bypass::deliver(ctx, pkt, true);
         }
@@ -142,7 +142,13 @@ pub fn try_egress<C: PacketCtx>(ctx: &C, pkt: &Packet, cfg: &NodeConfig) -> Resu
             if f.peer_port != 0 {
                 rewrite(ctx, pkt, End::Destination, t.daddr, f.peer_port)?;
             }
-            count_service(f.service_id, f.backend_id, u64::from(ctx.len()), false);
+            count_service(
+                f.service_id,
+                f.backend_id,
+                u64::from(ctx.len()),
+                false,
+                true,
+            );
         }
         return Ok(());
     }
@@ -281,7 +287,7 @@ fn new_flow<C: PacketCtx>(ctx: &C, pkt: &Packet, now: u64) -> Result<bool, Verdi
     }
     rewrite(ctx, pkt, End::Destination, V4(backend.addr), backend.port)?;
     translate_client(ctx, pkt, hairpin, orig.peer_port)?;
-    count_service(svc.id, backend_id, len, true);
+    count_service(svc.id, backend_id, len, true, false);
     debug!(
         ctx,
         "new flow: {:i}:{} -> service {} backend {} {:i}:{} kind {}",

@@ -54,7 +54,7 @@ pub fn select(svc: &Service, t: &FlowTuple, now: u64) -> Result<(u32, Backend), 
             return Ok(found);
         }
     }
-    if scheduler::scans(svc.scheduler) {
+    if scheduler::compares(svc.scheduler) {
         let found = least_connections(svc)?;
         remember(svc, t, found.0, now);
         return Ok(found);
@@ -118,6 +118,8 @@ struct LcScan {
     best_conns: u64,
     found: u16,
     scheduler: u16,
+    /// The table's length, for `twos`'s draws (in what was padding).
+    table_len: u32,
 }
 
 /// The backend the scanning scheduler of `svc` picks, comparing open connections and weights
@@ -141,8 +143,12 @@ fn least_connections(svc: &Service) -> Result<(u32, Backend), Reason> {
         best_conns: 0,
         found: 0,
         scheduler: u16::from(svc.scheduler),
+        table_len: svc.table_len,
     };
-    let len = if svc.table_len < LC_SCAN {
+    // twos compares two random draws; the others scan the table in order.
+    let len = if svc.scheduler == scheduler::TWOS {
+        2
+    } else if svc.table_len < LC_SCAN {
         svc.table_len
     } else {
         LC_SCAN
@@ -166,10 +172,15 @@ fn least_connections(svc: &Service) -> Result<(u32, Backend), Reason> {
 extern "C" fn lc_step(index: u32, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the `LcScan` that `least_connections` handed to bpf_loop.
     let scan = unsafe { &mut *(ctx as *mut LcScan) };
+    // A remainder by a NonZero cannot divide by zero, so no panic path reaches the object.
+    let slot = match core::num::NonZeroU32::new(scan.table_len) {
+        Some(len) if scan.scheduler as u8 == scheduler::TWOS => random() % len,
+        _ => index,
+    };
     let key = SlotKey {
         service_id: scan.service_id,
         generation: scan.generation,
-        slot: index,
+        slot,
     };
     // SAFETY: lookup results are valid for this run and copied out.
     let Some(id) = (unsafe { SLOTS.get(&key) }).copied() else {

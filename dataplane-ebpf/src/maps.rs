@@ -74,6 +74,16 @@ pub static SERVICE_STATS: PerCpuHashMap<u32, ServiceCounters> =
 pub static BACKEND_STATS: PerCpuHashMap<u32, ServiceCounters> =
     PerCpuHashMap::pinned(MAX_BACKENDS, BPF_F_NO_PREALLOC);
 
+/// See [`dataplane_common::map::SERVICE_OUT_STATS`].
+#[map(name = "SERVICE_OUT_STATS")]
+pub static SERVICE_OUT_STATS: PerCpuHashMap<u32, Counters> =
+    PerCpuHashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// See [`dataplane_common::map::BACKEND_OUT_STATS`].
+#[map(name = "BACKEND_OUT_STATS")]
+pub static BACKEND_OUT_STATS: PerCpuHashMap<u32, Counters> =
+    PerCpuHashMap::pinned(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
 /// See [`dataplane_common::map::RR_CURSORS`].
 #[map(name = "RR_CURSORS")]
 pub static RR_CURSORS: PerCpuHashMap<u32, u32> =

@@ -356,7 +356,7 @@ pub enum ServiceCommand {
         /// A backend `ADDR:PORT[@WEIGHT]`; repeat for each.
         #[arg(long = "backend", short = 'b')]
         backends: Vec<String>,
-        /// hash (default), random, maglev, rr, wrr, lc, wlc, sh, dh, sed, nq, fo, ovf, mh.
+        /// hash (default), random, maglev, rr, wrr, lc, wlc, sh, dh, sed, nq, fo, ovf, mh, twos.
         #[arg(long, short = 's', default_value = "hash")]
         scheduler: String,
         /// Session affinity by client address, with this timeout in seconds.

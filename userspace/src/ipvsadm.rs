@@ -717,7 +717,6 @@ fn refuse_unsupported(p: &Parsed) -> Result<(), ParseError> {
         (Opt::Ops, "one-packet scheduling (-o) is"),
         (Opt::SchedFlags, "scheduler flags (-b) are"),
         (Opt::Pe, "persistence engines (--pe) are"),
-        (Opt::Stats, "--stats (per-direction packet counters) is"),
         (Opt::Rate, "--rate (per-direction rate estimators) is"),
         (Opt::PersistentConn, "--persistent-conn is"),
         (Opt::TunInfo, "--tun-info (tunnelling) is"),
@@ -841,7 +840,7 @@ fn edit_service(table: &mut ServiceTable, p: &Parsed, cmd: Cmd) -> Result<Outcom
     let sched_name = p.value(Opt::Scheduler).unwrap_or("wlc");
     let scheduler = match Scheduler::from_str(sched_name) {
         Ok(s) => s,
-        Err(_) if matches!(sched_name, "lblc" | "lblcr" | "twos") => {
+        Err(_) if matches!(sched_name, "lblc" | "lblcr") => {
             return Err(ParseError::Kernel(format!(
                 "bulkhead: IPVS's {sched_name} scheduler is not supported yet"
             )));
@@ -1152,7 +1151,9 @@ fn list(table: &ServiceTable, p: &Parsed) -> Outcome {
     } else {
         false
     };
+    let stats = p.has(Opt::Stats);
     let thresholds = p.has(Opt::Thresholds);
+    let exact = p.has(Opt::Exact);
     let conns = connection_counts(table);
     let mut out = String::new();
     if !one {
@@ -1161,7 +1162,13 @@ fn list(table: &ServiceTable, p: &Parsed) -> Outcome {
             "IP Virtual Server version 1.2.1 (size={CONNTRACK_SIZE})"
         );
     }
-    if thresholds {
+    if stats {
+        let _ = writeln!(
+            out,
+            "{:<33} {:>8} {:>8} {:>8} {:>8} {:>8}\n  -> RemoteAddress:Port",
+            "Prot LocalAddress:Port", "Conns", "InPkts", "OutPkts", "InBytes", "OutBytes"
+        );
+    } else if thresholds {
         let _ = writeln!(
             out,
             "{:<33} {:<10} {:<10} {:<10} {:<10}\n  -> RemoteAddress:Port",
@@ -1179,6 +1186,37 @@ fn list(table: &ServiceTable, p: &Parsed) -> Outcome {
             format!("{:<4} {}:{}", proto_name(v.proto), v.addr, v.port),
             33,
         );
+        if stats {
+            // Conns, InPkts, OutPkts, InBytes, OutBytes: the datapath counts both directions
+            // and the reply direction apart.
+            let _ = write!(out, "{name:<33}");
+            for v in [
+                s.new_flows,
+                s.packets.saturating_sub(s.out_packets),
+                s.out_packets,
+                s.bytes.saturating_sub(s.out_bytes),
+                s.out_bytes,
+            ] {
+                out.push_str(&largenum(v, exact));
+            }
+            out.push('\n');
+            for b in &s.backends {
+                let _ = write!(out, "  -> {:<28}", truncated(b.addr.to_string(), 28));
+                // ipvsadm reads a destination's connection and packet counters as 32-bit.
+                let low = |v: u64| v & u64::from(u32::MAX);
+                for v in [
+                    low(b.new_flows),
+                    low(b.packets.saturating_sub(b.out_packets)),
+                    low(b.out_packets),
+                    b.bytes.saturating_sub(b.out_bytes),
+                    b.out_bytes,
+                ] {
+                    out.push_str(&largenum(v, exact));
+                }
+                out.push('\n');
+            }
+            continue;
+        }
         let _ = write!(out, "{name} {}", s.scheduler.name());
         if s.affinity_secs != 0 {
             let _ = write!(out, " persistent {}", s.affinity_secs);
@@ -1209,6 +1247,23 @@ fn list(table: &ServiceTable, p: &Parsed) -> Outcome {
     Outcome {
         stdout: out,
         ..Outcome::default()
+    }
+}
+
+/// A counter as ipvsadm prints one: exact in at least nine columns with `--exact`, else in
+/// nine columns with K, M, G or T past eight digits (integer division).
+fn largenum(v: u64, exact: bool) -> String {
+    if exact {
+        let digits = v.to_string().len();
+        let width = if digits <= 8 { 9 } else { digits + 1 };
+        return format!("{v:>width$}");
+    }
+    match v {
+        0..100_000_000 => format!("{v:>9}"),
+        100_000_000..1_000_000_000 => format!("{:>8}K", v / 1_000),
+        1_000_000_000..100_000_000_000 => format!("{:>8}M", v / 1_000_000),
+        100_000_000_000..100_000_000_000_000 => format!("{:>8}G", v / 1_000_000_000),
+        _ => format!("{:>8}T", v / 1_000_000_000_000),
     }
 }
 
@@ -1344,6 +1399,21 @@ mod tests {
                 error(line)
             };
             assert_eq!(got, (code, message.to_owned()), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn counters_print_as_ipvsadms_largenum() {
+        for (v, short, exact) in [
+            (0, "        0", "        0"),
+            (99_999_999, " 99999999", " 99999999"),
+            (123_456_789, "  123456K", " 123456789"),
+            (1_000_000_000, "    1000M", " 1000000000"),
+            (99_999_999_999, "   99999M", " 99999999999"),
+            (123_456_789_012_345, "     123T", " 123456789012345"),
+        ] {
+            assert_eq!(largenum(v, false), short, "{v}");
+            assert_eq!(largenum(v, true), exact, "{v}");
         }
     }
 

@@ -795,6 +795,10 @@ pub struct ServiceMaps {
     pub affinity: HashMap<MapData, AffinityKey, Affinity>,
     pub service_stats: PerCpuHashMap<MapData, u32, ServiceCounters>,
     pub backend_stats: PerCpuHashMap<MapData, u32, ServiceCounters>,
+    /// The reply-direction counters; `None` on a node a build without them brought up
+    /// (until `up` loads this one): they read as zero.
+    pub service_out_stats: Option<PerCpuHashMap<MapData, u32, Counters>>,
+    pub backend_out_stats: Option<PerCpuHashMap<MapData, u32, Counters>>,
     pub rr_cursors: PerCpuHashMap<MapData, u32, u32>,
     pub config: Array<MapData, NodeConfig>,
 }
@@ -815,6 +819,8 @@ impl ServiceMaps {
             affinity: typed(dir, map::AFFINITY)?,
             service_stats: typed(dir, map::SERVICE_STATS)?,
             backend_stats: typed(dir, map::BACKEND_STATS)?,
+            service_out_stats: typed(dir, map::SERVICE_OUT_STATS).ok(),
+            backend_out_stats: typed(dir, map::BACKEND_OUT_STATS).ok(),
             rr_cursors: typed(dir, map::RR_CURSORS)?,
             config: typed(dir, map::CONFIG)?,
         })

@@ -89,6 +89,32 @@ fn ipvsadm_commands_drive_the_datapath_and_print_what_ipvsadm_prints() {
         !listing.starts_with("IP Virtual Server"),
         "one service: no header"
     );
+    // --stats splits the datapath's counters by direction, as IPVS's statistics do: the
+    // client's packets in, the backends' replies out, and both add up to the listed totals.
+    let listed = c.list();
+    let stats = ok(n, &["-Ln", "--stats", "--exact"]);
+    let line = stats
+        .lines()
+        .find(|l| l.starts_with("TCP  198.19.0.10:80"))
+        .unwrap_or_else(|| panic!("{stats}"));
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .skip(2)
+        .map(|w| w.parse().unwrap())
+        .collect();
+    let total = |field: &str| listed[0][field].as_u64().unwrap();
+    assert_eq!(numbers[0], total("new_flows"), "{stats}");
+    assert_eq!(numbers[1] + numbers[2], total("packets"), "{stats}");
+    assert_eq!(numbers[3] + numbers[4], total("bytes"), "{stats}");
+    assert!(numbers[1] > 0 && numbers[2] > 0, "both directions: {stats}");
+    assert!(
+        stats.starts_with(
+            "IP Virtual Server version 1.2.1 (size=262144)\n\
+             Prot LocalAddress:Port               Conns   InPkts  OutPkts  InBytes OutBytes\n\
+             \x20 -> RemoteAddress:Port\n"
+        ),
+        "{stats}"
+    );
     // -Z starts the counters from zero (while the connection idles: no packet meanwhile).
     assert!(c.list()[0]["packets"].as_u64().unwrap() > 0);
     ok(n, &["-Z"]);
@@ -370,6 +396,8 @@ fn ipvsadm_answers_as_the_real_ipvsadm_over_ipvs_does() {
         (vec!["-Sn"], ""),
         (vec!["-L", "-n", "-t", vip], ""),
         (vec!["-Ln", "--thresholds"], ""),
+        (vec!["-Ln", "--stats"], ""),
+        (vec!["-L", "-n", "--stats", "--exact", "-t", vip], ""),
         (vec!["-E", "-t", vip, "-s", "wrr", "-p", "60"], ""),
         (vec!["-E", "-t", "198.19.0.16:80"], ""),
         (

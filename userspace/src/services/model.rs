@@ -177,10 +177,11 @@ pub enum Scheduler {
     Fo,
     Ovf,
     Mh,
+    Twos,
 }
 
 impl Scheduler {
-    const ALL: [Scheduler; 14] = [
+    const ALL: [Scheduler; 15] = [
         Scheduler::Hash,
         Scheduler::Random,
         Scheduler::Maglev,
@@ -195,6 +196,7 @@ impl Scheduler {
         Scheduler::Fo,
         Scheduler::Ovf,
         Scheduler::Mh,
+        Scheduler::Twos,
     ];
 
     /// Whether the datapath scans this scheduler's table (each active backend once) on every
@@ -224,6 +226,7 @@ impl Scheduler {
             Scheduler::Fo => "fo",
             Scheduler::Ovf => "ovf",
             Scheduler::Mh => "mh",
+            Scheduler::Twos => "twos",
         }
     }
 
@@ -243,6 +246,7 @@ impl Scheduler {
             Scheduler::Fo => scheduler::FO,
             Scheduler::Ovf => scheduler::OVF,
             Scheduler::Mh => scheduler::MH,
+            Scheduler::Twos => scheduler::TWOS,
         }
     }
 
@@ -259,12 +263,12 @@ impl FromStr for Scheduler {
 
     fn from_str(input: &str) -> Result<Self> {
         const EXPECTED: &str = "expected hash, random, maglev, rr, wrr, lc, wlc, sh, dh, sed, \
-                                nq, fo, ovf or mh";
+                                nq, fo, ovf, mh or twos";
         Self::ALL
             .into_iter()
             .find(|k| k.name() == input)
             .ok_or_else(|| match input {
-                "lblc" | "lblcr" | "twos" => parse_err(
+                "lblc" | "lblcr" => parse_err(
                     "scheduler",
                     input,
                     format!("IPVS's {input} scheduler is not supported yet; {EXPECTED}"),
@@ -328,8 +332,12 @@ pub struct BackendInfo {
     pub state: BackendState,
     /// Open TCP connections as the datapath counts them (for `lc`).
     pub connections: u64,
+    /// Both directions.
     pub packets: u64,
     pub bytes: u64,
+    /// The reply direction alone (backend to client).
+    pub out_packets: u64,
+    pub out_bytes: u64,
     pub new_flows: u64,
 }
 
@@ -342,8 +350,12 @@ pub struct ServiceInfo {
     pub affinity_secs: u32,
     #[serde(skip_serializing_if = "is_host_mask")]
     pub affinity_netmask: Ipv4Addr,
+    /// Both directions.
     pub packets: u64,
     pub bytes: u64,
+    /// The reply direction alone (backend to client).
+    pub out_packets: u64,
+    pub out_bytes: u64,
     pub new_flows: u64,
     pub backends: Vec<BackendInfo>,
 }

@@ -165,6 +165,18 @@ impl Store for MapStore {
     fn reset(&mut self, what: PerId, id: u32) -> Result<()> {
         // The per-CPU entries are the datapath's to create (see the datapath's
         // `counters::count_service`): zero is their absence.
+        let out = match what {
+            PerId::ServiceStats => self.maps.service_out_stats.as_mut(),
+            PerId::BackendStats => self.maps.backend_out_stats.as_mut(),
+            _ => None,
+        };
+        if let Some(out) = out {
+            match out.remove(&id) {
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                other => other.map_err(map_err("reset per-id state", what.map_name()))?,
+            }
+        }
         let result = match what {
             PerId::ServiceStats => self.maps.service_stats.remove(&id),
             PerId::BackendStats => self.maps.backend_stats.remove(&id),
@@ -180,6 +192,14 @@ impl Store for MapStore {
     }
 
     fn remove(&mut self, what: PerId, id: u32) -> Result<()> {
+        let out = match what {
+            PerId::ServiceStats => self.maps.service_out_stats.as_mut(),
+            PerId::BackendStats => self.maps.backend_out_stats.as_mut(),
+            _ => None,
+        };
+        if let Some(out) = out {
+            let _ = out.remove(&id);
+        }
         let result = match what {
             PerId::ServiceStats => self.maps.service_stats.remove(&id),
             PerId::BackendStats => self.maps.backend_stats.remove(&id),

@@ -15,10 +15,10 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{MapError, PerCpuValues};
+use aya::maps::{MapData, MapError, PerCpuHashMap, PerCpuValues};
 use dataplane_common::{
-    Backend, Flow, FlowKey, MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, Service,
-    ServiceCounters, ServiceKey, SlotKey, backend_state, proto, scheduler, service_flags,
+    Backend, Counters, Flow, FlowKey, MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES,
+    Service, ServiceCounters, ServiceKey, SlotKey, backend_state, proto, scheduler, service_flags,
 };
 
 use super::{
@@ -167,10 +167,21 @@ impl ServiceTable<MapStore> {
             }
             total
         };
+        let out = |m: &Option<PerCpuHashMap<MapData, u32, Counters>>, id: u32| {
+            let mut total = Counters::default();
+            if let Some(Ok(v)) = m.as_ref().map(|m| m.get(&id, 0)) {
+                for c in v.iter() {
+                    total.packets += c.packets;
+                    total.bytes += c.bytes;
+                }
+            }
+            total
+        };
         self.entries
             .values()
             .map(|e| {
                 let c = sum(maps.service_stats.get(&e.value.id, 0));
+                let o = out(&maps.service_out_stats, e.value.id);
                 ServiceInfo {
                     service: e.vaddr(),
                     nodeport: e.nodeport(),
@@ -179,12 +190,15 @@ impl ServiceTable<MapStore> {
                     affinity_netmask: affinity_netmask(e.value.affinity_mask),
                     packets: c.packets,
                     bytes: c.bytes,
+                    out_packets: o.packets,
+                    out_bytes: o.bytes,
                     new_flows: c.new_flows,
                     backends: e
                         .backends
                         .iter()
                         .map(|(id, b)| {
                             let c = sum(maps.backend_stats.get(id, 0));
+                            let o = out(&maps.backend_out_stats, *id);
                             BackendInfo {
                                 addr: backend_addr(b),
                                 weight: b.weight,
@@ -196,6 +210,8 @@ impl ServiceTable<MapStore> {
                                 connections: maps.backend_conns.get(id, 0).unwrap_or(0),
                                 packets: c.packets,
                                 bytes: c.bytes,
+                                out_packets: o.packets,
+                                out_bytes: o.bytes,
                                 new_flows: c.new_flows,
                             }
                         })
