@@ -7,8 +7,8 @@
 //! (`Service already exists`, `No such destination`, ...) and exit codes (2 for bad options,
 //! 255 for refused changes, 1 for failed listings). Listings and `-S` print ipvsadm's formats
 //! byte for byte, in its order. What Bulkhead cannot do yet (direct routing and tunnelling,
-//! firewall marks, thresholds, scheduler flags, one-packet scheduling, IPv6, sync daemons,
-//! per-direction statistics) is refused, naming the option, never silently dropped.
+//! firewall marks, thresholds, scheduler flags, one-packet scheduling, rate estimators, IPv6,
+//! sync daemons) is refused, naming the option, never silently dropped.
 
 use std::{
     collections::HashMap,
@@ -718,7 +718,6 @@ fn refuse_unsupported(p: &Parsed) -> Result<(), ParseError> {
         (Opt::SchedFlags, "scheduler flags (-b) are"),
         (Opt::Pe, "persistence engines (--pe) are"),
         (Opt::Rate, "--rate (per-direction rate estimators) is"),
-        (Opt::PersistentConn, "--persistent-conn is"),
         (Opt::TunInfo, "--tun-info (tunnelling) is"),
         (Opt::TunType, "tunnelling (--tun-type) is"),
         (Opt::TunPort, "tunnelling (--tun-port) is"),
@@ -1126,7 +1125,7 @@ fn list(table: &ServiceTable, p: &Parsed) -> Outcome {
     }
     if p.has(Opt::Connection) {
         return Outcome {
-            stdout: list_connections(table),
+            stdout: list_connections(table, p.has(Opt::PersistentConn)),
             ..Outcome::default()
         };
     }
@@ -1152,7 +1151,13 @@ fn list(table: &ServiceTable, p: &Parsed) -> Outcome {
         false
     };
     let stats = p.has(Opt::Stats);
-    let thresholds = p.has(Opt::Thresholds);
+    let thresholds = !stats && p.has(Opt::Thresholds);
+    let persistent = !stats && !thresholds && p.has(Opt::PersistentConn);
+    let persist_counts = if persistent {
+        table.affinity_counts()
+    } else {
+        HashMap::new()
+    };
     let exact = p.has(Opt::Exact);
     let conns = connection_counts(table);
     let mut out = String::new();
@@ -1173,6 +1178,12 @@ fn list(table: &ServiceTable, p: &Parsed) -> Outcome {
             out,
             "{:<33} {:<10} {:<10} {:<10} {:<10}\n  -> RemoteAddress:Port",
             "Prot LocalAddress:Port", "Uthreshold", "Lthreshold", "ActiveConn", "InActConn"
+        );
+    } else if persistent {
+        let _ = writeln!(
+            out,
+            "{:<33} {:<9} {:<11} {:<10} {:<10}\n  -> RemoteAddress:Port",
+            "Prot LocalAddress:Port", "Weight", "PersistConn", "ActiveConn", "InActConn"
         );
     } else {
         out.push_str(
@@ -1234,6 +1245,13 @@ fn list(table: &ServiceTable, p: &Parsed) -> Outcome {
                     "  -> {dest:<28} {:<10} {:<10} {active:<10} {inactive:<10}",
                     0, 0
                 );
+            } else if persistent {
+                let templates = persist_counts.get(&(v, b.addr)).copied().unwrap_or(0);
+                let _ = writeln!(
+                    out,
+                    "  -> {dest:<28} {:<9} {templates:<11} {active:<10} {inactive:<10}",
+                    shown_weight(b)
+                );
             } else {
                 let _ = writeln!(
                     out,
@@ -1268,13 +1286,22 @@ fn largenum(v: u64, exact: bool) -> String {
 }
 
 /// `ipvsadm -L -c -n`: the tracked flows.
-fn list_connections(table: &ServiceTable) -> String {
+fn list_connections(table: &ServiceTable, persistent: bool) -> String {
     let mut out = String::from("IPVS connection entries\n");
-    let _ = writeln!(
-        out,
-        "pro expire {:<11} {:<18} {:<18} destination",
-        "state", "source", "virtual"
-    );
+    if persistent {
+        // No persistence engine here: every row is a plain one.
+        let _ = writeln!(
+            out,
+            "pro expire {:<11} {:<18} {:<18} {:<18} {:<16} pe_data",
+            "state", "source", "virtual", "destination", "pe name"
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "pro expire {:<11} {:<18} {:<18} destination",
+            "state", "source", "virtual"
+        );
+    }
     for f in table.flows() {
         let state = match (f.proto, f.state) {
             (Proto::Udp, _) => "UDP",
@@ -1307,15 +1334,16 @@ fn usage() -> String {
   ipvsadm -S [-n]
   ipvsadm -a|e virtual-service -r server-address -m [-w weight]
   ipvsadm -d virtual-service -r server-address
-  ipvsadm -L|l [virtual-service] [options]
+  ipvsadm -L|l [virtual-service] [-n] [--stats [--exact]|--thresholds|--persistent-conn]
+  ipvsadm -L|l -c [-n] | --timeout
   ipvsadm -Z [virtual-service]
   ipvsadm --set tcp tcpfin udp
   ipvsadm -h
 
 virtual-service: --tcp-service|-t service-address | --udp-service|-u service-address
-Schedulers: rr, wrr, lc, wlc, sh, dh, sed, nq, fo, ovf, mh (and Bulkhead's hash, random,
-maglev). Not supported yet, and refused by name: -g, -i, -f, -o, -b, -x, -y, --pe, --stats,
---rate, --persistent-conn, IPv6, the sync daemon.
+Schedulers: rr, wrr, lc, wlc, sh, dh, sed, nq, fo, ovf, mh, twos (and Bulkhead's hash,
+random, maglev). Not supported yet, and refused by name: -g, -i, -f, -o, -b, -x, -y, --pe, --rate,
+IPv6, the sync daemon.
 ",
     );
     text

@@ -115,6 +115,11 @@ fn ipvsadm_commands_drive_the_datapath_and_print_what_ipvsadm_prints() {
         ),
         "{stats}"
     );
+    // --persistent-conn counts the clients an affinity pins (IPVS's templates): none here yet.
+    assert!(
+        ok(n, &["-Ln", "--persistent-conn"])
+            .contains("  -> 198.18.0.3:8080              1         0           "),
+    );
     // -Z starts the counters from zero (while the connection idles: no packet meanwhile).
     assert!(c.list()[0]["packets"].as_u64().unwrap() > 0);
     ok(n, &["-Z"]);
@@ -147,7 +152,17 @@ fn ipvsadm_commands_drive_the_datapath_and_print_what_ipvsadm_prints() {
          -a -t 198.19.0.10:80 -r 198.18.0.4:8080 -m -w 5\n\
          -A -u 198.19.0.11:53 -s wlc -p 360\n"
     );
-    assert!(ok(n, &["-Ln"]).contains("TCP  198.19.0.10:80 wrr persistent 60 mask 255.255.255.0\n"),);
+    assert!(ok(n, &["-Ln"]).contains("TCP  198.19.0.10:80 wrr persistent 60 mask 255.255.255.0\n"));
+    // With persistence, the client's next connection makes a template on its backend.
+    let mut conn = c.client().tcp_connect(std::net::SocketAddrV4::new(VIP, 80));
+    let pinned = tests::ask(&mut conn);
+    drop(conn);
+    let listing = ok(n, &["-Ln", "--persistent-conn"]);
+    let line = listing
+        .lines()
+        .find(|l| l.contains(&pinned))
+        .unwrap_or_else(|| panic!("{listing}"));
+    assert_eq!(line.split_whitespace().nth(3), Some("1"), "{listing}");
 
     // Refusals word what IPVS says, exit as ipvsadm does, and change nothing.
     for (args, code, message) in [
@@ -397,6 +412,10 @@ fn ipvsadm_answers_as_the_real_ipvsadm_over_ipvs_does() {
         (vec!["-L", "-n", "-t", vip], ""),
         (vec!["-Ln", "--thresholds"], ""),
         (vec!["-Ln", "--stats"], ""),
+        (vec!["-Ln", "--persistent-conn"], ""),
+        (vec!["-Ln", "--thresholds", "--persistent-conn"], ""),
+        (vec!["-L", "-n", "-c", "--persistent-conn"], ""),
+        (vec!["-L", "-n", "-c"], ""),
         (vec!["-L", "-n", "--stats", "--exact", "-t", vip], ""),
         (vec!["-E", "-t", vip, "-s", "wrr", "-p", "60"], ""),
         (vec!["-E", "-t", "198.19.0.16:80"], ""),

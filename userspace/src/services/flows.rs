@@ -89,6 +89,37 @@ impl ServiceTable {
             .map_err(map_err("write the node config", map::CONFIG))
     }
 
+    /// Live affinity entries (clients, or client networks, pinned to a backend) per service
+    /// and backend: IPVS's persistence templates, which `ipvsadm -L --persistent-conn`
+    /// counts as `PersistConn`.
+    pub fn affinity_counts(&self) -> HashMap<(VirtualAddr, SocketAddrV4), u64> {
+        let maps = &self.store.maps;
+        let now = monotonic_ns();
+        let mut by_id: HashMap<u32, u64> = HashMap::new();
+        let secs: HashMap<u32, u64> = self
+            .entries
+            .values()
+            .map(|e| (e.value.id, u64::from(e.value.affinity_secs)))
+            .collect();
+        for (k, a) in maps.affinity.iter().filter_map(Result::ok) {
+            let Some(timeout) = secs.get(&k.service_id) else {
+                continue;
+            };
+            if now.saturating_sub(a.last_seen_ns) / 1_000_000_000 <= *timeout {
+                *by_id.entry(a.backend_id).or_default() += 1;
+            }
+        }
+        let mut counts = HashMap::new();
+        for (v, e) in &self.entries {
+            for (id, b) in &e.backends {
+                if let Some(n) = by_id.get(id) {
+                    counts.insert((*v, super::model::backend_addr(b)), *n);
+                }
+            }
+        }
+        counts
+    }
+
     /// Tracked flows, original direction, that have not expired.
     pub fn flows(&self) -> Vec<FlowInfo> {
         let maps = &self.store.maps;
