@@ -26,10 +26,10 @@ use crate::{
 /// can tell the two directions apart as IPVS's statistics do.
 #[inline(always)]
 pub fn count_service(service_id: u32, backend_id: u32, len: u64, new_flow: bool, reply: bool) {
-    if let Some(c) = counters_of(&SERVICE_STATS, service_id) {
+    if let Some(c) = entry_of(&SERVICE_STATS, service_id, &ZERO_COUNTERS) {
         bump(c, len, new_flow);
     }
-    if let Some(c) = counters_of(&BACKEND_STATS, backend_id) {
+    if let Some(c) = entry_of(&BACKEND_STATS, backend_id, &ZERO_COUNTERS) {
         bump(c, len, new_flow);
     }
     if reply {
@@ -40,7 +40,7 @@ pub fn count_service(service_id: u32, backend_id: u32, len: u64, new_flow: bool,
 
 #[inline(always)]
 fn bump_out(map: &PerCpuHashMap<u32, Counters>, id: u32, len: u64) {
-    if let Some(c) = out_counters_of(map, id) {
+    if let Some(c) = entry_of(map, id, &ZERO_OUT) {
         // SAFETY: this CPU's value in a per-CPU map, from a lookup in this run.
         let c = unsafe { &mut *c };
         c.packets += 1;
@@ -48,22 +48,7 @@ fn bump_out(map: &PerCpuHashMap<u32, Counters>, id: u32, len: u64) {
     }
 }
 
-/// What a first reply inserts (from a static, as [`ZERO_COUNTERS`]).
-static ZERO_OUT: Counters = Counters {
-    packets: 0,
-    bytes: 0,
-};
-
-#[inline(always)]
-fn out_counters_of(map: &PerCpuHashMap<u32, Counters>, id: u32) -> Option<*mut Counters> {
-    if let Some(c) = map.get_ptr_mut(&id) {
-        return Some(c);
-    }
-    let _ = map.insert(&id, &ZERO_OUT, 0);
-    map.get_ptr_mut(&id)
-}
-
-/// What a first packet inserts. A static, so the value reaches the helper from a map (the
+/// What a first packet inserts. Statics, so the value reaches the helper from a map (the
 /// object's data section) and not from the stack, which the deepest call chain fills to the
 /// 512 bytes 6.1's verifier allows.
 static ZERO_COUNTERS: ServiceCounters = ServiceCounters {
@@ -71,15 +56,19 @@ static ZERO_COUNTERS: ServiceCounters = ServiceCounters {
     bytes: 0,
     new_flows: 0,
 };
+static ZERO_OUT: Counters = Counters {
+    packets: 0,
+    bytes: 0,
+};
 
-/// This CPU's counters of `id` in `map`, inserted as zero if absent. A full map or an empty
+/// This CPU's value of `id` in `map`, inserted as `zero` if absent. A full map or an empty
 /// allocator cache only loses this packet's count.
 #[inline(always)]
-fn counters_of(map: &PerCpuHashMap<u32, ServiceCounters>, id: u32) -> Option<*mut ServiceCounters> {
+fn entry_of<V>(map: &PerCpuHashMap<u32, V>, id: u32, zero: &'static V) -> Option<*mut V> {
     if let Some(c) = map.get_ptr_mut(&id) {
         return Some(c);
     }
-    let _ = map.insert(&id, &ZERO_COUNTERS, 0);
+    let _ = map.insert(&id, zero, 0);
     map.get_ptr_mut(&id)
 }
 

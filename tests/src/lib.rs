@@ -75,6 +75,26 @@ pub fn skip(test: &str) -> bool {
     }
 }
 
+/// Runs `cmd` with `stdin` written to its standard input; its output, whatever its status.
+pub fn output_with_stdin(cmd: &mut Command, stdin: &str) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    // A child that exits without reading its input closes the pipe; that is its answer.
+    let _ = child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(stdin.as_bytes());
+    child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("wait for {cmd:?}: {e}"))
+}
+
 /// The `bulkhead` binary built by `cargo xtask build`.
 pub fn bulkhead_bin() -> Option<PathBuf> {
     std::env::var_os("BULKHEAD_BIN")

@@ -117,20 +117,7 @@ fn timed<T>(f: impl FnOnce() -> T) -> (Duration, T) {
 
 /// `bulkhead ARGS < stdin` against the node; panics unless it succeeds.
 fn bulkhead_stdin(node: &Node, args: &[&str], stdin: &str) {
-    let mut child = node
-        .command(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run bulkhead");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = tests::output_with_stdin(&mut node.command(args), stdin);
     assert!(
         out.status.success(),
         "bulkhead {args:?}: {}",

@@ -2,10 +2,7 @@
 //! messages and exit codes (checked against ipvsadm 1.31's source and binary; the VM ring
 //! compares it with the real ipvsadm over real IPVS).
 
-use std::{
-    io::Write,
-    process::{Command, Output, Stdio},
-};
+use std::process::Command;
 
 use tests::{Node, skip};
 
@@ -19,19 +16,7 @@ fn ipvsadm(node: &Node, args: &[&str], stdin: &str) -> (i32, String, String) {
 }
 
 fn finish(mut cmd: Command, stdin: &str) -> (i32, String, String) {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run bulkhead ipvsadm");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out: Output = child.wait_with_output().unwrap();
+    let out = tests::output_with_stdin(&mut cmd, stdin);
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -392,33 +392,7 @@ fn ten_thousand_services_restore_in_one_command_and_the_last_works() {
 }
 
 fn restore(node: &Node, text: &str) -> String {
-    use std::io::Write;
-    let bin = tests::bulkhead_bin().unwrap();
-    let mut child = std::process::Command::new(bin)
-        .args([
-            "--netns",
-            node.ns.path().to_str().unwrap(),
-            "--bpffs",
-            node.bpffs().path().to_str().unwrap(),
-        ])
-        .args([
-            "--state-dir",
-            node.state_dir().to_str().unwrap(),
-            "service",
-            "restore",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = tests::output_with_stdin(&mut node.command(&["service", "restore"]), text);
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
