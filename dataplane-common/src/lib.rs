@@ -362,6 +362,14 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 pub mod service_flags {
     /// This entry is the `NodePort` face of a service (key address zero).
     pub const NODEPORT: u8 = 1;
+    /// ipvsadm's scheduler flags (`-b`), as IPVS numbers them (`IP_VS_SVC_F_SCHED1..3`)
+    /// shifted down by two: flag-1 (`sh-fallback`, `mh-fallback`), flag-2 (`sh-port`,
+    /// `mh-port`: `sh` and `mh` hash the client's port too), flag-3.
+    pub const SCHED1: u8 = 2;
+    pub const SCHED2: u8 = 4;
+    pub const SCHED3: u8 = 8;
+    /// All three scheduler flags.
+    pub const SCHED_MASK: u8 = SCHED1 | SCHED2 | SCHED3;
 }
 
 /// Value of [`map::SERVICES`].

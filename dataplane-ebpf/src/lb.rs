@@ -11,7 +11,7 @@ use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_loop};
 use aya_ebpf_cty::c_void;
 use dataplane_common::{
     Affinity, AffinityKey, Backend, FlowTuple, Reason, Service, ServiceKey, SlotKey, V4,
-    backend_state, flow_hash, mix32, scheduler,
+    backend_state, flow_hash, mix32, scheduler, service_flags,
 };
 
 use crate::maps::{AFFINITY, BACKEND_CONNS, BACKENDS, NODE_ADDRS, RR_CURSORS, SERVICES, SLOTS};
@@ -63,6 +63,10 @@ pub fn select(svc: &Service, t: &FlowTuple, now: u64) -> Result<(u32, Backend), 
         scheduler::RANDOM => random(),
         // rr and wrr differ only in the table user space builds.
         scheduler::RR | scheduler::WRR => round_robin(svc.id),
+        // sh-port / mh-port: the client's port is hashed too.
+        scheduler::SH | scheduler::MH if svc.flags & service_flags::SCHED2 != 0 => {
+            mix32(t.saddr.0 ^ u32::from(t.sport).rotate_left(16))
+        }
         scheduler::SH | scheduler::MH => mix32(t.saddr.0),
         scheduler::DH => mix32(t.daddr.0),
         // HASH and MAGLEV both hash the 5-tuple; they differ in the table user space builds.

@@ -20,7 +20,7 @@ use bulkhead::{
     node::{self, Paths},
     sandbox,
     services::{
-        BackendSpec, BackendState, ServiceSpec, ServiceTable, VirtualAddr,
+        BackendSpec, BackendState, SchedFlags, ServiceSpec, ServiceTable, VirtualAddr,
         desired::{Config, Plan},
     },
     subnet::Subnet,
@@ -366,6 +366,10 @@ pub enum ServiceCommand {
         /// this mask share a backend.
         #[arg(long, value_name = "NETMASK", default_value = "255.255.255.255")]
         affinity_netmask: std::net::Ipv4Addr,
+        /// ipvsadm's scheduler flags (`-b`): `sh-port` or `mh-port` hash the client's port
+        /// too; also sh-fallback, mh-fallback, flag-1, flag-2, flag-3.
+        #[arg(long, value_name = "FLAG,...", default_value = "")]
+        sched_flags: String,
         /// Also answer on this port of every node address (`NodePort`); needs `up --uplink` for
         /// clients outside the node.
         #[arg(long, value_name = "PORT")]
@@ -920,13 +924,16 @@ fn service(ctx: &mut Ctx<'_>, cmd: ServiceCommand, out: &mut impl Write) -> anyh
             scheduler,
             affinity,
             affinity_netmask,
+            sched_flags,
             nodeport,
         } => {
+            let scheduler = scheduler.parse()?;
             let spec = ServiceSpec {
                 vaddr: service.parse()?,
-                scheduler: scheduler.parse()?,
+                scheduler,
                 affinity_secs: affinity,
                 affinity_netmask,
+                sched_flags: SchedFlags::parse(&sched_flags, scheduler)?,
                 nodeport,
                 backends: backends
                     .iter()

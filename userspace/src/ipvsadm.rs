@@ -20,8 +20,8 @@ use std::{
 use dataplane_common::CONNTRACK_SIZE;
 
 use crate::services::{
-    BackendSpec, BackendState, Proto, Scheduler, ServiceInfo, ServiceSpec, ServiceTable,
-    ServiceTableError, VirtualAddr,
+    BackendSpec, BackendState, Proto, SchedFlags, Scheduler, ServiceInfo, ServiceSpec,
+    ServiceTable, ServiceTableError, VirtualAddr,
 };
 
 /// What a run printed and how it ended, as ipvsadm would have.
@@ -715,7 +715,6 @@ fn service(p: &Parsed) -> Result<(VirtualAddr, u16), ParseError> {
 fn refuse_unsupported(p: &Parsed) -> Result<(), ParseError> {
     let refuse = [
         (Opt::Ops, "one-packet scheduling (-o) is"),
-        (Opt::SchedFlags, "scheduler flags (-b) are"),
         (Opt::Pe, "persistence engines (--pe) are"),
         (Opt::Rate, "--rate (per-direction rate estimators) is"),
         (Opt::TunInfo, "--tun-info (tunnelling) is"),
@@ -857,6 +856,11 @@ fn edit_service(table: &mut ServiceTable, p: &Parsed, cmd: Cmd) -> Result<Outcom
             .ok_or_else(|| ParseError::Fail(format!("invalid timeout value `{v}' specified")))?
             as u32,
     };
+    // As ipvsadm, the flags are checked against -s (or its default, wlc).
+    let sched_flags = match p.value(Opt::SchedFlags) {
+        None => SchedFlags::default(),
+        Some(text) => sched_flags(text, scheduler)?,
+    };
     let affinity_netmask = match p.value(Opt::Netmask) {
         None => Ipv4Addr::BROADCAST,
         Some(m) => Ipv4Addr::from_str(m).map_err(|_| {
@@ -876,6 +880,7 @@ fn edit_service(table: &mut ServiceTable, p: &Parsed, cmd: Cmd) -> Result<Outcom
         scheduler,
         affinity_secs,
         affinity_netmask,
+        sched_flags,
         nodeport: None,
         backends: Vec::new(),
     };
@@ -894,6 +899,37 @@ fn edit_service(table: &mut ServiceTable, p: &Parsed, cmd: Cmd) -> Result<Outcom
             .map_err(|e| kernel(&e, "No such service"))?;
     }
     Ok(Outcome::default())
+}
+
+/// `-b`'s list as ipvsadm reads it: each name known, and a scheduler's own names only with it.
+fn sched_flags(text: &str, scheduler: Scheduler) -> Result<SchedFlags, ParseError> {
+    for name in text.split(',') {
+        let known = [
+            "flag-1",
+            "flag-2",
+            "flag-3",
+            "sh-fallback",
+            "sh-port",
+            "mh-fallback",
+            "mh-port",
+        ];
+        if !known.contains(&name) {
+            return Err(ParseError::Fail(format!("invalid scheduler flag `{name}'")));
+        }
+        if SchedFlags::parse(name, scheduler).is_err() {
+            return Err(ParseError::Fail(format!(
+                "incompatible scheduler flag `{name}'"
+            )));
+        }
+    }
+    SchedFlags::parse(text, scheduler)
+        .map_err(|_| ParseError::Fail(format!("invalid scheduler flag `{text}'")))
+}
+
+/// The flags of a listed service as ipvsadm prints them ("" for none).
+fn flags_of(s: &ServiceInfo) -> (bool, String) {
+    let flags = SchedFlags::parse(&s.sched_flags, s.scheduler).unwrap_or_default();
+    (!flags.is_empty(), flags.display(s.scheduler))
 }
 
 fn edit_dest(table: &mut ServiceTable, p: &Parsed, cmd: Cmd) -> Result<Outcome, ParseError> {
@@ -1068,6 +1104,10 @@ fn save(services: &[ServiceInfo]) -> String {
                 let _ = write!(out, " -M {}", s.affinity_netmask);
             }
         }
+        let (any, names) = flags_of(&s);
+        if any {
+            let _ = write!(out, " -b {names}");
+        }
         if let Some(port) = s.nodeport {
             // Not ipvsadm's: IPVS has no NodePort. Bulkhead's -R reads it back.
             let _ = write!(out, " --nodeport {port}");
@@ -1229,6 +1269,10 @@ fn list(table: &ServiceTable, p: &Parsed) -> Outcome {
             continue;
         }
         let _ = write!(out, "{name} {}", s.scheduler.name());
+        let (any, names) = flags_of(&s);
+        if any {
+            let _ = write!(out, " ({names})");
+        }
         if s.affinity_secs != 0 {
             let _ = write!(out, " persistent {}", s.affinity_secs);
             if s.affinity_netmask != Ipv4Addr::BROADCAST {

@@ -129,6 +129,21 @@ fn ipvsadm_commands_drive_the_datapath_and_print_what_ipvsadm_prints() {
     ok(n, &["-e", "-t", &svc, "-r", &real(4), "-m", "-w", "5"]);
     ok(n, &["-d", "-t", &svc, "-r", &real(5)]);
     ok(n, &["-A", "-u", "198.19.0.11:53", "-p"]);
+    ok(
+        n,
+        &[
+            "-A",
+            "-t",
+            "198.19.0.12:80",
+            "-s",
+            "sh",
+            "-b",
+            "sh-port,sh-fallback",
+        ],
+    );
+    assert!(ok(n, &["-Ln"]).contains("TCP  198.19.0.12:80 sh (sh-fallback,sh-port)\n"));
+    assert!(ok(n, &["-S", "-n"]).contains("-A -t 198.19.0.12:80 -s sh -b sh-fallback,sh-port\n"));
+    ok(n, &["-D", "-t", "198.19.0.12:80"]);
     let save = ok(n, &["-S", "-n"]);
     assert_eq!(
         save,
@@ -390,6 +405,48 @@ fn ipvsadm_answers_as_the_real_ipvsadm_over_ipvs_does() {
         (vec!["-A", "-t", "198.19.0.15:80", "-s", "lc"], ""),
         (vec!["-A", "-t", "198.19.0.16:80", "-s", "wrr", "-p"], ""),
         (vec!["-A", "-t", "198.19.0.17:80"], ""),
+        (
+            vec![
+                "-A",
+                "-t",
+                "198.19.0.19:80",
+                "-s",
+                "sh",
+                "-b",
+                "sh-port,sh-fallback",
+            ],
+            "",
+        ),
+        (
+            vec![
+                "-A",
+                "-t",
+                "198.19.0.20:80",
+                "-s",
+                "mh",
+                "-b",
+                "mh-port",
+                "-p",
+                "30",
+            ],
+            "",
+        ),
+        (
+            vec![
+                "-A",
+                "-t",
+                "198.19.0.21:80",
+                "-s",
+                "rr",
+                "-b",
+                "flag-1,flag-3",
+            ],
+            "",
+        ),
+        (
+            vec!["-A", "-t", "198.19.0.23:80", "-s", "sh", "-b", "flag-3"],
+            "",
+        ),
         (vec!["-Ln"], ""),
         (vec!["-L", "-n"], ""),
         (vec!["-S", "-n"], ""),
@@ -404,6 +461,7 @@ fn ipvsadm_answers_as_the_real_ipvsadm_over_ipvs_does() {
         (vec!["-L", "-n", "--stats", "--exact", "-t", vip], ""),
         (vec!["-E", "-t", vip, "-s", "wrr", "-p", "60"], ""),
         (vec!["-E", "-t", "198.19.0.16:80"], ""),
+        (vec!["-E", "-t", "198.19.0.21:80", "-s", "rr"], ""),
         (
             vec!["-e", "-t", vip, "-r", "198.18.0.4:8080", "-m", "-w", "5"],
             "",
@@ -426,6 +484,15 @@ fn ipvsadm_answers_as_the_real_ipvsadm_over_ipvs_does() {
         (vec!["-Z", "-t", "198.19.0.99:80"], ""),
         (vec!["-L", "-n", "-t", "198.19.0.99:80"], ""),
         (vec!["-A", "-t", "198.19.0.18:80", "-s", "bogus"], ""),
+        (
+            vec!["-A", "-t", "198.19.0.18:80", "-s", "rr", "-b", "sh-port"],
+            "",
+        ),
+        (vec!["-A", "-t", "198.19.0.18:80", "-b", "mh-port"], ""),
+        (
+            vec!["-A", "-t", "198.19.0.18:80", "-s", "sh", "-b", "sh-bogus"],
+            "",
+        ),
         (vec!["-A", "-t", "198.19.0.18:80", "-w", "1"], ""),
         (vec!["-A", "-t", "198.19.0.18", "-s", "rr"], ""),
         (vec!["-A", "-t", "198.19.0.18:80", "-p", "0"], ""),

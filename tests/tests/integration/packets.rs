@@ -33,6 +33,7 @@ fn spec(vaddr: &str, backends: &[&str]) -> ServiceSpec {
         scheduler: bulkhead::services::Scheduler::default(),
         affinity_secs: 0,
         affinity_netmask: std::net::Ipv4Addr::BROADCAST,
+        sched_flags: bulkhead::services::SchedFlags::default(),
         nodeport: None,
         backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
     }

@@ -145,6 +145,13 @@ fn schedulers_spread_flows_as_they_promise() {
         let seen = c.spread(c.add_service(port, "tcp", &["--scheduler", sched]), 15);
         assert_eq!(seen.len(), 1, "{sched}: {seen:?}");
     }
+    // With ipvsadm's sh-port / mh-port the client's port is hashed too: one client's
+    // connections, each from a new port, spread again.
+    for (port, sched, flag) in [(97, "sh", "sh-port"), (98, "mh", "mh-port")] {
+        let args = ["--scheduler", sched, "--sched-flags", flag];
+        let seen = c.spread(c.add_service(port, "tcp", &args), 30);
+        assert_eq!(seen.len(), 3, "{sched} -b {flag}: {seen:?}");
+    }
 
     // hash, random and maglev spread flows over every backend.
     for (port, sched) in [(85, "hash"), (86, "random"), (87, "maglev")] {

@@ -216,7 +216,7 @@ async fn get_service(
 }
 
 async fn add_service(State(s): S, body: Bytes) -> Result<(StatusCode, Json<ServiceConfig>)> {
-    let config: ServiceConfig = json_body(&body)?;
+    let config: ServiceConfig = json_body::<ServiceConfig>(&body)?.checked()?;
     let spec = config.spec();
     s.with_node_now(move |n| {
         n.table.add(&spec)?;
@@ -241,7 +241,7 @@ async fn put_service(
     body: Bytes,
 ) -> Result<Json<ServiceConfig>> {
     let v = vaddr(&proto, &address)?;
-    let config: ServiceConfig = json_body(&body)?;
+    let config: ServiceConfig = json_body::<ServiceConfig>(&body)?.checked()?;
     if config.address != v {
         return Err(ApiError::bad(format!(
             "the body's address {} is not the path's {v}",

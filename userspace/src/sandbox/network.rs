@@ -14,7 +14,7 @@ use crate::{
     link::Ip,
     loader::Endpoints,
     node::{self, NodeRecord, Paths},
-    services::{BackendSpec, Proto, Scheduler, ServiceSpec, ServiceTable, VirtualAddr},
+    services::{BackendSpec, Proto, SchedFlags, Scheduler, ServiceSpec, ServiceTable, VirtualAddr},
     subnet::Subnet,
 };
 
@@ -180,6 +180,7 @@ pub fn publish(paths: &Paths, p: &Publish, backend: SocketAddrV4) -> Result<()> 
         scheduler: Scheduler::default(),
         affinity_secs: 0,
         affinity_netmask: Ipv4Addr::BROADCAST,
+        sched_flags: SchedFlags::default(),
         nodeport: None,
         backends: vec![BackendSpec {
             addr: backend,

@@ -7,6 +7,7 @@
 //!     scheduler: rr            # any scheduler the CLI takes (default hash)
 //!     affinity: 300            # optional, seconds
 //!     affinity_netmask: 255.255.255.0   # optional: affinity by client network (ipvsadm -M)
+//!     sched_flags: sh-port     # optional: ipvsadm's -b, by name
 //!     nodeport: 30080          # optional
 //!     backends: ["198.18.0.2:8080", "198.18.0.3:8080@2"]
 //! ```
@@ -29,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     MAX_LC_BACKENDS, ServiceTable, ServiceTableError,
-    model::{BackendSpec, Scheduler, ServiceSpec, VirtualAddr, is_host_mask},
+    model::{BackendSpec, SchedFlags, Scheduler, ServiceSpec, VirtualAddr, is_host_mask},
     store::Store,
     table::same_spec,
 };
@@ -71,6 +72,9 @@ pub struct ServiceConfig {
     /// Affinity by client network: clients equal under this mask share a backend.
     #[serde(default = "host_mask", skip_serializing_if = "is_host_mask")]
     pub affinity_netmask: Ipv4Addr,
+    /// ipvsadm's scheduler flags (`-b`) by name, comma-separated: `sh-port,sh-fallback`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sched_flags: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodeport: Option<u16>,
     #[serde(
@@ -127,15 +131,24 @@ fn displayed_backends<S: serde::Serializer>(v: &[BackendSpec], s: S) -> Result<S
 }
 
 impl ServiceConfig {
+    /// The spec this asks for. Its scheduler flags were checked when it was read
+    /// ([`Config::parse`], the API's [`ServiceConfig::checked`]).
     pub fn spec(&self) -> ServiceSpec {
         ServiceSpec {
             vaddr: self.address,
             scheduler: self.scheduler,
             affinity_secs: self.affinity,
             affinity_netmask: self.affinity_netmask,
+            sched_flags: SchedFlags::parse(&self.sched_flags, self.scheduler).unwrap_or_default(),
             nodeport: self.nodeport,
             backends: self.backends.clone(),
         }
+    }
+
+    /// What only the whole service can tell: its scheduler flags against its scheduler.
+    pub fn checked(self) -> Result<Self, ServiceTableError> {
+        SchedFlags::parse(&self.sched_flags, self.scheduler)?;
+        Ok(self)
     }
 
     pub fn from_spec(spec: &ServiceSpec) -> Self {
@@ -144,6 +157,7 @@ impl ServiceConfig {
             scheduler: spec.scheduler,
             affinity: spec.affinity_secs,
             affinity_netmask: spec.affinity_netmask,
+            sched_flags: spec.sched_flags.canonical(spec.scheduler),
             nodeport: spec.nodeport,
             backends: spec.backends.clone(),
         }
@@ -217,6 +231,9 @@ impl Config {
             };
             if let Some(first) = seen.insert(s.address, index) {
                 return Err(bad(format!("listed twice (first as services[{first}])")));
+            }
+            if let Err(e) = SchedFlags::parse(&s.sched_flags, s.scheduler) {
+                return Err(bad(e.to_string()));
             }
             if let Some(port) = s.nodeport {
                 if port == 0 {
@@ -366,6 +383,9 @@ impl fmt::Display for Plan {
             if s.affinity_netmask != Ipv4Addr::BROADCAST {
                 h.push_str(&format!(" netmask {}", s.affinity_netmask));
             }
+            if !s.sched_flags.is_empty() {
+                h.push_str(&format!(" flags {}", s.sched_flags.canonical(s.scheduler)));
+            }
             if let Some(p) = s.nodeport {
                 h.push_str(&format!(" nodeport {p}"));
             }
@@ -423,13 +443,27 @@ mod tests {
     backends: [\"198.18.0.2:8080\", \"198.18.0.3:8080@2\"]
   - address: 198.19.0.11:53/udp
     backends: [\"198.18.0.4:53\"]
+  - address: 198.19.0.12:80/tcp
+    scheduler: sh
+    sched_flags: sh-port
 ";
 
     #[test]
     fn the_documented_shape_parses() {
         let c = Config::parse(FILE).unwrap();
         let specs = c.specs();
-        assert_eq!(specs.len(), 2);
+        assert_eq!(specs.len(), 3);
+        assert_eq!(specs[2].sched_flags, SchedFlags(2));
+        assert_eq!(specs[0].sched_flags, SchedFlags::default());
+        let err = Config::parse(
+            "services:\n  - address: 198.19.0.10:80\n    scheduler: rr\n    sched_flags: sh-port\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("services[0]") && err.contains("sh-port"),
+            "{err}"
+        );
         assert_eq!(specs[0].scheduler, Scheduler::Rr);
         assert_eq!(specs[0].affinity_secs, 300);
         assert_eq!(specs[0].affinity_netmask, Ipv4Addr::new(255, 255, 255, 0));
@@ -481,7 +515,7 @@ mod tests {
         let mut table = ServiceTable::load(FakeStore::default()).unwrap();
         let first = Config::parse(FILE).unwrap().specs();
         let plan = Plan::new(&table.specs(), &first);
-        assert_eq!(plan.counts(), (2, 0, 0));
+        assert_eq!(plan.counts(), (3, 0, 0));
         plan.apply(&mut table, false).unwrap();
         assert!(Plan::new(&table.specs(), &first).is_empty());
         let id = table.service_id(&first[0].vaddr).unwrap();
@@ -496,7 +530,7 @@ mod tests {
         .unwrap()
         .specs();
         let plan = Plan::new(&table.specs(), &second);
-        assert_eq!(plan.counts(), (0, 1, 1));
+        assert_eq!(plan.counts(), (0, 1, 2));
         let text = plan.to_string();
         assert!(text.contains("- service 198.19.0.11:53/udp"), "{text}");
         assert!(

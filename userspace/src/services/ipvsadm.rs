@@ -5,7 +5,7 @@ use std::{collections::HashMap, net::Ipv4Addr};
 
 use super::{
     Result, ServiceTableError,
-    model::{BackendSpec, Scheduler, ServiceSpec, VirtualAddr},
+    model::{BackendSpec, SchedFlags, Scheduler, ServiceSpec, VirtualAddr},
     parse_err,
 };
 
@@ -27,6 +27,12 @@ pub fn format(specs: &[ServiceSpec]) -> String {
             if spec.affinity_netmask != Ipv4Addr::BROADCAST {
                 out.push_str(&format!(" -M {}", spec.affinity_netmask));
             }
+        }
+        if !spec.sched_flags.is_empty() {
+            out.push_str(&format!(
+                " -b {}",
+                spec.sched_flags.canonical(spec.scheduler)
+            ));
         }
         if let Some(port) = spec.nodeport {
             // Not an ipvsadm flag: IPVS has no NodePort; Bulkhead's restore reads it.
@@ -92,6 +98,10 @@ pub fn parse(text: &str) -> Result<(bool, Vec<(usize, ServiceSpec)>)> {
                     })?,
                     None => Ipv4Addr::BROADCAST,
                 };
+                let sched_flags = match opts.get(&["-b", "--sched-flags"]) {
+                    Some(f) => SchedFlags::parse(f, scheduler).map_err(wrap)?,
+                    None => SchedFlags::default(),
+                };
                 let nodeport = match opts.get(&["--nodeport"]) {
                     Some(p) => Some(
                         p.parse()
@@ -107,6 +117,7 @@ pub fn parse(text: &str) -> Result<(bool, Vec<(usize, ServiceSpec)>)> {
                         scheduler,
                         affinity_secs,
                         affinity_netmask,
+                        sched_flags,
                         nodeport,
                         backends: Vec::new(),
                     },
@@ -169,7 +180,9 @@ impl<'a> Options<'a> {
     /// Refuses every option this table cannot keep, naming it: a restored table must come
     /// back from `save` exactly as it went in, never with an option silently dropped.
     fn only_supported(&self, cmd: &str) -> Result<()> {
-        const SERVICE: [&str; 12] = [
+        const SERVICE: [&str; 14] = [
+            "-b",
+            "--sched-flags",
             "-M",
             "--netmask",
             "-t",
@@ -204,7 +217,6 @@ impl<'a> Options<'a> {
                 continue;
             }
             let why = match *name {
-                "-b" | "--sched-flags" => "scheduler flags are not supported yet",
                 "-f" | "--fwmark-service" => "firewall-mark services are not supported yet",
                 "-o" | "--ops" => "one-packet scheduling is not supported yet",
                 "-x" | "--u-threshold" | "-y" | "--l-threshold" => {
@@ -282,9 +294,10 @@ mod tests {
         );
         err("-X\n", "expected -A");
         err("-A -t 198.19.9.4:80 -p 300 -M 255.255.255.x\n", "netmask");
+        err("-A -t 198.19.9.4:80 -s rr -b sh-port\n", "incompatible");
+        err("-A -t 198.19.9.4:80 -s sh -b sh-bogus\n", "scheduler flag");
         // Options a table could not keep are refused by name, never dropped.
         for (line, option) in [
-            ("-A -t 198.19.9.4:80 -s mh -b flag-1,flag-2", "\"-b\""),
             ("-A -f 10 -s rr", "\"-f\""),
             ("-A -u 198.19.9.4:53 -s rr -o", "\"-o\""),
             ("-A -t 198.19.9.4:80 --frobnicate 1", "unknown option"),
@@ -301,6 +314,8 @@ mod tests {
     fn what_format_writes_parse_reads_back() {
         let text = "-A -t 198.19.0.10:80 -s rr -p 300 -M 255.255.255.0\n\
                     -a -t 198.19.0.10:80 -r 198.18.0.2:8080 -m -w 0\n\
+                    -A -t 198.19.0.12:80 -s mh -b mh-fallback,mh-port\n\
+                    -A -t 198.19.0.13:80 -s wrr -b flag-3\n\
                     -A -u 198.19.0.11:53 -s hash --nodeport 30053\n\
                     -a -u 198.19.0.11:53 -r 198.18.0.4:53 -m -w 7\n";
         let (_, specs) = parse(text).unwrap();

@@ -27,8 +27,8 @@ use aya::maps::MapError;
 pub use self::{
     flows::{ConntrackStats, FlowInfo},
     model::{
-        BackendInfo, BackendSpec, BackendState, Proto, Scheduler, ServiceInfo, ServiceSpec,
-        VirtualAddr,
+        BackendInfo, BackendSpec, BackendState, Proto, SchedFlags, Scheduler, ServiceInfo,
+        ServiceSpec, VirtualAddr,
     },
     table::ServiceTable,
 };

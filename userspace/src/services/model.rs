@@ -278,6 +278,92 @@ impl FromStr for Scheduler {
     }
 }
 
+/// ipvsadm's scheduler flags (`-b`): flag-1, flag-2 and flag-3 as bits 1, 2 and 4. `sh` and
+/// `mh` name them: `*-fallback` (flag-1) and `*-port` (flag-2: the client's port is hashed
+/// too). Bulkhead's tables never hold an unavailable backend, so a client whose backend went
+/// is always moved to another: fallback is in effect with or without flag-1.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedFlags(pub u8);
+
+impl SchedFlags {
+    /// The names of the flags for `scheduler`, as ipvsadm parses them.
+    fn names(scheduler: Scheduler) -> [&'static str; 3] {
+        match scheduler {
+            Scheduler::Sh => ["sh-fallback", "sh-port", ""],
+            Scheduler::Mh => ["mh-fallback", "mh-port", ""],
+            _ => ["flag-1", "flag-2", "flag-3"],
+        }
+    }
+
+    /// `sh-port,sh-fallback` and the like for `scheduler`, with ipvsadm's refusals.
+    pub fn parse(text: &str, scheduler: Scheduler) -> Result<Self> {
+        let mut bits = 0;
+        for name in text.split(',').filter(|n| !n.is_empty()) {
+            let bit = match name {
+                "flag-1" => 1,
+                "flag-2" => 2,
+                "flag-3" => 4,
+                "sh-fallback" | "mh-fallback" | "sh-port" | "mh-port" => {
+                    if !Self::names(scheduler).contains(&name) {
+                        return Err(parse_err(
+                            "scheduler flag",
+                            name,
+                            format!("incompatible with scheduler {}", scheduler.name()),
+                        ));
+                    }
+                    if name.ends_with("-port") { 2 } else { 1 }
+                }
+                _ => {
+                    return Err(parse_err(
+                        "scheduler flag",
+                        name,
+                        "expected flag-1, flag-2, flag-3, sh-fallback, sh-port, mh-fallback or mh-port",
+                    ));
+                }
+            };
+            bits |= bit;
+        }
+        Ok(SchedFlags(bits))
+    }
+
+    /// The flags by name for `scheduler`, comma-separated, as ipvsadm prints them (a flag
+    /// `sh` and `mh` have no name for, flag-3, prints as nothing).
+    pub fn display(self, scheduler: Scheduler) -> String {
+        self.named(scheduler, "")
+    }
+
+    /// As [`display`](Self::display), but flag-3 keeps its generic name with `sh` and `mh`,
+    /// so the text reads back to the same flags (Bulkhead's save, YAML and API).
+    pub fn canonical(self, scheduler: Scheduler) -> String {
+        self.named(scheduler, "flag-3")
+    }
+
+    fn named(self, scheduler: Scheduler, unnamed: &'static str) -> String {
+        let names = Self::names(scheduler);
+        [1, 2, 4]
+            .iter()
+            .zip(names)
+            .filter(|(bit, _)| self.0 & **bit != 0)
+            .map(|(_, name)| if name.is_empty() { unnamed } else { name })
+            .filter(|name| !name.is_empty())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The bits as the datapath's service entry holds them.
+    pub(crate) fn service_bits(self) -> u8 {
+        (self.0 << 1) & dataplane_common::service_flags::SCHED_MASK
+    }
+
+    pub(crate) fn from_service_bits(flags: u8) -> Self {
+        SchedFlags((flags & dataplane_common::service_flags::SCHED_MASK) >> 1)
+    }
+}
+
 /// Everything needed to create a service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
@@ -288,6 +374,8 @@ pub struct ServiceSpec {
     /// Affinity by client network (ipvsadm's `-M`): clients whose addresses agree under this
     /// mask share a backend. 255.255.255.255, the default, keys affinity by the whole address.
     pub affinity_netmask: Ipv4Addr,
+    /// ipvsadm's `-b`.
+    pub sched_flags: SchedFlags,
     /// Also answer on this port of every node address (Kubernetes `NodePort`).
     pub nodeport: Option<u16>,
     pub backends: Vec<BackendSpec>,
@@ -350,6 +438,9 @@ pub struct ServiceInfo {
     pub affinity_secs: u32,
     #[serde(skip_serializing_if = "is_host_mask")]
     pub affinity_netmask: Ipv4Addr,
+    /// ipvsadm's `-b`, by name (absent when none).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub sched_flags: String,
     /// Both directions.
     pub packets: u64,
     pub bytes: u64,
@@ -409,6 +500,31 @@ mod tests {
         assert_eq!("198.18.0.2:8080".parse::<BackendSpec>().unwrap().weight, 1);
         assert!("198.18.0.2:8080@x".parse::<BackendSpec>().is_err());
         assert!("198.18.0.2:8080@70000".parse::<BackendSpec>().is_err());
+    }
+
+    #[test]
+    fn scheduler_flags_read_and_print_as_ipvsadm_names_them() {
+        let f = SchedFlags::parse("sh-port,sh-fallback", Scheduler::Sh).unwrap();
+        assert_eq!(f, SchedFlags(3));
+        assert_eq!(f.display(Scheduler::Sh), "sh-fallback,sh-port");
+        assert_eq!(
+            SchedFlags::parse("flag-2", Scheduler::Mh)
+                .unwrap()
+                .display(Scheduler::Mh),
+            "mh-port"
+        );
+        // flag-3 has no name with sh: ipvsadm prints nothing, Bulkhead's own text keeps it.
+        let f = SchedFlags::parse("flag-3", Scheduler::Sh).unwrap();
+        assert_eq!(f.display(Scheduler::Sh), "");
+        assert_eq!(f.canonical(Scheduler::Sh), "flag-3");
+        assert_eq!(
+            SchedFlags::parse(&f.canonical(Scheduler::Sh), Scheduler::Sh).unwrap(),
+            f
+        );
+        assert!(SchedFlags::parse("sh-port", Scheduler::Rr).is_err());
+        assert!(SchedFlags::parse("mh-port", Scheduler::Sh).is_err());
+        assert!(SchedFlags::parse("port", Scheduler::Sh).is_err());
+        assert_eq!(SchedFlags::from_service_bits(f.service_bits()), f);
     }
 
     #[test]

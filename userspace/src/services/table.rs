@@ -24,8 +24,8 @@ use dataplane_common::{
 use super::{
     MAX_LC_BACKENDS, Result, ServiceTableError, ipvsadm,
     model::{
-        BackendInfo, BackendSpec, BackendState, Scheduler, ServiceInfo, ServiceSpec, VirtualAddr,
-        affinity_mask, affinity_netmask, backend_addr, new_backend,
+        BackendInfo, BackendSpec, BackendState, SchedFlags, Scheduler, ServiceInfo, ServiceSpec,
+        VirtualAddr, affinity_mask, affinity_netmask, backend_addr, new_backend,
     },
     parse_err,
     selection::selection_table,
@@ -70,6 +70,7 @@ impl Entry {
             scheduler: Scheduler::from_code(self.value.scheduler),
             affinity_secs: self.value.affinity_secs,
             affinity_netmask: affinity_netmask(self.value.affinity_mask),
+            sched_flags: SchedFlags::from_service_bits(self.value.flags),
             nodeport: self.nodeport(),
             backends: self
                 .backends
@@ -188,6 +189,8 @@ impl ServiceTable<MapStore> {
                     scheduler: Scheduler::from_code(e.value.scheduler),
                     affinity_secs: e.value.affinity_secs,
                     affinity_netmask: affinity_netmask(e.value.affinity_mask),
+                    sched_flags: SchedFlags::from_service_bits(e.value.flags)
+                        .canonical(Scheduler::from_code(e.value.scheduler)),
                     packets: c.packets,
                     bytes: c.bytes,
                     out_packets: o.packets,
@@ -359,7 +362,7 @@ impl<S: Store> ServiceTable<S> {
                 generation: 0,
                 affinity_secs: spec.affinity_secs,
                 scheduler: spec.scheduler.code(),
-                flags: 0,
+                flags: spec.sched_flags.service_bits(),
                 backend_count: 0,
                 affinity_mask: affinity_mask(spec.affinity_netmask),
             },
@@ -618,6 +621,8 @@ impl<S: Store> ServiceTable<S> {
         self.validate_with(spec, Some(&spec.vaddr))?;
         let mut entry = old.clone();
         entry.value.scheduler = spec.scheduler.code();
+        entry.value.flags =
+            (entry.value.flags & !service_flags::SCHED_MASK) | spec.sched_flags.service_bits();
         entry.value.affinity_secs = spec.affinity_secs;
         entry.value.affinity_mask = affinity_mask(spec.affinity_netmask);
         entry.nodeport = spec.nodeport.map(|port| ServiceKey {
@@ -833,6 +838,7 @@ pub(crate) fn same_spec(a: &ServiceSpec, b: &ServiceSpec) -> bool {
         && a.scheduler == b.scheduler
         && a.affinity_secs == b.affinity_secs
         && a.affinity_netmask == b.affinity_netmask
+        && a.sched_flags == b.sched_flags
         && a.nodeport == b.nodeport
         && sorted(a) == sorted(b)
 }
@@ -875,6 +881,7 @@ mod tests {
             scheduler,
             affinity_secs: 0,
             affinity_netmask: Ipv4Addr::BROADCAST,
+            sched_flags: SchedFlags::default(),
             nodeport: None,
             backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
         }
