@@ -425,16 +425,7 @@ pub enum ConntrackCommand {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    // Called as `ipvsadm` (a link to this binary): ipvsadm's command line, whole.
-    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if argv
-        .first()
-        .and_then(|a| std::path::Path::new(a).file_name())
-        == Some("ipvsadm".as_ref())
-    {
-        argv.insert(1, "ipvsadm".into());
-    }
-    let cli = Cli::parse_from(argv);
+    let cli = Cli::parse_from(argv());
     match &cli.command {
         Command::Agent(a) => init_tracing(&a.log_level, a.log_format == LogFormat::Json),
         _ => init_tracing("warn", false),
@@ -560,10 +551,28 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// This process's command line as `bulkhead` reads it: called as `ipvsadm` (a link to this
+/// binary), ipvsadm's command line, whole, as `bulkhead ipvsadm ...`.
+fn argv() -> Vec<std::ffi::OsString> {
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        == Some("ipvsadm".as_ref())
+    {
+        argv.insert(1, "ipvsadm".into());
+    }
+    argv
+}
+
 /// Sends the command line to the node's agent, which runs it as this process would have, and
 /// prints what it printed. Files and stdin are read here and sent along.
 fn forward(agent: &bulkhead::agent::client::Client, command: &Command) -> anyhow::Result<ExitCode> {
-    let mut args: Vec<String> = std::env::args().collect();
+    // The agent parses it as `bulkhead ...`, so a linked ipvsadm's line goes as `ipvsadm ...`.
+    let mut args: Vec<String> = argv()
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     let mut stdin = String::new();
     match command {
         Command::Down => anyhow::bail!(

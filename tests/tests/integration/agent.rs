@@ -163,7 +163,7 @@ fn the_agent_owns_the_node_and_the_cli_goes_through_it() {
     let vip = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 10), 80);
 
     // The same mistakes without and with the agent: the same words, the same exit codes.
-    let cases: [&[&str]; 4] = [
+    let cases: [&[&str]; 7] = [
         &[
             "service",
             "add",
@@ -176,12 +176,18 @@ fn the_agent_owns_the_node_and_the_cli_goes_through_it() {
         &["service", "add", "198.19.0.10:80/tcp"],
         &["backend", "del", "198.19.0.99:80", "198.18.0.2:8080"],
         &["service", "add", "198.19.0.11:80/sctp"],
+        // ipvsadm's command line too, with its own words and exit codes.
+        &["ipvsadm", "-A", "-t", "198.19.0.12:80", "-s", "rr"],
+        &["ipvsadm", "-A", "-t", "198.19.0.12:80", "-s", "rr"],
+        &["ipvsadm", "-Ln"],
     ];
     let direct: Vec<_> = cases.iter().map(|c| text(&node.bulkhead(c))).collect();
     assert_eq!(direct[0].2, Some(0), "{direct:?}");
     assert_eq!(direct[1].2, Some(1), "{direct:?}");
+    assert_eq!(direct[5].2, Some(255), "{direct:?}");
     let listed_direct = node.bulkhead_ok(&["service", "list"]);
     node.bulkhead_ok(&["service", "del", "198.19.0.10:80/tcp"]);
+    node.bulkhead_ok(&["service", "del", "198.19.0.12:80/tcp"]);
 
     let agent = Agent::start(&node, &[]);
     let mode = std::fs::metadata(&agent.socket)
@@ -195,6 +201,23 @@ fn the_agent_owns_the_node_and_the_cli_goes_through_it() {
         "the CLI through the agent prints and exits as without it"
     );
     assert_eq!(node.bulkhead_ok(&["service", "list"]), listed_direct);
+    // The binary linked as ipvsadm goes through the agent as well.
+    let dir = tests::TempDir::new("ipvsadm");
+    let link = dir.path().join("ipvsadm");
+    std::os::unix::fs::symlink(tests::bulkhead_bin().unwrap(), &link).unwrap();
+    let linked = tests::command(&link)
+        .args(["-S", "-n"])
+        .env("BULKHEAD_NETNS", node.ns.path())
+        .env("BULKHEAD_BPFFS", node.bpffs().path())
+        .env("BULKHEAD_STATE_DIR", node.state_dir())
+        .output()
+        .unwrap();
+    assert_eq!(
+        text(&linked),
+        text(&node.bulkhead(&["ipvsadm", "-S", "-n"])),
+        "ipvsadm linked, through the agent"
+    );
+    assert_eq!(text(&linked).2, Some(0), "{:?}", text(&linked));
     assert!(
         agent.log().is_empty() || !agent.log().contains("ERROR"),
         "{}",
