@@ -748,10 +748,7 @@ fn refuse_unsupported(p: &Parsed) -> Result<(), ParseError> {
 fn execute(table: &mut ServiceTable, p: &Parsed, stdin: &str) -> Outcome {
     let cmd = p.cmd.unwrap_or(Cmd::List);
     if let Err(e) = refuse_unsupported(p) {
-        return match e {
-            ParseError::Fail(m) => Outcome::fail(2, m),
-            _ => Outcome::fail(2, "bulkhead: unsupported option"),
-        };
+        return outcome(Err(e));
     }
     let result = match cmd {
         Cmd::Help => Ok(Outcome {

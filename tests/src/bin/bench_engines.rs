@@ -50,22 +50,16 @@ fn main() {
     });
     let bridge_list = bridge_conflist("bridge", "cnibench0", "10.88.77.0/24", scratch.path());
     let mut rows = Vec::new();
-    rows.extend(podman(
-        &node,
-        &rootfs,
-        &cni,
-        &bridge_list,
-        &bulkhead_list,
-        runs,
-    ));
-    rows.extend(containerd(
-        &node,
-        &rootfs,
-        &cni,
-        &bridge_list,
-        &bulkhead_list,
-        runs,
-    ));
+    for engine in [podman, containerd] {
+        rows.extend(engine(
+            &node,
+            &rootfs,
+            &cni,
+            &bridge_list,
+            &bulkhead_list,
+            runs,
+        ));
+    }
     println!("{}", Value::Array(rows));
 }
 

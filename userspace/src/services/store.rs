@@ -165,49 +165,33 @@ impl Store for MapStore {
     fn reset(&mut self, what: PerId, id: u32) -> Result<()> {
         // The per-CPU entries are the datapath's to create (see the datapath's
         // `counters::count_service`): zero is their absence.
-        let out = match what {
-            PerId::ServiceStats => self.maps.service_out_stats.as_mut(),
-            PerId::BackendStats => self.maps.backend_out_stats.as_mut(),
-            _ => None,
-        };
-        if let Some(out) = out {
-            match out.remove(&id) {
-                Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-                other => other.map_err(map_err("reset per-id state", what.map_name()))?,
-            }
-        }
-        let result = match what {
-            PerId::ServiceStats => self.maps.service_stats.remove(&id),
-            PerId::BackendStats => self.maps.backend_stats.remove(&id),
-            PerId::RrCursor => self.maps.rr_cursors.remove(&id),
-            PerId::BackendConns => self.maps.backend_conns.set(id, 0, 0),
-        };
-        match result {
+        let absent_ok = |r: Result<(), MapError>| match r {
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
                 Ok(())
             }
             other => other.map_err(map_err("reset per-id state", what.map_name())),
-        }
-    }
-
-    fn remove(&mut self, what: PerId, id: u32) -> Result<()> {
+        };
         let out = match what {
             PerId::ServiceStats => self.maps.service_out_stats.as_mut(),
             PerId::BackendStats => self.maps.backend_out_stats.as_mut(),
             _ => None,
         };
         if let Some(out) = out {
-            let _ = out.remove(&id);
+            absent_ok(out.remove(&id))?;
         }
-        let result = match what {
+        absent_ok(match what {
             PerId::ServiceStats => self.maps.service_stats.remove(&id),
             PerId::BackendStats => self.maps.backend_stats.remove(&id),
             PerId::RrCursor => self.maps.rr_cursors.remove(&id),
             // An array element cannot be removed: zero it.
             PerId::BackendConns => self.maps.backend_conns.set(id, 0, 0),
-        };
-        result.map_err(map_err("delete per-id state", what.map_name()))
+        })
+    }
+
+    /// Here the same as [`reset`](Store::reset): with the entries the datapath's to create,
+    /// starting from zero and removing are one thing.
+    fn remove(&mut self, what: PerId, id: u32) -> Result<()> {
+        self.reset(what, id)
     }
 
     fn remove_flows(&mut self, matches: &dyn Fn(&FlowKey, &Flow) -> bool) -> usize {
